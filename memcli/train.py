@@ -1,0 +1,355 @@
+"""`memcli train`: memorise a corpus into a LoRA adapter with SFT, MemFT-OT or MemFT-SW.
+
+The loop is one readable page (`Trainer.run`); everything it needs is set up in `Trainer.__init__`, and bad
+input is refused there, before the run folder exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import __version__, corpus, lora, models
+from .errors import UserError
+from .objectives import Curriculum, SlidingConfig, SlidingState, ot_loss, sliding_loss, sft_weights, weighted_mean
+
+METHODS = ("sft", "memft-ot", "memft-sw")
+
+
+@dataclass
+class TrainConfig:
+    corpus: str = ""
+    model: str = models.DEFAULT_MODEL
+    # corpus
+    key: str = ""
+    chat_template: bool = False
+    eos: bool = False
+    answer_tokens: int | None = None
+    # objective
+    method: str = "memft-ot"
+    no_hard_tokens: str = "fallback"  # memft-ot: fallback (SFT step) | skip
+    sw_form: str = "auto"  # memft-sw: auto | spatial | temporal
+    curriculum_epochs: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
+    # adapter
+    rank: int = 8
+    layers: list[int] | None = None
+    modules: list[str] | None = None
+    alpha: float | None = None
+    dropout: float = 0.1
+    # optimiser
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    epochs: int = 200
+    max_steps: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    # stopping, logging
+    until_recall: bool = False
+    check_every: int = 10
+    checkpoint_every: int = 50
+    log_every: int = 1
+
+    @classmethod
+    def from_sources(cls, yaml_path: Path | None, overrides: dict) -> "TrainConfig":
+        """Defaults, then the YAML file, then the command line."""
+        values: dict = {}
+        if yaml_path is not None:
+            try:
+                loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise UserError(f"--config {yaml_path}: {e}") from None
+            if not isinstance(loaded, dict):
+                raise UserError(f"--config {yaml_path}: expected a mapping of settings")
+            values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown setting(s): {', '.join(unknown)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got '{self.method}'"),
+            (self.no_hard_tokens in ("fallback", "skip"), "--no-hard-tokens must be fallback or skip"),
+            (self.sw_form in ("auto", "spatial", "temporal"), "--sw-form must be auto, spatial or temporal"),
+            (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.check_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1,
+             "--check-every, --checkpoint-every and --log-every must be at least 1"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype must be auto, float32, bfloat16 or float16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this torch has no CUDA device")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device must be auto, cpu or cuda[:i], got '{device}'")
+    return device
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"memcli": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, force: bool = False, log=print):
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        if self.out.exists() and not (resume or force):
+            raise UserError(f"run folder {self.out} exists: use --resume to continue it or --force to replace it")
+        if resume and not (self.out / "config.yaml").exists():
+            raise UserError(f"--resume: {self.out} is not a run folder (no config.yaml)")
+        if resume:
+            saved = yaml.safe_load((self.out / "config.yaml").read_text())["settings"]
+            differs = [k for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v]
+            if differs:
+                raise UserError(f"--resume: setting(s) {', '.join(differs)} differ from {self.out}/config.yaml")
+
+        self.device = pick_device(cfg.device)
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
+        self.spec = models.resolve(cfg.model)
+        model, self.tokenizer = models.load_model(self.spec, dtype, self.device)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        n_ctx = getattr(model.config, "max_position_embeddings", None)
+        self.examples = corpus.load_examples(cfg.corpus, self.tokenizer, key=cfg.key, chat_template=cfg.chat_template,
+                                             eos=cfg.eos, answer_tokens=cfg.answer_tokens, n_ctx=n_ctx)
+        self.layers, self.modules = lora.resolve_placement(model, cfg.layers, cfg.modules)
+        self.model = lora.add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, self.layers, self.modules, cfg.seed)
+        self.params = lora.trainable_parameters(self.model)
+        self.l = corpus.answer_tokens(self.examples)
+
+        self.sw_form = None
+        if cfg.method == "memft-sw":
+            self.sw_form = cfg.sw_form if cfg.sw_form != "auto" else ("spatial" if len(self.examples) == 1 else "temporal")
+        self.curriculum = (Curriculum(len(self.examples), cfg.seed, tuple(cfg.curriculum_epochs))
+                           if self.sw_form == "temporal" else None)
+        self.sliding = [SlidingState() for _ in self.examples]
+        self.total_steps = cfg.max_steps or sum(math.ceil(len(self.epoch_order(e)) / cfg.batch_size)
+                                                for e in range(cfg.epochs))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: max(0.0, 1.0 - s / self.total_steps))
+
+        # Inputs are good: from here on the run folder exists.
+        if force and self.out.exists() and not resume:
+            shutil.rmtree(self.out)
+        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.step, self.wall, self.l_init = 0, 0.0, None
+        if resume:
+            self.load_checkpoint()
+        else:
+            self.write_config()
+
+    # --- data order ------------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Sample indices of an epoch: a seeded shuffle (a pure function of seed and epoch, so a resumed run
+        sees the same batches), or the curriculum's exposed prefix in its fixed order."""
+        if self.curriculum is not None:
+            return self.curriculum.exposed(epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def batches(self):
+        """(step, epoch, indices) for every step of the run."""
+        step, epoch = 0, 0
+        while True:
+            order = self.epoch_order(epoch)
+            for i in range(0, len(order), self.cfg.batch_size):
+                step += 1
+                if step > self.total_steps:
+                    return
+                yield step, epoch, order[i: i + self.cfg.batch_size]
+            epoch += 1
+
+    # --- the objective -----------------------------------------------------------------------------------
+    def objective(self, ce, correct, batch, idx):
+        """(loss or None to skip the step, number of hard tokens)."""
+        hard = int(((ce > corpus.LN2) & batch.mask).sum())
+        method = self.cfg.method
+        if method == "sft":
+            return weighted_mean(ce, sft_weights(ce, batch.mask)), hard
+        if method == "memft-ot":
+            return ot_loss(ce, batch.mask, self.cfg.no_hard_tokens)
+        if self.sw_form == "temporal":  # OT weights, skipping steps with nothing above threshold
+            return ot_loss(ce, batch.mask, "skip")
+        return sliding_loss(ce, batch.mask, correct, [self.sliding[i] for i in idx], SlidingConfig()), hard
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def run(self, progress=None) -> dict:
+        cfg = self.cfg
+        if self.l_init is None:
+            with self.model.disable_adapter():
+                self.l_init = lora.evaluate(self.model, self.examples, self.pad_id, self.device).mean_ce
+        self.log(f"{len(self.examples)} entries, {self.l} answer tokens, rank {cfg.rank}, {self.params:,} trainable "
+                 f"parameters, layers {self.layers} {'/'.join(self.modules)}; L_init {self.l_init:.4f}")
+        metrics = open(self.out / "metrics.jsonl", "a")
+        self.model.train()
+        recall, stop_reason, certified_at = None, "budget", None
+        started = time.perf_counter() - self.wall
+        try:
+            for step, epoch, idx in self.batches():
+                if step <= self.step:
+                    continue
+                t0 = time.perf_counter()
+                batch = lora.collate([self.examples[i] for i in idx], self.pad_id, self.device)
+                ce, correct = lora.answer_ce(self.model, batch)
+                loss, hard = self.objective(ce, correct, batch, idx)
+                if loss is not None:
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}")
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                self.step = step
+                n_tok = int(batch.mask.sum())
+                row = None
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    row = {"step": step, "epoch": epoch, "lr": lr,
+                           "objective": None if loss is None else round(loss.item(), 6),
+                           "ce": round((ce.sum() / n_tok).item(), 6),
+                           "above": round(1 - hard / n_tok, 6), "hard_tokens": hard,
+                           "tokens_per_s": round(n_tok / (time.perf_counter() - t0), 1)}
+                checked = step % cfg.check_every == 0 or step == self.total_steps
+                if checked:
+                    recall = lora.evaluate(self.model, self.examples, self.pad_id, self.device)
+                    row = (row or {"step": step, "epoch": epoch}) | {
+                        "exact_match": recall.exact_match, "certified": recall.certified_rate,
+                        "clean_ce": round(recall.mean_ce, 6), "clean_above": round(recall.above, 6)}
+                if row is not None:
+                    metrics.write(json.dumps(row) + "\n")
+                if progress is not None:
+                    progress(step, self.total_steps, row or {})
+                done = cfg.until_recall and checked and recall.certified_rate == 1.0
+                self.wall = time.perf_counter() - started
+                if step % cfg.checkpoint_every == 0 or done:
+                    metrics.flush()
+                    self.save_checkpoint()
+                if done:
+                    stop_reason, certified_at = "certified", step
+                    break
+        except NonFiniteLoss as e:
+            metrics.close()
+            kept = self.latest_checkpoint()
+            where = f"kept the last good checkpoint {kept}" if kept else "no checkpoint had been written yet"
+            raise UserError(f"training stopped: {e}; {where} (try a lower --lr)") from None
+        metrics.close()
+        return self.finish(stop_reason, certified_at)
+
+    def finish(self, stop_reason: str, certified_at: int | None) -> dict:
+        final = lora.evaluate(self.model, self.examples, self.pad_id, self.device)
+        cfg = self.cfg
+        summary = {
+            "method": cfg.method, "sw_form": self.sw_form, "model": self.spec.name, "rank": cfg.rank,
+            "alpha": cfg.alpha if cfg.alpha is not None else cfg.rank, "layers": self.layers, "modules": self.modules,
+            "params": self.params, "answer_tokens": self.l, "entries": len(self.examples),
+            "l_init": self.l_init, "l_final": final.mean_ce, "delta_l": self.l_init - final.mean_ce,
+            "exact_match": final.exact_match, "certified": final.certified_rate,
+            "all_certified": final.certified_rate == 1.0, "above_threshold": final.above,
+            "steps": self.step, "total_steps": self.total_steps, "stop_reason": stop_reason,
+            "certified_at_step": certified_at, "wall_seconds": round(self.wall, 3), "seed": cfg.seed,
+        }
+        self.model.save_pretrained(self.out / "adapter.tmp")
+        if (self.out / "adapter").exists():
+            shutil.rmtree(self.out / "adapter")
+        os.replace(self.out / "adapter.tmp", self.out / "adapter")
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+    # --- run folder --------------------------------------------------------------------------------------
+    def write_config(self) -> None:
+        record = {"settings": dataclasses.asdict(self.cfg),
+                  "resolved": {"device": self.device, "layers": self.layers, "modules": self.modules,
+                               "sw_form": self.sw_form, "total_steps": self.total_steps, "answer_tokens": self.l,
+                               "entries": len(self.examples), "params": self.params},
+                  "versions": versions(), "command": " ".join(sys.argv)}
+        tmp = self.out / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(record, sort_keys=False))
+        os.replace(tmp, self.out / "config.yaml")
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted((self.out / "checkpoints").glob("step-*.pt"))
+        return found[-1] if found else None
+
+    def save_checkpoint(self, keep: int = 2) -> None:
+        from peft import get_peft_model_state_dict
+
+        state = {"step": self.step, "wall": self.wall, "l_init": self.l_init,
+                 "adapter": get_peft_model_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                 "sliding": [dataclasses.asdict(s) for s in self.sliding]}
+        path = self.out / "checkpoints" / f"step-{self.step:08d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a checkpoint is whole or absent
+        for old in sorted((self.out / "checkpoints").glob("step-*.pt"))[:-keep]:
+            old.unlink()
+
+    def load_checkpoint(self) -> None:
+        from peft import set_peft_model_state_dict
+
+        path = self.latest_checkpoint()
+        if path is None:
+            self.log(f"--resume: no checkpoint in {self.out}; starting from the beginning")
+            self.write_config()
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            return
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        set_peft_model_state_dict(self.model, state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.sliding = [SlidingState(**s) for s in state["sliding"]]
+        self.step, self.wall, self.l_init = state["step"], state["wall"], state["l_init"]
+        # Metrics past the checkpoint belong to the interrupted attempt: drop them.
+        mpath = self.out / "metrics.jsonl"
+        if mpath.exists():
+            kept = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            mpath.write_text("".join(ln + "\n" for ln in kept))
+        self.log(f"resuming from {path} (step {self.step})")
