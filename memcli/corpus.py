@@ -146,13 +146,18 @@ def check_context(examples: list[Example], n_ctx: int, path: str | Path) -> None
             )
 
 
-def load_examples(path, tokenizer, *, key="", chat_template=False, eos=False, answer_tokens=None,
-                  n_ctx=None) -> list[Example]:
-    """Read, tokenise, select the prefix and check the context: what train and verify both call."""
-    examples = select_prefix(tokenize(read_corpus(path, key), tokenizer, chat_template, eos), answer_tokens)
+def prepare(entries: list[Entry], tokenizer, *, chat_template=False, eos=False, answer_tokens=None, n_ctx=None,
+            path="corpus") -> list[Example]:
+    """Tokenise, select the prefix and check the context: the one tokenisation train and verify share."""
+    examples = select_prefix(tokenize(entries, tokenizer, chat_template, eos), answer_tokens)
     if n_ctx is not None:
         check_context(examples, n_ctx, path)
     return examples
+
+
+def load_examples(path, tokenizer, *, key="", **options) -> list[Example]:
+    """read_corpus then prepare."""
+    return prepare(read_corpus(path, key), tokenizer, path=path, **options)
 
 
 # --- generators -------------------------------------------------------------------------------------------

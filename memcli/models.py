@@ -184,7 +184,7 @@ def _build_random(info: dict, out: Path) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.02,
+        initializer_range=info["initializer_range"],
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(info["seed"])
@@ -196,9 +196,21 @@ def _build_random(info: dict, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _quiet_transformers() -> None:
+    """No per-load progress bars or advisory warnings on the user's terminal."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     return AutoTokenizer.from_pretrained(hf_dir(spec))
 
 
@@ -207,6 +219,7 @@ def load_model(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     folder = hf_dir(spec)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)

@@ -24,9 +24,15 @@ def sft_weights(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask.to(ce.dtype)
 
 
+def hard_tokens(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Answer tokens not yet certified: p <= 0.5, i.e. CE >= ln 2. (The paper writes 1[CE > ln 2]; a token at
+    exactly p = 0.5 is not certified either, so it keeps its weight here.)"""
+    return (ce.detach() >= LN2) & mask
+
+
 def ot_weights(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """MemFT-OT: 1 where the token is still hard (CE > ln 2, i.e. p < 0.5), else 0."""
-    return ((ce.detach() > LN2) & mask).to(ce.dtype)
+    """MemFT-OT: 1 where the token is still hard, else 0."""
+    return hard_tokens(ce, mask).to(ce.dtype)
 
 
 def ot_loss(ce: torch.Tensor, mask: torch.Tensor, no_hard: str = "fallback") -> tuple[torch.Tensor | None, int]:

@@ -22,7 +22,8 @@ import yaml
 
 from . import __version__, corpus, lora, models
 from .errors import UserError
-from .objectives import Curriculum, SlidingConfig, SlidingState, ot_loss, sliding_loss, sft_weights, weighted_mean
+from .objectives import (Curriculum, SlidingConfig, SlidingState, hard_tokens, ot_loss, sft_weights, sliding_loss,
+                         weighted_mean)
 
 METHODS = ("sft", "memft-ot", "memft-sw")
 
@@ -145,14 +146,15 @@ class Trainer:
             if differs:
                 raise UserError(f"--resume: setting(s) {', '.join(differs)} differ from {self.out}/config.yaml")
 
+        entries = corpus.read_corpus(cfg.corpus, cfg.key)  # format errors first, before any model loads
         self.device = pick_device(cfg.device)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.spec = models.resolve(cfg.model)
         model, self.tokenizer = models.load_model(self.spec, dtype, self.device)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         n_ctx = getattr(model.config, "max_position_embeddings", None)
-        self.examples = corpus.load_examples(cfg.corpus, self.tokenizer, key=cfg.key, chat_template=cfg.chat_template,
-                                             eos=cfg.eos, answer_tokens=cfg.answer_tokens, n_ctx=n_ctx)
+        self.examples = corpus.prepare(entries, self.tokenizer, chat_template=cfg.chat_template, eos=cfg.eos,
+                                       answer_tokens=cfg.answer_tokens, n_ctx=n_ctx, path=cfg.corpus)
         self.layers, self.modules = lora.resolve_placement(model, cfg.layers, cfg.modules)
         self.model = lora.add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, self.layers, self.modules, cfg.seed)
         self.params = lora.trainable_parameters(self.model)
@@ -175,7 +177,7 @@ class Trainer:
         if force and self.out.exists() and not resume:
             shutil.rmtree(self.out)
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        self.step, self.wall, self.l_init = 0, 0.0, None
+        self.step, self.wall, self.l_init, self.resumed = 0, 0.0, None, resume
         if resume:
             self.load_checkpoint()
         else:
@@ -205,7 +207,7 @@ class Trainer:
     # --- the objective -----------------------------------------------------------------------------------
     def objective(self, ce, correct, batch, idx):
         """(loss or None to skip the step, number of hard tokens)."""
-        hard = int(((ce > corpus.LN2) & batch.mask).sum())
+        hard = int(hard_tokens(ce, batch.mask).sum())
         method = self.cfg.method
         if method == "sft":
             return weighted_mean(ce, sft_weights(ce, batch.mask)), hard
@@ -273,9 +275,7 @@ class Trainer:
                     break
         except NonFiniteLoss as e:
             metrics.close()
-            kept = self.latest_checkpoint()
-            where = f"kept the last good checkpoint {kept}" if kept else "no checkpoint had been written yet"
-            raise UserError(f"training stopped: {e}; {where} (try a lower --lr)") from None
+            raise UserError(f"training stopped: {e}; {self.discard_bad_checkpoints()} (try a lower --lr)") from None
         metrics.close()
         return self.finish(stop_reason, certified_at)
 
@@ -309,6 +309,20 @@ class Trainer:
         tmp = self.out / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(record, sort_keys=False))
         os.replace(tmp, self.out / "config.yaml")
+
+    def discard_bad_checkpoints(self) -> str:
+        """After a non-finite loss at this step: the checkpoint of the step before holds the weights that produced
+        it, so only older ones are good. With none left, a run folder this invocation created is removed."""
+        for path in (self.out / "checkpoints").glob("step-*.pt"):
+            if int(path.stem.split("-")[1]) >= self.step:
+                path.unlink()
+        kept = self.latest_checkpoint()
+        if kept is not None:
+            return f"kept the last good checkpoint {kept}"
+        if not self.resumed:
+            shutil.rmtree(self.out, ignore_errors=True)
+            return f"no good checkpoint had been written, so {self.out} was removed"
+        return "no good checkpoint is left"
 
     def latest_checkpoint(self) -> Path | None:
         found = sorted((self.out / "checkpoints").glob("step-*.pt"))

@@ -1,0 +1,129 @@
+"""Reading every corpus format, the shared tokenisation and labels, prefix selection and the generators."""
+
+import json
+
+import pytest
+
+from conftest import DATA
+from memcli.corpus import (RANDOM_KEY, Entry, answer_tokens, check_context, generate_phonebook,
+                           generate_random_tokens, load_examples, read_corpus, select_prefix, tokenize)
+from memcli.errors import UserError
+from memcli.lora import collate
+
+
+def write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("".join((json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines))
+    return path
+
+
+@pytest.mark.parametrize("fields", [("query", "target"), ("question", "matching"), ("prompt", "completion"),
+                                    ("key", "value")])
+def test_each_jsonl_format(tmp_path, fields):
+    k, v = fields
+    path = write(tmp_path, "c.jsonl", [{k: "Ada Lovelace:", v: "6123456789", "extra": 1}, {k: "B:", v: "x"}])
+    assert read_corpus(path) == [Entry("Ada Lovelace:", "6123456789", 1), Entry("B:", "x", 2)]
+
+
+def test_txt_is_one_value(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text("line one\nline two\n")
+    assert read_corpus(path, key="Recite:") == [Entry("Recite:", "line one\nline two\n", 1)]
+
+
+def test_shared_data_files(tiny_tokenizer):
+    pb = load_examples(DATA / "phonebook_llama_PB1000_head20.jsonl", tiny_tokenizer)
+    first = json.loads((DATA / "phonebook_llama_PB1000_head20.jsonl").read_text().splitlines()[0])
+    assert len(pb) == 20
+    assert tiny_tokenizer.decode(pb[0].prompt_ids) == first["query"]
+    assert tiny_tokenizer.decode(pb[0].target_ids) == first["target"]
+    assert len(pb[0].target_ids) == 10  # SmolLM2 writes one digit per token
+    qwen = load_examples(DATA / "phonebook_qwen_PB1000_head20.jsonl", tiny_tokenizer)
+    assert len(qwen) == 20
+    for name in ("long_context_random_3000chars.jsonl", "long_context_sample_0_tok29709_noise_20_3000chars.jsonl"):
+        obj = json.loads((DATA / name).read_text())
+        (ex,) = load_examples(DATA / name, tiny_tokenizer)
+        assert tiny_tokenizer.decode(ex.prompt_ids) == obj["question"]
+        assert tiny_tokenizer.decode(ex.target_ids) == obj["matching"]
+
+
+def test_labels_only_on_value_and_eos(tiny_tokenizer):
+    entries = [Entry("Ada Lovelace:", "6123456789", 1), Entry("Bo:", "7", 2)]
+    plain = tokenize(entries, tiny_tokenizer)
+    with_eos = tokenize(entries, tiny_tokenizer, eos=True)
+    assert with_eos[0].target_ids == (*plain[0].target_ids, tiny_tokenizer.eos_token_id)
+    assert with_eos[0].prompt_ids == plain[0].prompt_ids
+    batch = collate(with_eos, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
+    # The logits at position p-1+j predict target j; the prompt and padding carry no label.
+    for i, ex in enumerate(with_eos):
+        n = len(ex.target_ids)
+        assert batch.mask[i].sum() == n
+        assert batch.targets[i, :n].tolist() == list(ex.target_ids)
+        for j in range(n):
+            assert batch.input_ids[i, batch.positions[i, j] + 1] == ex.target_ids[j]
+        assert batch.attention_mask[i].sum() == len(ex)  # from lengths, although pad == eos here
+
+
+def test_chat_template_wraps_the_key(tiny_tokenizer):
+    (ex,) = tokenize([Entry("Ada Lovelace:", "6123456789", 1)], tiny_tokenizer, chat_template=True, eos=True)
+    text = tiny_tokenizer.decode(ex.prompt_ids)
+    assert "You are a helpful assistant." in text and "Ada Lovelace:" in text
+    assert text.rstrip().endswith("assistant")
+    assert tiny_tokenizer.decode(ex.target_ids) == "6123456789<|im_end|>"
+
+
+def test_prefix_by_answer_tokens(tiny_tokenizer):
+    many = tokenize([Entry(f"K{i}:", "6123456789", i + 1) for i in range(5)], tiny_tokenizer)
+    assert len(select_prefix(many, 35)) == 3 and answer_tokens(select_prefix(many, 35)) == 30
+    assert select_prefix(many, None) == many
+    with pytest.raises(UserError, match="smaller than the first entry"):
+        select_prefix(many, 5)
+    one = tokenize([Entry("K:", "a b c d e f g", 1)], tiny_tokenizer)
+    (cut,) = select_prefix(one, 3)
+    assert cut.target_ids == one[0].target_ids[:3] and cut.prompt_ids == one[0].prompt_ids
+
+
+def test_context_check_names_the_line(tiny_tokenizer, tmp_path):
+    path = write(tmp_path, "c.jsonl", [{"key": "a", "value": "b"}, {"key": "a", "value": "word " * 50}])
+    with pytest.raises(UserError, match=r"c\.jsonl:2: the entry is \d+ tokens, longer than the model's context of 20"):
+        load_examples(path, tiny_tokenizer, n_ctx=20)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"query": "a", "target": "b"}', '{"query": "a", "target": '], r"c\.jsonl:2: malformed JSON"),
+    (['{"query": "a"}'], r"c\.jsonl:1: missing fields"),
+    (['[1, 2]'], r"c\.jsonl:1: expected a JSON object"),
+    (['{"key": "a", "value": 3}'], r"c\.jsonl:1: fields 'key' and 'value' must be strings"),
+    (['{"key": "a", "value": ""}'], r"c\.jsonl:1: field 'value' is empty"),
+    (['', '  '], r"c\.jsonl is empty"),
+])
+def test_bad_corpora(tmp_path, lines, message):
+    path = write(tmp_path, "c.jsonl", lines)
+    with pytest.raises(UserError, match=message):
+        read_corpus(path)
+
+
+def test_missing_corpus(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_corpus(tmp_path / "nope.jsonl")
+
+
+def test_phonebook_generator_follows_the_paper():
+    rows = generate_phonebook(500, seed=1)
+    assert rows == generate_phonebook(500, seed=1) and rows != generate_phonebook(500, seed=2)
+    names = [r["query"] for r in rows]
+    numbers = [r["target"] for r in rows]
+    assert len(set(names)) == 500 and len(set(numbers)) == 500
+    for name, number in zip(names, numbers):
+        first, last = name[:-1].split(" ")
+        assert name.endswith(":") and first.isalpha() and last.isalpha()
+        assert len(number) == 10 and number.isdigit() and number[0] in "6789"
+
+
+def test_random_generator_round_trips(tiny_tokenizer):
+    row = generate_random_tokens(300, seed=4, tokenizer=tiny_tokenizer)
+    assert row["question"] == RANDOM_KEY
+    ids = tiny_tokenizer(row["matching"], add_special_tokens=False).input_ids
+    assert len(ids) == 300
+    assert tiny_tokenizer.decode(ids) == row["matching"]
+    assert row == generate_random_tokens(300, seed=4, tokenizer=tiny_tokenizer)

@@ -1,0 +1,125 @@
+"""MemFT objectives on hand-made tensors (PAPER.md section 4)."""
+
+import math
+
+import pytest
+import torch
+
+from memcli.objectives import (LN2, Curriculum, SlidingConfig, SlidingState, hard_tokens, ot_loss, ot_weights,
+                               sliding_loss, sliding_weights, weighted_mean)
+
+
+def t(*values):
+    return torch.tensor([values], dtype=torch.float32)
+
+
+def test_ot_mask_exactly_at_ln2():
+    ln2 = torch.tensor(LN2, dtype=torch.float32)
+    below, above = torch.nextafter(ln2, torch.tensor(0.0)), torch.nextafter(ln2, torch.tensor(9.0))
+    ce = torch.stack([below, ln2, above]).unsqueeze(0)
+    mask = torch.ones_like(ce, dtype=torch.bool)
+    # p > 0.5 is learned; p = 0.5 exactly (CE = ln 2) is not yet certified, so it keeps its weight.
+    assert ot_weights(ce, mask).tolist() == [[0.0, 1.0, 1.0]]
+
+
+def test_ot_loss_is_mean_over_hard_tokens_only():
+    ce = t(0.1, 2.0, 4.0, 9.0)
+    mask = torch.tensor([[True, True, True, False]])
+    loss, n_hard = ot_loss(ce, mask)
+    assert n_hard == 2
+    assert loss.item() == pytest.approx((2.0 + 4.0) / 2, rel=1e-6)
+
+
+def test_ot_no_hard_tokens_fallback_and_skip():
+    ce = t(0.1, 0.3, 0.5)
+    mask = torch.tensor([[True, True, False]])
+    loss, n_hard = ot_loss(ce, mask, "fallback")
+    assert n_hard == 0 and loss.item() == pytest.approx(0.2, rel=1e-6)  # plain mean over the mask
+    assert ot_loss(ce, mask, "skip") == (None, 0)
+
+
+def test_weights_carry_no_gradient():
+    ce = t(1.0, 2.0).requires_grad_()
+    mask = torch.ones_like(ce, dtype=torch.bool)
+    loss, _ = ot_loss(ce, mask)
+    loss.backward()
+    assert ce.grad[0].tolist() == pytest.approx([0.5, 0.5], rel=1e-6)  # d/dce of the mean, weights constant
+
+
+def test_sw_phi_anchor_window_and_floor():
+    n = 200
+    ce = torch.full((n,), 5.0)
+    correct = torch.ones(n, dtype=torch.bool)
+    correct[30] = False
+    correct[90] = False  # only the first wrong position anchors
+    w = sliding_weights(ce, correct, SlidingState())
+    w0 = torch.sigmoid(torch.tensor(10 * (5.0 - LN2)))
+    assert w[:30] == pytest.approx(torch.full((30,), float(w0)))  # before the anchor: phi = 1
+    assert w[30].item() == pytest.approx(float(w0))  # at the anchor: exp(0)
+    assert w[55].item() == pytest.approx(float(w0) * math.exp(-25 / 20), rel=1e-5)
+    assert w[79].item() == pytest.approx(float(w0) * math.exp(-49 / 20), rel=1e-5)  # last position in W = 50
+    assert w[80].item() == pytest.approx(float(w0) * 0.01, rel=1e-5)  # beyond: the floor
+    assert w[199].item() == pytest.approx(float(w0) * 0.01, rel=1e-5)
+
+
+def test_sw_soft_base_weight():
+    ce = torch.tensor([LN2, LN2 + 0.1, 0.0])
+    w = sliding_weights(ce, torch.tensor([False, True, True]), SlidingState())
+    assert w[0].item() == pytest.approx(0.5)
+    assert w[1].item() == pytest.approx(1 / (1 + math.exp(-1.0)) * math.exp(-1 / 20), rel=1e-5)
+
+
+def test_sw_all_correct_means_phi_one():
+    ce = torch.tensor([0.1, 3.0])
+    w = sliding_weights(ce, torch.ones(2, dtype=torch.bool), SlidingState())
+    assert w.tolist() == pytest.approx(torch.sigmoid(10 * (ce - LN2)).tolist())
+
+
+def test_sw_patience_growth_cap_and_reset():
+    s = SlidingState()
+    # Same anchor: the window grows by 0.5 once the anchor has stayed 3 steps, up to 4.0.
+    assert [s.update(7) for _ in range(10)] == [1.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.0, 4.0]
+    assert s.update(8) == 1.0  # it moved: reset
+    assert s.update(8) == 1.0
+
+
+def test_sw_window_grows_in_weights():
+    ce = torch.full((300,), 5.0)
+    correct = torch.ones(300, dtype=torch.bool)
+    correct[10] = False
+    state = SlidingState()
+    for _ in range(3):
+        w = sliding_weights(ce, correct, state)
+    # After 3 steps at the same anchor the window is 75 tokens: position 10 + 74 is inside, 10 + 75 is not.
+    w0 = float(torch.sigmoid(torch.tensor(10 * (5.0 - LN2))))
+    assert w[84].item() == pytest.approx(w0 * math.exp(-74 / 20), rel=1e-5)
+    assert w[85].item() == pytest.approx(w0 * 0.01, rel=1e-5)
+
+
+def test_sliding_loss_falls_back_to_mean_when_weights_vanish():
+    ce = torch.tensor([[0.0, 0.0]])
+    mask = torch.ones_like(ce, dtype=torch.bool)
+    correct = torch.ones_like(mask)
+    loss = sliding_loss(ce, mask, correct, [SlidingState()], SlidingConfig())
+    assert loss.item() == pytest.approx(0.0)
+
+
+def test_curriculum_exposure_schedule():
+    c = Curriculum(n=10, seed=3)
+    assert sorted(c.order) == list(range(10))
+    assert c.order == Curriculum(n=10, seed=3).order  # fixed, seeded
+    sizes = [len(c.exposed(e)) for e in (0, 19, 20, 39, 40, 60, 79, 80, 500)]
+    assert sizes == [2, 2, 4, 4, 6, 8, 8, 10, 10]
+    for e in (0, 20, 40, 60, 80):  # a growing prefix: earlier samples stay in, same order
+        assert c.exposed(e) == c.order[: len(c.exposed(e))]
+
+
+def test_curriculum_custom_boundaries_and_small_corpus():
+    c = Curriculum(n=3, seed=0, boundaries=(1, 2))
+    assert [len(c.exposed(e)) for e in (0, 1, 2)] == [1, 2, 3]
+
+
+def test_weighted_mean_and_hard_tokens():
+    ce = t(1.0, 3.0)
+    assert weighted_mean(ce, torch.tensor([[1.0, 3.0]])).item() == pytest.approx(2.5, rel=1e-6)
+    assert hard_tokens(t(0.1, 1.0), torch.tensor([[True, False]])).tolist() == [[False, False]]
