@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -29,12 +30,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except ValueError as e:  # the law module's LawError is a ValueError
-            if type(e).__name__ != "LawError":
-                raise
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
     return wrapper
 
@@ -128,6 +124,18 @@ def progress_printer(total_steps: int):
     return update, lambda: None
 
 
+def train_config(params: dict):
+    """A TrainConfig from `train`'s parsed options: defaults < --config YAML < the command line."""
+    from .train import TrainConfig
+
+    overrides = {k: v for k, v in params.items() if k not in ("out", "config", "resume", "force")}
+    overrides.update(corpus=str(params["corpus"]),
+                     curriculum_epochs=parse_ints(params["curriculum_epochs"], "--curriculum-epochs"),
+                     layers=parse_ints(params["layers"], "--layers"),
+                     modules=[m.strip() for m in params["modules"].split(",")] if params["modules"] else None)
+    return TrainConfig.from_sources(params["config"], overrides)
+
+
 @app.command()
 @user_errors
 def train(
@@ -173,17 +181,9 @@ def train(
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ):
     """Memorise CORPUS into a LoRA adapter; writes a run folder (see README: Run folder)."""
-    from .train import TrainConfig, Trainer
+    cfg = train_config(locals())  # first: locals() is exactly the parsed options here
+    from .train import Trainer
 
-    overrides = dict(corpus=str(corpus), model=model, method=method, no_hard_tokens=no_hard_tokens, sw_form=sw_form,
-                     curriculum_epochs=parse_ints(curriculum_epochs, "--curriculum-epochs"), rank=rank,
-                     layers=parse_ints(layers, "--layers"),
-                     modules=[m.strip() for m in modules.split(",")] if modules else None,
-                     alpha=alpha, dropout=dropout, lr=lr, weight_decay=weight_decay, clip=clip, epochs=epochs,
-                     max_steps=max_steps, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                     until_recall=until_recall, check_every=check_every, checkpoint_every=checkpoint_every,
-                     log_every=log_every, answer_tokens=answer_tokens, chat_template=chat_template, eos=eos, key=key)
-    cfg = TrainConfig.from_sources(config, overrides)
     trainer = Trainer(cfg, out, resume=resume, force=force, log=lambda m: console.print(m, highlight=False))
     update, close = progress_printer(trainer.total_steps)
     try:
@@ -195,3 +195,101 @@ def train(
         f"[bold]{verdict}[/]: exact match {summary['exact_match']:.2%}, certified {summary['certified']:.2%}, "
         f"L {summary['l_init']:.4f} -> {summary['l_final']:.4f} (dL {summary['delta_l']:.4f}) in {summary['steps']} "
         f"steps, {summary['wall_seconds']:.1f} s ({summary['stop_reason']}). Run folder: {out}", highlight=False)
+
+
+# --- the memory law ----------------------------------------------------------------------------------------
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def sweep(
+    ctx: typer.Context,
+    corpus: Path = typer.Argument(..., help="Corpus to memorise prefixes of."),
+    ranks: str = typer.Option(..., help="Comma-separated LoRA ranks, e.g. 1,2,4,8."),
+    answer_tokens: str = typer.Option(..., help="Comma-separated answer lengths l, e.g. 100,200,400,800."),
+    out: Path = typer.Option(..., "--out", help="Sweep folder: one run folder per cell, rank<r>-l<l>."),
+    jobs: int = typer.Option(1, help="Cells trained at once, in worker processes (one per GPU with GPUs)."),
+    executor: str = typer.Option("local", help="local | ray (pip install 'memcli[ray]'; uses RAY_ADDRESS)."),
+):
+    """Train one run per (rank, l) cell; any other `memcli train` option passes through (e.g. --method sft
+    --max-steps 300). Finished cells are skipped and started ones resume, so rerunning continues a sweep."""
+    from .sweep import run_sweep
+
+    train_cmd = typer.main.get_command(app).get_command(ctx, "train")
+    sub = train_cmd.make_context("train", [str(corpus), "--out", str(out), *ctx.args], parent=ctx)
+    base = train_config(sub.params)
+    rank_list, lengths = parse_ints(ranks, "--ranks"), parse_ints(answer_tokens, "--answer-tokens")
+
+    def done(name, summary, n, total):
+        console.print(f"[{n}/{total}] {name}: exact match {summary['exact_match']:.2%}, L_final "
+                      f"{summary['l_final']:.4f}, dL {summary['delta_l']:.4f}, {summary['steps']} steps, "
+                      f"{summary['wall_seconds']:.0f} s", highlight=False)
+    summaries = run_sweep(base, rank_list, lengths, out, jobs, executor, done)
+    console.print(f"{len(summaries)} cells in {out}; fit them with: memcli fit {out} --out {out}/law.json")
+
+
+@app.command()
+@user_errors
+def fit(
+    inputs: list[Path] = typer.Argument(..., help="Sweep folders, run folders, or CSV/JSONL tables with rank (or "
+                                        "params), length, delta_l and optionally l_final."),
+    capacity: str = typer.Option("rank", help="Capacity variable x: rank | params."),
+    out: Path = typer.Option(Path("law.json"), "--out", help="Law file to write; PNG plots go beside it."),
+    n_boot: int = typer.Option(200, help="Bootstrap resamples for the intervals."),
+    level: float = typer.Option(0.95, help="Interval level."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    plots: bool = typer.Option(True, help="Write pred_vs_obs.png and delta_l_vs_l.png."),
+):
+    """Fit dL = C x^alpha l^-beta + b to training runs (saturated runs, L_final <= ln 2, are dropped)."""
+    from .law_cli import fit_command
+
+    fit_command(inputs, capacity, out, n_boot, seed, plots, level=level, console=out_console)
+
+
+@app.command()
+@user_errors
+def plan(
+    corpus: Optional[Path] = typer.Argument(None, help="Corpus to plan for: L_init is measured on it with the "
+                                            "base model, l is its answer tokens."),
+    law: Path = typer.Option(..., "--law", help="law.json from `memcli fit`."),
+    tokens: Optional[int] = typer.Option(None, help="Plan for l answer tokens instead of a corpus."),
+    l_init: Optional[float] = typer.Option(None, help="L_init in nats (default: measured on CORPUS, else the "
+                                           "median of the fitted runs)."),
+    margin: float = typer.Option(0.1, help="Safety margin: predicted L_final must be <= ln 2 - margin."),
+    model: Optional[str] = typer.Option(None, help="Base model for measuring L_init. [default: smollm2-135m]"),
+    chat_template: bool = typer.Option(False, "--chat-template", help="As in train."),
+    eos: bool = typer.Option(False, "--eos", help="As in train."),
+    key: str = typer.Option("", help="As in train."),
+):
+    """The smallest LoRA rank whose predicted L_final is under ln 2 (with a margin), with its interval."""
+    from .law_cli import plan_command
+
+    if (corpus is None) == (tokens is None):
+        raise UserError("plan needs either a CORPUS or --tokens L (not both)")
+    source = None
+    if corpus is not None:
+        from . import models
+        from .corpus import answer_tokens as count, load_examples
+        from .lora import evaluate
+
+        base, tokenizer = models.load_model(models.resolve(model))
+        examples = load_examples(corpus, tokenizer, key=key, chat_template=chat_template, eos=eos,
+                                 n_ctx=base.config.max_position_embeddings)
+        tokens = count(examples)
+        if l_init is None:
+            l_init = evaluate(base, examples, tokenizer.pad_token_id or 0, "cpu").mean_ce
+            source = f"measured on {corpus} with {model or models.DEFAULT_MODEL}"
+    plan_command(law, tokens, l_init, margin, l_init_source=source, console=out_console)
+
+
+# --- benchmarks --------------------------------------------------------------------------------------------
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("kernel")
+def bench_kernel_cmd(rows: int = 512, vocab: int = 49152, repeats: int = 5, threads: int = 0):
+    """The native logits kernel against its numpy reference on one random block."""
+    from .bench_kernel import main
+
+    main(["--rows", str(rows), "--vocab", str(vocab), "--repeats", str(repeats), "--threads", str(threads)])

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy.optimize import least_squares
 
+from .errors import UserError
+
 LN2 = math.log(2.0)
 CAPACITIES = ("rank", "params")
 COEFFICIENTS = ("C", "alpha", "beta", "b")
@@ -43,7 +45,7 @@ _FIXED_STARTS = ((0.6, 0.5), (0.2, 0.1), (1.5, 1.5))
 _LENGTH_COLUMNS = ("length", "answer_tokens")
 
 
-class LawError(ValueError):
+class LawError(UserError, ValueError):
     """Bad input to the law: a file, a field, too little data, or a law of another capacity measure."""
 
 

@@ -1,0 +1,139 @@
+"""`memcli sweep`: one ordinary run folder per (rank, answer tokens) cell, for fitting the memory law.
+
+Cells are independent: a finished cell (summary.json present) is skipped, a started one resumes from its newest
+checkpoint. They run in this process, in parallel worker processes (`--jobs`), or as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .errors import UserError
+from .train import TrainConfig, Trainer
+
+
+def cell_name(rank: int, answer_tokens: int) -> str:
+    return f"rank{rank}-l{answer_tokens}"
+
+
+def grid(base: TrainConfig, ranks: list[int], lengths: list[int]) -> list[tuple[str, TrainConfig]]:
+    if not ranks or not lengths:
+        raise UserError("--ranks and --answer-tokens each need at least one value")
+    for r in ranks:
+        if r < 1:
+            raise UserError(f"--ranks: every rank must be at least 1, got {r}")
+    for n in lengths:
+        if n < 1:
+            raise UserError(f"--answer-tokens: every length must be at least 1, got {n}")
+    return [(cell_name(r, n), dataclasses.replace(base, rank=r, answer_tokens=n)) for n in lengths for r in ranks]
+
+
+def run_cell(settings: dict, run_dir: str, device: str | None = None, threads: int | None = None) -> dict:
+    """Train one cell to its end (or pick up its summary). A plain top-level function, so worker processes and
+    Ray tasks can run it."""
+    run = Path(run_dir)
+    summary = run / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(**settings)
+    if device:
+        cfg.device = device
+    resume = (run / "config.yaml").exists()
+    return Trainer(cfg, run, resume=resume, log=lambda m: None).run()
+
+
+def _claim_gpu(queue) -> None:
+    """Worker initializer: each worker process takes one GPU for its whole life."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
+
+
+def _ray_runner(jobs: int):
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--executor ray needs Ray: pip install 'memcli[ray]'") from None
+    import torch
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
+    gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) else 0
+    remote = ray.remote(num_gpus=gpus, num_cpus=1)(run_cell)
+
+    def submit(settings, run_dir):
+        return remote.remote(settings, run_dir)
+
+    def wait(pending):
+        done, _ = ray.wait(list(pending), num_returns=1)
+        return done[0], ray.get(done[0])
+    return submit, wait
+
+
+def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path, jobs: int = 1,
+              executor: str = "local", on_done: Callable[[str, dict, int, int], None] | None = None) -> list[dict]:
+    """Train every cell not yet finished; returns the summaries in grid order."""
+    cells = grid(base, ranks, lengths)
+    if executor not in ("local", "ray"):
+        raise UserError(f"--executor must be local or ray, got '{executor}'")
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"ranks": ranks, "answer_tokens": lengths, "settings": dataclasses.asdict(base)}
+    (out / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    results: dict[str, dict] = {}
+    total = len(cells)
+
+    def finished(name, summary):
+        results[name] = summary
+        if on_done:
+            on_done(name, summary, len(results), total)
+
+    pending_cells = []
+    for name, cfg in cells:
+        if (out / name / "summary.json").exists():
+            finished(name, json.loads((out / name / "summary.json").read_text()))
+        else:
+            pending_cells.append((name, cfg))
+
+    if executor == "ray":
+        submit, wait = _ray_runner(jobs)
+        futures = {submit(dataclasses.asdict(cfg), str(out / name)): name for name, cfg in pending_cells}
+        while futures:
+            ref, summary = wait(futures)
+            finished(futures.pop(ref), summary)
+    elif jobs == 1:
+        for name, cfg in pending_cells:
+            finished(name, run_cell(dataclasses.asdict(cfg), str(out / name)))
+    else:
+        import torch
+
+        n_gpu = torch.cuda.device_count() if base.device in ("auto", "cuda") else 0
+        workers = min(jobs, n_gpu) if n_gpu else jobs
+        threads = None if n_gpu else max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")
+        gpu_queue, init = None, None
+        if n_gpu:
+            gpu_queue = context.Queue()
+            for i in range(workers):
+                gpu_queue.put(i)
+            init = _claim_gpu
+        with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=init,
+                                    initargs=(gpu_queue,) if n_gpu else ()) as pool:
+            futures = {}
+            for name, cfg in pending_cells:
+                device = "cuda:0" if n_gpu else None  # the worker sees only its own GPU
+                futures[pool.submit(run_cell, dataclasses.asdict(cfg), str(out / name), device, threads)] = name
+            for future in cf.as_completed(futures):
+                finished(futures[future], future.result())
+    return [results[name] for name, _ in cells]
