@@ -293,3 +293,18 @@ def bench_kernel_cmd(rows: int = 512, vocab: int = 49152, repeats: int = 5, thre
     from .bench_kernel import main
 
     main(["--rows", str(rows), "--vocab", str(vocab), "--repeats", str(repeats), "--threads", str(threads)])
+
+
+@bench_app.command("train")
+@user_errors
+def bench_train_cmd(entries: int = typer.Option(32, help="PhoneBook entries."),
+                    model: Optional[str] = typer.Option(None, help="[default: smollm2-135m]"),
+                    rank: int = 8, seed: int = 0,
+                    max_epochs: int = typer.Option(400, help="Budget per method if recall never certifies."),
+                    check_every: int = 5,
+                    throughput_steps: int = typer.Option(30, help="Timed steps per loop.")):
+    """Steps to certified recall for SFT / MemFT-OT / MemFT-SW, and memcli's loop against a bare PEFT loop."""
+    from . import models
+    from .bench_train import main
+
+    main(entries, model or models.DEFAULT_MODEL, rank, seed, max_epochs, check_every, throughput_steps)

@@ -253,7 +253,7 @@ class Trainer:
                     row = {"step": step, "epoch": epoch, "lr": lr,
                            "objective": None if loss is None else round(loss.item(), 6),
                            "ce": round((ce.sum() / n_tok).item(), 6),
-                           "above": round(1 - hard / n_tok, 6), "hard_tokens": hard,
+                           "above": round(1 - hard / n_tok, 6), "hard_tokens": hard, "answer_tokens": n_tok,
                            "tokens_per_s": round(n_tok / (time.perf_counter() - t0), 1)}
                 checked = step % cfg.check_every == 0 or step == self.total_steps
                 if checked:
