@@ -220,6 +220,9 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------------
     def run(self, progress=None) -> dict:
         cfg = self.cfg
+        if self.resumed and (self.out / "summary.json").exists():
+            self.log(f"{self.out} already finished; nothing to resume")
+            return json.loads((self.out / "summary.json").read_text())
         if self.l_init is None:
             with self.model.disable_adapter():
                 self.l_init = lora.evaluate(self.model, self.examples, self.pad_id, self.device).mean_ce
