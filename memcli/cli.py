@@ -197,6 +197,37 @@ def train(
         f"steps, {summary['wall_seconds']:.1f} s ({summary['stop_reason']}). Run folder: {out}", highlight=False)
 
 
+# --- export ------------------------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def export(src: Path = typer.Argument(..., help="A run folder or a PEFT adapter folder."),
+           out: Path = typer.Option(..., "--out", help="The adapter GGUF to write."),
+           outtype: str = typer.Option("f32", help="f32 | f16 | q8_0 for the LoRA tensors."),
+           model: Optional[str] = typer.Option(None, help="The base model, when the folder does not say.")):
+    """Write a LoRA adapter as a llama.cpp adapter GGUF (q/k permuted, PEFT's scale reproduced exactly)."""
+    from . import models
+    from .export import export_adapter
+
+    info = export_adapter(src, out, outtype, base=models.resolve(model) if model else None)
+    console.print(f"wrote {out}: {info['tensors']} tensors, {info['bytes'] / 1024:.1f} KiB, base {info['model']}, "
+                  f"{info['seconds']:.2f} s", highlight=False)
+
+
+@app.command("export-base")
+@user_errors
+def export_base_cmd(hf_dir: str = typer.Argument(..., help="An HF model folder (llama, mistral, qwen2) or a "
+                                                 "memcli model name."),
+                    out: Path = typer.Option(..., "--out", help="The base GGUF to write."),
+                    outtype: str = typer.Option("f32", help="f32 | f16 | q8_0.")):
+    """Write an HF model as a llama.cpp base GGUF, tokenizer included."""
+    from .export import export_base
+
+    info = export_base(hf_dir, out, outtype)
+    console.print(f"wrote {out}: {info['arch']} {info['name']}, {info['tensors']} tensors, "
+                  f"{info['bytes'] / 2**20:.1f} MiB, {info['seconds']:.1f} s", highlight=False)
+
+
 # --- the memory law ----------------------------------------------------------------------------------------
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

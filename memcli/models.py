@@ -24,6 +24,7 @@ from .errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+CACHE_VERSION = 2  # bump when what the cache holds changes (2: SmolLM's digit split restored)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -136,11 +137,11 @@ def hf_dir(spec: ModelSpec) -> Path:
     if spec.kind == "hf":
         return spec.path
     if spec.kind in ("wheel", "gguf"):
-        key = f"{spec.path.stem}-{_fingerprint(spec.path)}"
+        key = f"{spec.path.stem}-{_fingerprint(spec.path)}-v{CACHE_VERSION}"
         return _atomic_build(cache_dir() / "hf" / key, lambda tmp: _dequantise_gguf(spec.path, tmp))
     if spec.kind == "random":
         info = dict(spec.info)
-        key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps([info, CACHE_VERSION], sort_keys=True).encode()).hexdigest()[:12]
         return _atomic_build(cache_dir() / "hf" / f"{spec.name}-{key}", lambda tmp: _build_random(info, tmp))
     raise AssertionError(spec.kind)
 
@@ -149,6 +150,7 @@ def _dequantise_gguf(path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     config = loaded.config
@@ -164,6 +166,23 @@ def _dequantise_gguf(path: Path, out: Path) -> None:
     model.tie_weights()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    _restore_digit_split(path, out)
+
+
+def _restore_digit_split(gguf_path: Path, out: Path) -> None:
+    """transformers rebuilds a GGUF's tokenizer without llama.cpp's per-model pre-tokenizer steps. SmolLM's
+    (`tokenizer.ggml.pre = smollm`) splits every digit before the byte-level split; put that step back so
+    transformers tokenises exactly as llama.cpp does with the same file."""
+    from .export import read_gguf
+
+    if read_gguf(gguf_path).get("tokenizer.ggml.pre") != "smollm":
+        return
+    path = out / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    byte_level = spec["pre_tokenizer"]
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, byte_level]}
+    path.write_text(json.dumps(spec, ensure_ascii=False))
 
 
 def _build_random(info: dict, out: Path) -> None:

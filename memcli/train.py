@@ -299,6 +299,9 @@ class Trainer:
         if (self.out / "adapter").exists():
             shutil.rmtree(self.out / "adapter")
         os.replace(self.out / "adapter.tmp", self.out / "adapter")
+        from .export import export_adapter
+
+        export_adapter(self.out, self.out / "adapter.gguf", base=self.spec)  # ready for llama.cpp
         write_json(self.out / "summary.json", summary)
         return summary
 

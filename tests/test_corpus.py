@@ -127,3 +127,23 @@ def test_random_generator_round_trips(tiny_tokenizer):
     assert len(ids) == 300
     assert tiny_tokenizer.decode(ids) == row["matching"]
     assert row == generate_random_tokens(300, seed=4, tokenizer=tiny_tokenizer)
+
+
+def test_default_model_tokenises_like_llama_cpp_on_its_shipped_gguf():
+    """transformers' GGUF conversion drops SmolLM's digit split; memcli restores it, so the one tokenisation that
+    training uses is the one llama.cpp applies to the same file."""
+    from llama_cpp import Llama
+
+    from memcli import models
+
+    spec = models.resolve("smollm2-135m")
+    tokenizer = models.load_tokenizer(spec)
+    llama = Llama(str(spec.gguf_path), vocab_only=True, verbose=False)
+    texts = ["a  17 x 123", "Call 6123456789 or  42.", "  007 agents, 3.14159"]
+    for path in DATA.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            obj = json.loads(line)
+            texts += [v for k, v in obj.items() if k in ("query", "target", "question", "matching")]
+    for text in texts:
+        ours = tokenizer(text, add_special_tokens=False).input_ids
+        assert ours == llama.tokenize(text.encode(), add_bos=False, special=False), text
