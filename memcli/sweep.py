@@ -88,6 +88,7 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
         raise UserError(f"--executor must be local or ray, got '{executor}'")
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
+    ray_runner = _ray_runner(jobs) if executor == "ray" else None  # says how to install Ray before any work
     out.mkdir(parents=True, exist_ok=True)
     record = {"ranks": ranks, "answer_tokens": lengths, "settings": dataclasses.asdict(base)}
     (out / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
@@ -106,8 +107,8 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
         else:
             pending_cells.append((name, cfg))
 
-    if executor == "ray":
-        submit, wait = _ray_runner(jobs)
+    if ray_runner is not None:
+        submit, wait = ray_runner
         futures = {submit(dataclasses.asdict(cfg), str(out / name)): name for name, cfg in pending_cells}
         while futures:
             ref, summary = wait(futures)
