@@ -333,9 +333,10 @@ def bench_train_cmd(entries: int = typer.Option(32, help="PhoneBook entries."),
                     rank: int = 8, seed: int = 0,
                     max_epochs: int = typer.Option(400, help="Budget per method if recall never certifies."),
                     check_every: int = 5,
-                    throughput_steps: int = typer.Option(30, help="Timed steps per loop.")):
+                    throughput_steps: int = typer.Option(30, help="Timed steps per loop."),
+                    recall: bool = typer.Option(True, help="Run part (1), steps to recall per method.")):
     """Steps to certified recall for SFT / MemFT-OT / MemFT-SW, and memcli's loop against a bare PEFT loop."""
     from . import models
     from .bench_train import main
 
-    main(entries, model or models.DEFAULT_MODEL, rank, seed, max_epochs, check_every, throughput_steps)
+    main(entries, model or models.DEFAULT_MODEL, rank, seed, max_epochs, check_every, throughput_steps, recall)

@@ -218,6 +218,27 @@ class Trainer:
         return sliding_loss(ce, batch.mask, correct, [self.sliding[i] for i in idx], SlidingConfig()), hard
 
     # --- the loop ----------------------------------------------------------------------------------------
+    def train_step(self, step: int, epoch: int, idx: list[int]) -> dict:
+        """One optimiser step on the samples idx; returns its metrics row."""
+        t0 = time.perf_counter()
+        batch = lora.collate([self.examples[i] for i in idx], self.pad_id, self.device)
+        ce, correct = lora.answer_ce(self.model, batch)
+        loss, hard = self.objective(ce, correct, batch, idx)
+        if loss is not None:
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step = step
+        n_tok = int(batch.mask.sum())
+        return {"step": step, "epoch": epoch, "lr": lr, "objective": None if loss is None else round(loss.item(), 6),
+                "ce": round((ce.sum() / n_tok).item(), 6), "above": round(1 - hard / n_tok, 6), "hard_tokens": hard,
+                "answer_tokens": n_tok, "tokens_per_s": round(n_tok / (time.perf_counter() - t0), 1)}
+
     def run(self, progress=None) -> dict:
         cfg = self.cfg
         if self.resumed and (self.out / "summary.json").exists():
@@ -236,28 +257,9 @@ class Trainer:
             for step, epoch, idx in self.batches():
                 if step <= self.step:
                     continue
-                t0 = time.perf_counter()
-                batch = lora.collate([self.examples[i] for i in idx], self.pad_id, self.device)
-                ce, correct = lora.answer_ce(self.model, batch)
-                loss, hard = self.objective(ce, correct, batch, idx)
-                if loss is not None:
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}")
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                lr = self.scheduler.get_last_lr()[0]
-                self.scheduler.step()
-                self.step = step
-                n_tok = int(batch.mask.sum())
-                row = None
-                if step % cfg.log_every == 0 or step == self.total_steps:
-                    row = {"step": step, "epoch": epoch, "lr": lr,
-                           "objective": None if loss is None else round(loss.item(), 6),
-                           "ce": round((ce.sum() / n_tok).item(), 6),
-                           "above": round(1 - hard / n_tok, 6), "hard_tokens": hard, "answer_tokens": n_tok,
-                           "tokens_per_s": round(n_tok / (time.perf_counter() - t0), 1)}
+                row = self.train_step(step, epoch, idx)
+                if not (step % cfg.log_every == 0 or step == self.total_steps):
+                    row = None
                 checked = step % cfg.check_every == 0 or step == self.total_steps
                 if checked:
                     recall = lora.evaluate(self.model, self.examples, self.pad_id, self.device)
