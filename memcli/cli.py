@@ -340,3 +340,13 @@ def bench_train_cmd(entries: int = typer.Option(32, help="PhoneBook entries."),
     from .bench_train import main
 
     main(entries, model or models.DEFAULT_MODEL, rank, seed, max_epochs, check_every, throughput_steps, recall)
+
+
+@bench_app.command("export")
+@user_errors
+def bench_export_cmd(ranks: str = typer.Option("1,2,4,8,16,32,64", help="Comma-separated ranks."),
+                     outtype: str = "f32", model: Optional[str] = None, repeats: int = 3):
+    """Export time and adapter size per rank on the default placement."""
+    from .bench_export import bench_export, format_table
+
+    out_console.print(format_table(bench_export(tuple(parse_ints(ranks, "--ranks")), outtype, model, repeats)))
