@@ -317,6 +317,10 @@ def plan(
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
 app.add_typer(bench_app, name="bench")
 
+from .verify_cli import register as _register_verify  # noqa: E402  (verify and bench verify)
+
+_register_verify(app, bench_app)
+
 
 @bench_app.command("kernel")
 def bench_kernel_cmd(rows: int = 512, vocab: int = 49152, repeats: int = 5, threads: int = 0):

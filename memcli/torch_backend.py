@@ -1,0 +1,125 @@
+"""The PyTorch backend of `memcli verify`: the same per-token statistics from the HF weights with the PEFT
+adapter, in right-padded batches (`lora.collate` / `lora.answer_logits`: the output layer runs only at the
+positions that predict answer tokens). It cross-checks the llama.cpp backend, and serves GPU users whose
+llama.cpp build lacks GPU support.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .scoring import default_threads, score_logits
+from .verify import Generated, ScoredBatch
+
+
+def plan_padded(lengths: list[int], batch_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) groups whose padded size (entries x longest) stays within batch_tokens
+    (an entry longer than that is a group of its own)."""
+    groups, start, width = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start + 1) * max(width, n) > batch_tokens:
+            groups.append((start, i))
+            start, width = i, 0
+        width = max(width, n)
+    if lengths:
+        groups.append((start, len(lengths)))
+    return groups
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, spec, peft_dir: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
+                 dtype: str = "float32"):
+        import torch
+
+        from . import models
+        from .train import pick_device
+
+        self.device = pick_device(device)
+        self.threads = threads
+        if threads:
+            torch.set_num_threads(threads)
+        self.timings = {"load_s": 0.0, "pack_s": 0.0, "decode_s": 0.0, "score_s": 0.0, "decodes": 0}
+        t0 = time.perf_counter()
+        model, self.tokenizer = models.load_model(spec, dtype, self.device)
+        self.spec, self.peft_dir, self.dtype = spec, Path(peft_dir) if peft_dir else None, dtype
+        if self.peft_dir is not None:
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, self.peft_dir)
+            except (RuntimeError, ValueError, KeyError, OSError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"the adapter {self.peft_dir} does not fit the model {spec.name} ({first})") from None
+        self.model = model.eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.n_ctx_train = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.timings["load_s"] = time.perf_counter() - t0
+
+    def open(self, examples, batch_tokens: int = 2048) -> None:
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        top = max(max(ex.target_ids) for ex in examples)
+        if top >= vocab:
+            raise UserError(f"token id {top} is outside the vocabulary of {self.spec.name} ({vocab} tokens)")
+        self.plan = plan_padded([len(ex) for ex in examples], batch_tokens)
+
+    def score(self, examples, batch_tokens: int = 2048):
+        import torch
+
+        from .lora import answer_logits, collate
+
+        threads = self.threads or default_threads()
+        for start, end in self.plan:
+            group = examples[start:end]
+            t0 = time.perf_counter()
+            batch = collate(group, self.pad_id, self.device)
+            self.timings["pack_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                logits = answer_logits(self.model, batch)[batch.mask]  # [answer tokens, V], entry order
+                targets = batch.targets[batch.mask]
+            if self.device != "cpu":
+                torch.cuda.synchronize()
+            self.timings["decode_s"] += time.perf_counter() - t0
+            self.timings["decodes"] += 1
+            t0 = time.perf_counter()
+            stats = score_logits(logits, targets, threads=threads)
+            self.timings["score_s"] += time.perf_counter() - t0
+            lengths = np.array([len(ex.target_ids) for ex in group], dtype=np.int64)
+            yield ScoredBatch(np.arange(start, end), lengths, targets.cpu().numpy(), stats)
+
+    def generate(self, examples, indices: list[int]) -> list[Generated]:
+        """Greedy decoding with transformers' `generate` (do_sample=False), one entry at a time, compared
+        token by token with the target."""
+        import torch
+
+        results = []
+        for i in indices:
+            ex = examples[i]
+            prompt = torch.tensor([ex.prompt_ids], device=self.device)
+            with torch.no_grad():
+                out = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                          max_new_tokens=len(ex.target_ids), do_sample=False, num_beams=1,
+                                          pad_token_id=self.tokenizer.eos_token_id)
+            tokens = out[0, len(ex.prompt_ids):].tolist()
+            divergence = next((t for t, (a, b) in enumerate(zip(tokens, ex.target_ids)) if a != b), None)
+            if divergence is None and len(tokens) < len(ex.target_ids):
+                divergence = len(tokens)  # generation stopped early (EOS)
+            keep = tokens if divergence is None else tokens[: divergence + 1]
+            results.append(Generated(i, keep, divergence))
+        return results
+
+    def describe(self) -> dict:
+        import torch
+
+        return {"name": "torch", "torch": str(torch.__version__), "model": self.spec.name, "device": self.device,
+                "dtype": self.dtype, "adapter": str(self.peft_dir) if self.peft_dir else None,
+                "threads": torch.get_num_threads(), "batches": len(getattr(self, "plan", []))}
+
+    def close(self) -> None:
+        self.model = None

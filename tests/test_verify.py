@@ -1,0 +1,346 @@
+"""`memcli verify`: verdict logic on hand-built statistics and logits, then both backends on a briefly trained
+tiny run (teacher-forced verdicts against real greedy generation, packing invariance, backend agreement), the
+report folder, and bad input with exit codes."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from memcli import corpus, models
+from memcli.scoring import TokenStats, score_logits
+from memcli.verify import (EntryVerdict, Generated, Totals, VerifyOptions, compare_generation, entry_verdict,
+                           generation_sample, verdicts, verify)
+from memcli.verify_cli import register
+
+
+def stats_of(prob, argmax, margin, logprob=None):
+    prob = np.asarray(prob, dtype=np.float64)
+    n = len(prob)
+    return TokenStats(logprob=np.log(prob) if logprob is None else np.asarray(logprob, dtype=np.float64),
+                      prob=prob, argmax=np.asarray(argmax, dtype=np.int64), target_logit=np.zeros(n),
+                      best_other=-np.asarray(margin, dtype=np.float64), margin=np.asarray(margin, dtype=np.float64),
+                      rank=np.zeros(n, dtype=np.int64))
+
+
+# --- verdict logic, no model ------------------------------------------------------------------------------
+
+def test_p_exactly_one_half_is_exact_but_not_certified():
+    v = entry_verdict(stats_of([0.9, 0.5, 0.8], [7, 8, 9], [3.0, 0.2, 2.0]), [7, 8, 9])
+    assert v.exact and not v.certified
+    assert v.at_risk  # exact, but a token at p <= 0.5
+    assert v.sub_threshold == [1] and v.wrong_argmax == []
+    assert v.first_failure is None and v.token_accuracy == 1.0
+    assert v.min_p == 0.5 and v.min_p_position == 1
+    assert v.min_margin == pytest.approx(0.2) and v.min_margin_position == 1
+    assert v.ce == pytest.approx(-(math.log(0.9) + math.log(0.5) + math.log(0.8)) / 3)
+
+
+def test_just_above_one_half_everywhere_is_certified():
+    v = entry_verdict(stats_of([0.5000001, 0.99], [1, 2], [1.5, 4.0]), [1, 2])
+    assert v.exact and v.certified and not v.at_risk and v.sub_threshold == []
+
+
+def test_small_margin_puts_an_exact_certified_entry_at_risk():
+    v = entry_verdict(stats_of([0.6, 0.99], [1, 2], [0.4, 4.0]), [1, 2], risk_margin=1.0)
+    assert v.exact and v.certified and v.at_risk
+    assert not entry_verdict(stats_of([0.6, 0.99], [1, 2], [0.4, 4.0]), [1, 2], risk_margin=0.3).at_risk
+
+
+def test_first_failure_and_token_accuracy():
+    targets = [5, 6, 7, 8]
+    v = entry_verdict(stats_of([0.9, 0.4, 0.3, 0.2], [5, 6, 1, 2], [2, 0.1, -1, -2]), targets)
+    assert not v.exact and not v.certified and not v.at_risk  # at risk is about exact entries
+    assert v.first_failure == 2 and v.token_accuracy == 0.5 and v.greedy_correct == 2
+    assert v.wrong_argmax == [2, 3] and v.sub_threshold == [1, 2, 3]
+    assert v.predicted == 1
+
+
+@pytest.mark.parametrize("impl", ["numpy", "native"])
+def test_ties_on_hand_built_logits_follow_the_lowest_id(impl):
+    """At an exact tie the argmax is the lowest id: a target tied with a lower id is a greedy miss, tied with a
+    higher id a greedy hit; either way p = 0.5 exactly (two-way tie), so never certified, margin 0."""
+    if impl == "native":
+        pytest.importorskip("memcli._native")
+    logits = np.array([[0.0, 0.0, -np.inf], [0.0, 0.0, -np.inf]], dtype=np.float32)
+    hit = score_logits(logits[:1], np.array([0]), impl=impl)
+    miss = score_logits(logits[1:], np.array([1]), impl=impl)
+    vh, vm = entry_verdict(hit, [0]), entry_verdict(miss, [1])
+    assert hit.prob[0] == 0.5 and miss.prob[0] == 0.5
+    assert vh.exact and not vh.certified and vh.at_risk and vh.min_margin == 0.0
+    assert not vm.exact and vm.first_failure == 0 and vm.predicted == 0
+    # p just above 0.5 on real logits: certified
+    up = score_logits(np.array([[0.001, 0.0, -np.inf]], dtype=np.float32), np.array([0]), impl=impl)
+    assert entry_verdict(up, [0]).certified
+
+
+def test_block_verdicts_equal_per_entry_verdicts_and_nan_rows_fail():
+    rng = np.random.default_rng(0)
+    lengths = [1, 4, 3, 7, 1]
+    vocab = 11
+    logits = rng.standard_normal((sum(lengths), vocab)).astype(np.float32) * 3
+    targets = rng.integers(0, vocab, sum(lengths))
+    targets[:5] = logits[:5].argmax(1)  # some exact entries
+    logits[9, 3] = np.nan  # an invalid row in the fourth entry
+    stats = score_logits(logits, targets, impl="numpy")
+    block = verdicts(stats, targets, lengths, indices=[10, 11, 12, 13, 14])
+    start = 0
+    for k, n in enumerate(lengths):
+        sl = slice(start, start + n)
+        one = entry_verdict(TokenStats(**{f: getattr(stats, f)[sl] for f in stats.__dataclass_fields__}),
+                            targets[sl])
+        assert block[k].index == 10 + k
+        for field in ("exact", "certified", "at_risk", "first_failure", "sub_threshold", "wrong_argmax",
+                      "min_p_position", "min_margin_position", "predicted"):
+            assert getattr(block[k], field) == getattr(one, field), field
+        start += n
+    assert block[0].exact and block[1].exact
+    nan_entry = block[3]
+    assert not nan_entry.exact and not nan_entry.certified and 9 - 8 in nan_entry.sub_threshold
+    assert math.isnan(nan_entry.min_p) and nan_entry.min_p_position == 1
+
+
+def test_totals_and_generation_comparison():
+    vs = [entry_verdict(stats_of([0.9, 0.8], [1, 2], [2, 2]), [1, 2]),
+          entry_verdict(stats_of([0.9, 0.4], [1, 5], [2, -1]), [1, 2]),
+          entry_verdict(stats_of([0.9, 0.5], [1, 2], [2, 0.0]), [1, 2])]
+    for i, v in enumerate(vs):
+        v.index = i
+    totals = Totals()
+    for i, v in enumerate(vs):
+        totals.add(v, line=i + 1)
+    s = totals.summary()
+    assert s["exact"] == 2 and s["certified"] == 1 and s["at_risk"] == 1
+    assert s["exact_match_rate"] == pytest.approx(2 / 3) and s["token_accuracy"] == pytest.approx(5 / 6)
+    assert s["failing_lines"] == [2] and s["at_risk_lines"] == [3]
+    gen = [Generated(0, [1, 2], None), Generated(1, [1, 5], 1), Generated(2, [1, 9], 1)]
+    cmp = compare_generation(gen, dict(enumerate(vs)), [1, 2, 3])
+    assert cmp["agree"] == 2 and len(cmp["disagreements"]) == 1
+    assert cmp["disagreements"][0]["tie"] and cmp["unexplained"] == 0  # entry 3 is a tie at position 1
+    assert generation_sample(10, 3) == [0, 4, 9] and generation_sample(3, 10) == [0, 1, 2]
+
+
+# --- the tiny model, briefly trained ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(pb8, tmp_path_factory):
+    """A tiny run trained for a few steps on pb8: some entries recalled, some not."""
+    from memcli.train import TrainConfig, Trainer
+
+    run = tmp_path_factory.mktemp("verify") / "run"
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=40, lr=0.02, check_every=1000)
+    Trainer(cfg, run, log=lambda m: None).run()
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_run, tmp_path_factory):
+    """The run's adapter GGUF on its own (no run folder beside it)."""
+    from memcli.export import export_adapter
+
+    path = tmp_path_factory.mktemp("gguf") / "adapter.gguf"
+    if (tiny_run / "adapter.gguf").exists():  # train writes it
+        shutil.copy(tiny_run / "adapter.gguf", path)
+    else:
+        export_adapter(tiny_run, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_examples(pb8, tiny_tokenizer):
+    return corpus.load_examples(pb8, tiny_tokenizer)
+
+
+def collect(backend, examples, batch_tokens):
+    """{entry index: (verdict, probabilities)} from a backend's teacher-forced pass."""
+    backend.open(examples, batch_tokens)
+    result = {}
+    for b in backend.score(examples, batch_tokens):
+        offset = 0
+        for v in verdicts(b.stats, b.targets, b.lengths, b.indices):
+            result[v.index] = (v, b.stats.prob[offset: offset + v.answer_tokens].copy())
+            offset += v.answer_tokens
+    return result
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_gguf):
+    from memcli.export import base_gguf
+    from memcli.llama_backend import LlamaBackend
+
+    backend = LlamaBackend(base_gguf(models.resolve("tiny")), tiny_gguf, threads=1, kv_type="f32")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def torch_backend(tiny_run):
+    from memcli.torch_backend import TorchBackend
+
+    return TorchBackend(models.resolve("tiny"), tiny_run / "adapter", device="cpu", threads=1)
+
+
+def test_llama_teacher_forced_verdicts_equal_greedy_generation(llama, tiny_examples):
+    tf = collect(llama, tiny_examples, 2048)
+    exact = sum(v.exact for v, _ in tf.values())
+    assert 0 < exact < len(tiny_examples)  # entries learned and entries not learned
+    generated = llama.generate(tiny_examples, list(range(len(tiny_examples))))
+    for g in generated:
+        v = tf[g.index][0]
+        assert g.first_divergence == v.first_failure, (g, v)
+        assert g.tokens[: v.greedy_correct] == list(tiny_examples[g.index].target_ids[: v.greedy_correct])
+        if not v.exact:
+            assert g.tokens[-1] == v.predicted  # the same wrong token
+
+
+def test_torch_teacher_forced_verdicts_equal_greedy_generation(torch_backend, tiny_examples):
+    tf = collect(torch_backend, tiny_examples, 2048)
+    assert 0 < sum(v.exact for v, _ in tf.values()) < len(tiny_examples)
+    for g in torch_backend.generate(tiny_examples, list(range(len(tiny_examples)))):
+        v = tf[g.index][0]
+        assert g.first_divergence == v.first_failure, (g, v)
+
+
+def test_packing_does_not_change_verdicts_or_probabilities(llama, torch_backend, tiny_examples):
+    reference = collect(llama, tiny_examples, 2048)  # all 8 entries in one batch
+    reversed_examples = tiny_examples[::-1]
+    n = len(tiny_examples)
+    for backend in (llama, torch_backend):
+        # one entry per batch; 7 tokens: every entry is split over several decodes (llama.cpp); reversed order
+        for examples, batch_tokens in ((tiny_examples, 16), (tiny_examples, 7), (reversed_examples, 40)):
+            got = collect(backend, examples, batch_tokens)
+            for i, (v, p) in got.items():
+                j = i if examples is tiny_examples else n - 1 - i
+                ref_v, ref_p = reference[j]
+                assert (v.exact, v.certified, v.first_failure, v.sub_threshold) == \
+                    (ref_v.exact, ref_v.certified, ref_v.first_failure, ref_v.sub_threshold), (backend.name, i)
+                np.testing.assert_allclose(p, ref_p, rtol=0, atol=3e-3)
+    assert len(llama.plan) > 1
+
+
+def test_backends_agree_on_a_trained_tiny_run(tiny_run, pb8, tmp_path):
+    reports = {}
+    for backend in ("llama", "torch"):
+        opts = VerifyOptions(backend=backend, threads=1, kv_type="f32", min_exact=0.0, generate=3)
+        reports[backend] = verify(pb8, tmp_path / backend, lora=tiny_run, options=opts, log=lambda m: None)
+        assert reports[backend]["generation"]["agree"] == 3
+    rows = {b: [json.loads(x) for x in (tmp_path / b / "entries.jsonl").read_text().splitlines()] for b in reports}
+    assert [r["line"] for r in rows["llama"]] == list(range(1, 9))
+    for a, b in zip(rows["llama"], rows["torch"]):
+        assert (a["exact"], a["certified"], a["first_failure"]) == (b["exact"], b["certified"], b["first_failure"])
+        assert a["min_p"] == pytest.approx(b["min_p"], abs=3e-3)  # see the packing test on tolerance
+    t = reports["llama"]["totals"]
+    assert t == {**t, **{k: reports["torch"]["totals"][k] for k in ("exact", "certified", "at_risk")}}
+    assert t["mean_ce"] == pytest.approx(reports["torch"]["totals"]["mean_ce"], rel=1e-3)
+    # the report folder
+    assert {p.name for p in (tmp_path / "llama").iterdir()} == {"report.json", "entries.jsonl",
+                                                                 "target_probability.png"}
+    report = json.loads((tmp_path / "llama" / "report.json").read_text())
+    assert report["settings"]["backend"] == "llama" and report["backend"]["n_seq_max"] == 8
+    assert report["timings"]["decode_s"] > 0 and report["tokenizer_check"]["mismatches"] == 0
+    failing = [r for r in rows["llama"] if not r["exact"]]
+    assert failing and all(r["at_failure"]["expected_text"].isdigit() for r in failing)
+
+
+# --- the command: exit codes and bad input ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli():
+    app = typer.Typer()
+    bench = typer.Typer()
+    app.add_typer(bench, name="bench")
+    register(app, bench)
+
+    def invoke(*args):
+        return CliRunner().invoke(app, ["verify", *map(str, args)], catch_exceptions=False)
+    return invoke
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_exit_codes_follow_the_exact_match_rate(cli, tiny_gguf, pb8, tmp_path):
+    common = ["--threads", "1", "--kv-type", "f32"]
+    passed = cli(pb8, "--lora", tiny_gguf, "--out", tmp_path / "a", "--min-exact", "0.25", *common)
+    assert passed.exit_code == 0, passed.output
+    assert "exact match" in passed.stdout and "PASS" in passed.stdout
+    failed = cli(pb8, "--lora", tiny_gguf, "--out", tmp_path / "a", *common)  # replaces the earlier report
+    assert failed.exit_code == 1 and "FAIL" in failed.stdout and "not recalled" in failed.stdout
+    assert (tmp_path / "a" / "report.json").exists() and leftovers(tmp_path) == []
+
+
+def test_bad_input_exits_2_and_writes_nothing(cli, tiny_run, tiny_gguf, pb8, tmp_path):
+    bad_corpus = tmp_path / "bad.jsonl"
+    bad_corpus.write_text('{"query": "A:", "target": "1"}\n{"query": oops}\n')
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(tiny_gguf, lone / "adapter.gguf")
+    not_a_report = tmp_path / "notes"
+    not_a_report.mkdir()
+    (not_a_report / "keep.txt").write_text("mine")
+    cases = [
+        ([bad_corpus, "--lora", tiny_gguf], "bad.jsonl:2: malformed JSON"),
+        ([pb8, "--lora", tmp_path / "missing"], "does not exist"),
+        ([pb8, "--lora", tiny_gguf, "--model", "smollm2-135m"], "was trained for tiny"),
+        ([pb8, "--lora", lone / "adapter.gguf", "--backend", "torch"], "needs the PEFT adapter"),
+        ([pb8, "--lora", tiny_run, "--backend", "vllm"], "--backend must be one of"),
+        ([pb8, "--lora", tiny_run, "--min-exact", "2"], "--min-exact"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        result = cli(*args, "--out", out, "--threads", "1")
+        assert result.exit_code == 2, (args, result.output)
+        assert message in " ".join(result.stderr.split()), (message, result.stderr)
+        assert not out.exists() and leftovers(tmp_path) == []
+    result = cli(pb8, "--lora", tiny_gguf, "--out", not_a_report)
+    assert result.exit_code == 2 and "not a verify report" in result.stderr
+    assert [p.name for p in not_a_report.iterdir()] == ["keep.txt"]
+
+
+def test_too_long_for_the_context_is_refused(tiny_gguf, tmp_path, tiny_tokenizer):
+    from memcli.corpus import generate_random_tokens
+
+    long_value = generate_random_tokens(4200, 0, tiny_tokenizer)  # tiny's context is 4096
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps(long_value) + "\n")
+    with pytest.raises(Exception) as e:
+        verify(path, tmp_path / "out", lora=tiny_gguf, options=VerifyOptions(threads=1), log=lambda m: None)
+    assert "longer than the model's context of 4096" in str(e.value) and "long.jsonl:1" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    # --answer-tokens verifies a prefix that fits
+    report = verify(path, tmp_path / "out", lora=tiny_gguf, log=lambda m: None,
+                    options=VerifyOptions(threads=1, answer_tokens=300, min_exact=0.0))
+    assert report["totals"]["answer_tokens"] == 300 and report["totals"]["entries"] == 1
+
+
+def test_a_bare_peft_folder_finds_its_base_model(tiny_run, pb8, tmp_path):
+    peft = tmp_path / "peft"
+    shutil.copytree(tiny_run / "adapter", peft)
+    for backend in ("torch", "llama"):
+        report = verify(pb8, tmp_path / backend, lora=peft, log=lambda m: None,
+                        options=VerifyOptions(backend=backend, threads=1, min_exact=0.0))
+        assert report["settings"]["model"] == "tiny"
+        assert 0 < report["totals"]["exact"] < 8
+
+
+def test_bench_verify_runs_side_by_side(cli, tiny_run, pb8, tmp_path):
+    """A smoke test of `memcli bench verify` (its numbers are the benchmark's business, not a test's)."""
+    app = typer.Typer()
+    bench = typer.Typer()
+    app.add_typer(bench, name="bench")
+    register(app, bench)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "verify", str(pb8), "--lora", str(tiny_run), "--threads", "1",
+                                      "--baseline-entries", "2", "--skip", "kernel,memory", "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert results["a"]["entries"] == 8 and results["b"]["entries"] == 2 and results["c"]["entries"] == 2
+    for k in ("b", "c", "d"):
+        assert results[k]["agree"] == results[k]["compared"], k
+    assert "(scaled)" in result.stdout
