@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
@@ -151,6 +152,8 @@ def _dequantise_gguf(path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    print(f"memcli: first use of {path.name}: dequantising it for torch into {cache_dir() / 'hf'} "
+          "(about a minute, once)", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     config = loaded.config
