@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -10,31 +9,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from .errors import UserError
+from .terminal import console, out_console, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Memorise a corpus into a LoRA adapter (MemFT), verify verbatim recall, plan adapter capacity.")
 data_app = typer.Typer(no_args_is_help=True, help="Generate benchmark corpora.")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-out_console = Console()
-
-
-def user_errors(fn):
-    """Bad input ends in one clear line on stderr and exit code 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-    return wrapper
-
-
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

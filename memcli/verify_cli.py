@@ -4,32 +4,14 @@ on an app of their own."""
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from .errors import UserError
-
-console = Console(stderr=True)
-out_console = Console()
-
-
-def _user_errors(fn):
-    """Bad input ends in one clear line on stderr and exit code 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-    return wrapper
-
+from .terminal import console, out_console, user_errors
 
 def _progress():
     """(callback(done, total), close): a Rich bar on a terminal, a plain line per ~10 % otherwise."""
@@ -80,7 +62,8 @@ def summary_table(report: dict):
         table.add_row("packing + scoring + report / decode", f"{tm['overhead_vs_decode']:.1%}")
     gen = report.get("generation")
     if gen:
-        table.add_row("greedy generation agrees", f"{gen['agree']}/{gen['entries']}")
+        extra = f" ({gen['ties']} ties, {gen['near_ties']} near ties)" if gen["disagreements"] else ""
+        table.add_row("greedy generation agrees", f"{gen['agree']}/{gen['entries']}{extra}")
     check = report.get("tokenizer_check")
     if check and check["mismatches"]:
         table.add_row("llama.cpp tokenises differently", f"{check['mismatches']:,} entries")
@@ -113,9 +96,11 @@ def verify_command(corpus: Path, lora: Optional[Path], model: Optional[str], out
         more = " ..." if t["at_risk"] > len(t["at_risk_lines"]) else ""
         out_console.print(f"at risk: lines {', '.join(map(str, t['at_risk_lines']))}{more}", highlight=False)
     for d in (report.get("generation") or {}).get("disagreements", []):
+        kind = "exact logit tie" if d["tie"] else "near tie" if d["near_tie"] else "NOT a tie"
         out_console.print(f"generation disagrees at line {d['line']}: teacher-forced first failure "
-                          f"{d['teacher_forced_first_failure']}, generation {d['generated_first_divergence']}"
-                          f"{' (exact logit tie)' if d['tie'] else ''}", highlight=False)
+                          f"{d['teacher_forced_first_failure']}, generation {d['generated_first_divergence']}; at "
+                          f"position {d['position']} the margins are {d['teacher_forced_margin']} (teacher-forced) "
+                          f"and {d['generated_margin']} (generation): {kind}", highlight=False)
     verdict = "PASS" if report["passed"] else "FAIL"
     out_console.print(f"[bold]{verdict}[/]: exact match {t['exact_match_rate']:.2%} (required {min_exact:.2%}). "
                       f"Report: {out}/report.json, {out}/entries.jsonl", highlight=False)
@@ -126,7 +111,7 @@ def register(app: typer.Typer, bench_app: typer.Typer | None = None) -> None:
     """Add `verify` to app and, when given, `verify` to the `bench` group."""
 
     @app.command()
-    @_user_errors
+    @user_errors
     def verify(
         corpus: Path = typer.Argument(..., help="Corpus to verify (the formats `train` reads)."),
         lora: Optional[Path] = typer.Option(None, "--lora", help="Run folder, PEFT adapter folder or adapter .gguf. "
@@ -162,7 +147,7 @@ def register(app: typer.Typer, bench_app: typer.Typer | None = None) -> None:
 
     if bench_app is not None:
         @bench_app.command("verify")
-        @_user_errors
+        @user_errors
         def bench_verify(
             corpus: Path = typer.Argument(..., help="Corpus to verify."),
             lora: Optional[Path] = typer.Option(None, "--lora", help="Run folder (or PEFT folder / .gguf) to "

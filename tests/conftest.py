@@ -27,7 +27,7 @@ def pb8(tmp_path_factory) -> Path:
     return path
 
 
-def run_cli(*args) -> "Result":
+def run_cli(*args):
     """memcli in-process (fast); returns click's Result with exit_code, stdout and stderr."""
     from memcli.cli import app
 

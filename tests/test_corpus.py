@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import DATA
-from memcli.corpus import (RANDOM_KEY, Entry, answer_tokens, check_context, generate_phonebook,
+from memcli.corpus import (RANDOM_KEY, Entry, answer_tokens, generate_phonebook,
                            generate_random_tokens, load_examples, read_corpus, select_prefix, tokenize)
 from memcli.errors import UserError
 from memcli.lora import collate
