@@ -82,6 +82,16 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int, max_seqs: int) -> list[
     return groups
 
 
+def _margins(rows: np.ndarray, targets: list[int]) -> np.ndarray:
+    """Target logit minus the best other logit, per row (float64)."""
+    r = np.arange(len(targets))
+    t = np.asarray(targets)
+    target = rows[r, t].astype(np.float64)
+    others = rows.copy()
+    others[r, t] = -np.inf
+    return target - others.max(axis=1).astype(np.float64)
+
+
 class LlamaBackend:
     name = "llama"
 
@@ -260,6 +270,7 @@ class LlamaBackend:
     def _generate_group(self, group, indices) -> list[Generated]:
         k = len(group)
         generated: list[list[int]] = [[] for _ in range(k)]
+        margins: list[list[float]] = [[] for _ in range(k)]
         divergence: list[int | None] = [None] * k
         # The prompts, packed; the logits of each prompt's last token only.
         prompt_tokens = [list(ex.prompt_ids) for ex in group]
@@ -267,10 +278,12 @@ class LlamaBackend:
         active = list(range(k))
         while active:
             next_ids = rows.argmax(axis=1)  # top-1; the first (lowest) id on a tie
+            step_margin = _margins(rows, [group[j].target_ids[len(generated[j])] for j in active])
             feed = []
-            for j, tok in zip(active, next_ids.tolist()):
+            for j, tok, m in zip(active, next_ids.tolist(), step_margin.tolist()):
                 t = len(generated[j])
                 generated[j].append(tok)
+                margins[j].append(m)
                 target = group[j].target_ids
                 if tok != target[t]:
                     divergence[j] = t
@@ -280,7 +293,7 @@ class LlamaBackend:
             if feed:
                 rows = self._feed(feed)
         self.clear()
-        return [Generated(i, generated[j], divergence[j]) for j, i in enumerate(indices)]
+        return [Generated(i, generated[j], divergence[j], margins[j]) for j, i in enumerate(indices)]
 
     def _feed(self, items: list[tuple[int, int, list[int]]]) -> np.ndarray:
         """Decode (seq, first position, tokens) items; a copy of the logits of each item's last token."""

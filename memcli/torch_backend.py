@@ -105,13 +105,20 @@ class TorchBackend:
             with torch.no_grad():
                 out = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                           max_new_tokens=len(ex.target_ids), do_sample=False, num_beams=1,
-                                          pad_token_id=self.tokenizer.eos_token_id)
-            tokens = out[0, len(ex.prompt_ids):].tolist()
+                                          pad_token_id=self.tokenizer.eos_token_id, output_logits=True,
+                                          return_dict_in_generate=True)
+            tokens = out.sequences[0, len(ex.prompt_ids):].tolist()
+            logits = torch.cat(out.logits).float().cpu().numpy()  # [steps, V], the raw logits of each step
+            targets = list(ex.target_ids[: len(logits)])
+            rows = np.arange(len(targets))
+            target_logit = logits[rows, targets].astype(np.float64)
+            logits[rows, targets] = -np.inf
+            margins = (target_logit - logits[rows].max(axis=1)).tolist()
             divergence = next((t for t, (a, b) in enumerate(zip(tokens, ex.target_ids)) if a != b), None)
             if divergence is None and len(tokens) < len(ex.target_ids):
                 divergence = len(tokens)  # generation stopped early (EOS)
             keep = tokens if divergence is None else tokens[: divergence + 1]
-            results.append(Generated(i, keep, divergence))
+            results.append(Generated(i, keep, divergence, margins[: len(keep)]))
         return results
 
     def describe(self) -> dict:

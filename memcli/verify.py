@@ -14,9 +14,11 @@ Per entry (`EntryVerdict`, computed by `verdicts` from the per-token statistics 
 - first failure: the first position whose argmax is wrong (None when exact); token accuracy = first failure / l
   (1 when exact): the share of the value greedy decoding gets right before it derails.
 - min p, min margin (target logit minus the best other logit; > 0 wins outright, 0 ties), the sub-threshold
-  positions (p <= 0.5) and the wrong-argmax positions.
+  positions (p <= 0.5), the wrong-argmax positions and the low-margin positions (margin < risk_margin).
 - at risk: exact, but with a margin under `risk_margin` (default 1.0 logit) or some p <= 0.5: entries that a
-  quantised base or another runtime may lose.
+  quantised base or another runtime may lose. llama.cpp itself moves logits with the number of tokens in a
+  decode (on the Q4_1 default model, margins of a packed pass and of one-entry decodes differ by 0.07 logits on
+  average, up to ~0.5), so a margin under ~0.5 is not a stable verdict even within one runtime.
 
 Totals (`Totals`): exact-match rate, certified rate, token accuracy (greedy-correct tokens over all answer
 tokens), mean answer CE, at-risk count. The report folder (`ReportWriter`), written under a temporary name and
@@ -78,6 +80,7 @@ class EntryVerdict:
     ce: float  # mean answer-token cross-entropy (nats)
     sub_threshold: list[int]  # positions with p <= 0.5
     wrong_argmax: list[int]  # positions whose teacher-forced argmax is not the target
+    low_margin: list[int]  # positions whose margin is below the risk margin (wrong ones included)
     predicted: int | None  # the greedy token at the first failure
 
     @property
@@ -112,9 +115,11 @@ def verdicts(stats: TokenStats, targets, lengths, indices=None,
     ce_sum = np.add.reduceat(-stats.logprob, starts)
     wrong_pos = np.flatnonzero(wrong)
     sub_pos = np.flatnonzero(sub)
+    low_pos = np.flatnonzero(~(stats.margin >= risk_margin))
     entry_of = np.repeat(np.arange(len(lengths)), lengths)
     wrong_split = np.split(wrong_pos, np.searchsorted(wrong_pos, starts[1:]))
     sub_split = np.split(sub_pos, np.searchsorted(sub_pos, starts[1:]))
+    low_split = np.split(low_pos, np.searchsorted(low_pos, starts[1:]))
     # argmin within each segment: the first row reaching the segment minimum
     p_at_min = np.flatnonzero(p_key == min_p[entry_of])
     m_at_min = np.flatnonzero(m_key == min_margin[entry_of])
@@ -137,6 +142,7 @@ def verdicts(stats: TokenStats, targets, lengths, indices=None,
             min_margin=float(stats.margin[m_first[k]]), min_margin_position=int(m_first[k]) - s,
             ce=float(ce_sum[k]) / n,
             sub_threshold=(sub_split[k] - s).tolist(), wrong_argmax=(w - s).tolist(),
+            low_margin=(low_split[k] - s).tolist(),
             predicted=None if first is None else int(stats.argmax[s + first]),
         ))
     return out
@@ -219,19 +225,17 @@ class Generated:
     margins: list[float] = field(default_factory=list)  # per step: target logit - best other logit
 
 
-NEAR_TIE = 0.1  # logits: both passes this close to a tie count as a near tie (runtime numerics can flip it)
-
-
 def compare_generation(generated: list[Generated], teacher_forced: dict[int, tuple[EntryVerdict, np.ndarray]],
-                       lines: list[int]) -> dict:
+                       lines: list[int], near: float = DEFAULT_RISK_MARGIN) -> dict:
     """Agreement of generation with the teacher-forced verdicts: same exactness and the same first failure.
 
     teacher_forced: entry index -> (verdict, per-position margins). Each disagreement names the position where
     the two first differ and both margins there (teacher-forced, generated). `tie`: one of them is exactly 0
-    (the lowest-id rule decided). `near_tie`: both are within NEAR_TIE of 0: llama.cpp's logits depend on the
-    batch they are computed in (kernels chosen by batch size, KV layout) by a few hundredths of a logit on a
-    quantised base, so a batched teacher-forced pass and one-token-at-a-time generation can split such a call.
-    Anything else is `unexplained`."""
+    (the lowest-id rule decided). `near_tie`: both are within `near` (the risk margin) of 0. llama.cpp's logits
+    depend on how many tokens a decode holds (its CPU kernels change with the batch size): on the Q4_1 default
+    model the margins of a packed pass and of one-entry decodes differ by 0.07 logits on average, up to ~0.5, so
+    a batched teacher-forced pass and one-token-at-a-time generation can split such a close call; that is what
+    the at-risk flag is for. Anything else is `unexplained`."""
     disagreements = []
     for g in generated:
         v, margins = teacher_forced[g.index]
@@ -245,7 +249,7 @@ def compare_generation(generated: list[Generated], teacher_forced: dict[int, tup
             "line": lines[g.index], "teacher_forced_first_failure": v.first_failure,
             "generated_first_divergence": g.first_divergence, "position": pos,
             "teacher_forced_margin": _round(tf), "generated_margin": _round(gen),
-            "tie": tie, "near_tie": not tie and abs(tf) < NEAR_TIE and abs(gen) < NEAR_TIE,
+            "tie": tie, "near_tie": not tie and abs(tf) < near and abs(gen) < near,
         })
     return {"entries": len(generated), "agree": len(generated) - len(disagreements),
             "disagreements": disagreements,
@@ -319,7 +323,7 @@ class ProbabilityPlot:
             grid = np.full(rows * width, np.nan, dtype=np.float32)
             grid[: len(p)] = p
             grid = grid.reshape(rows, width)
-            ylabel, xlabel = f"answer position, rows of {width}", f"answer position mod {width}"
+            ylabel, xlabel = f"answer position (rows of {width})", "+ offset in the row"
         else:
             width = max(len(p) for p in self.kept)
             grid = np.full((len(self.kept), width), np.nan, dtype=np.float32)
@@ -334,6 +338,11 @@ class ProbabilityPlot:
             ax.scatter(stubborn[:, 1], stubborn[:, 0], s=6, marker="x", c="black", linewidths=0.6,
                        label="p <= 0.5")
             ax.legend(loc="upper right", fontsize=8)
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(self.kept) == 1:
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{int(y) * width}"))
         fig.colorbar(im, ax=ax, label="target probability p")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -417,7 +426,7 @@ def entry_row(v: EntryVerdict, line: int, key: str, tokenizer=None, target_ids=N
            "token_accuracy": round(v.token_accuracy, 6), "min_p": _round(v.min_p),
            "min_p_position": v.min_p_position, "min_margin": _round(v.min_margin, 4),
            "min_margin_position": v.min_margin_position, "mean_ce": _round(v.ce),
-           "sub_threshold": v.sub_threshold, "wrong_argmax": v.wrong_argmax}
+           "sub_threshold": v.sub_threshold, "wrong_argmax": v.wrong_argmax, "low_margin": v.low_margin}
     if v.first_failure is not None and target_ids is not None:
         expected = int(target_ids[v.first_failure])
         row["at_failure"] = {"expected": expected, "greedy": v.predicted}
@@ -493,8 +502,7 @@ def _gguf_is_stale(src: AdapterSource) -> bool:
     """RUN/adapter.gguf older than RUN/adapter/ (training resumed after the export)."""
     if src.gguf is None or src.peft_dir is None or src.gguf == src.given:
         return False
-    weights = [p for p in src.peft_dir.glob("adapter_model.*")]
-    return any(p.stat().st_mtime > src.gguf.stat().st_mtime for p in weights)
+    return any(p.stat().st_mtime > src.gguf.stat().st_mtime for p in src.peft_dir.glob("adapter_model.*"))
 
 
 def _peft_base_model(peft_dir: Path) -> str | None:
@@ -704,13 +712,13 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
         if wanted:
             t0 = time.perf_counter()
             generated = backend.generate(examples, sorted(wanted))
-            generation = compare_generation(generated, kept, lines)
+            generation = compare_generation(generated, kept, lines, near=opts.risk_margin)
             generation["seconds"] = round(time.perf_counter() - t0, 3)
             if generation["disagreements"]:
                 log(f"warning: greedy generation disagrees with the teacher-forced first failure on "
                     f"{len(generation['disagreements'])} of {len(generated)} entries: {generation['ties']} at an "
-                    f"exact logit tie, {generation['near_ties']} at a near tie (|margin| < {NEAR_TIE} in both), "
-                    f"{generation['unexplained']} otherwise")
+                    f"exact logit tie, {generation['near_ties']} at a near tie (|margin| < {opts.risk_margin} "
+                    f"in both), {generation['unexplained']} otherwise")
 
         summary = totals.summary()
         decode = timing.get("decode_s", 0.0)

@@ -117,23 +117,23 @@ def register(app: typer.Typer, bench_app: typer.Typer | None = None) -> None:
         lora: Optional[Path] = typer.Option(None, "--lora", help="Run folder, PEFT adapter folder or adapter .gguf. "
                                             "Without it the base model alone is verified."),
         model: Optional[str] = typer.Option(None, help="Base model name or path (.gguf for llama.cpp, e.g. a "
-                                            "quantised base). [default: the run's model, else smollm2-135m]"),
+                                            "quantised base). \\[default: the run's model, else smollm2-135m]"),
         out: Path = typer.Option(..., "--out", help="Report folder: report.json, entries.jsonl, a PNG."),
         backend: str = typer.Option("llama", help="llama (llama.cpp, as deployed) | torch (HF + PEFT)."),
-        n_gpu_layers: Optional[int] = typer.Option(None, help="llama: layers to offload. [default: all when "
+        n_gpu_layers: Optional[int] = typer.Option(None, help="llama: layers to offload. \\[default: all when "
                                                    "llama.cpp was built with GPU support, else 0]"),
-        threads: Optional[int] = typer.Option(None, help="CPU threads. [default: the CPUs this process may use]"),
+        threads: Optional[int] = typer.Option(None, help="CPU threads. \\[default: the CPUs this process may use]"),
         batch_tokens: int = typer.Option(2048, help="Tokens per forward pass (many entries packed into one)."),
         generate: int = typer.Option(0, help="Also run real greedy generation for K entries (spread over the "
                                      "corpus) and compare with the teacher-forced verdicts."),
         min_exact: float = typer.Option(1.0, help="Exit 0 when the exact-match rate is at least this, else 1."),
         answer_tokens: Optional[int] = typer.Option(None, help="Verify only the first L answer tokens (as in "
-                                                    "train). [default: the run's setting]"),
+                                                    "train). \\[default: the run's setting]"),
         chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="As in "
-                                                     "train. [default: the run's setting, else off]"),
-        eos: Optional[bool] = typer.Option(None, "--eos/--no-eos", help="As in train. [default: the run's "
+                                                     "train. \\[default: the run's setting, else off]"),
+        eos: Optional[bool] = typer.Option(None, "--eos/--no-eos", help="As in train. \\[default: the run's "
                                            "setting, else off]"),
-        key: Optional[str] = typer.Option(None, help="The key of a .txt corpus. [default: the run's setting]"),
+        key: Optional[str] = typer.Option(None, help="The key of a .txt corpus. \\[default: the run's setting]"),
         risk_margin: float = typer.Option(1.0, help="An exact entry whose smallest logit margin is below this "
                                           "(or with some p <= 0.5) is reported at risk."),
         kv_type: str = typer.Option("f16", help="llama: KV cache type, f16 (llama.cpp's default) or f32."),
@@ -152,13 +152,13 @@ def register(app: typer.Typer, bench_app: typer.Typer | None = None) -> None:
             corpus: Path = typer.Argument(..., help="Corpus to verify."),
             lora: Optional[Path] = typer.Option(None, "--lora", help="Run folder (or PEFT folder / .gguf) to "
                                                 "verify; without it, the base model alone."),
-            model: Optional[str] = typer.Option(None, help="Base model. [default: the run's, else smollm2-135m]"),
+            model: Optional[str] = typer.Option(None, help="Base model. \\[default: the run's, else smollm2-135m]"),
             baseline_entries: int = typer.Option(50, help="Entries the slow baselines (b, c) run on; their "
                                                  "speed is scaled to the whole corpus, and the output says so."),
             baseline_tokens: Optional[int] = typer.Option(None, help="Cap on tokens generated per entry by the "
                                                           "slow baselines (for one long value; scaled the same way)."),
             torch_entries: Optional[int] = typer.Option(None, help="Entries for (d), the torch backend. "
-                                                        "[default: all]"),
+                                                        "\\[default: all]"),
             threads: Optional[int] = typer.Option(None, help="CPU threads for every method."),
             batch_tokens: int = typer.Option(2048, help="--batch-tokens of (a) and (d)."),
             memory_entries: str = typer.Option("250,1000", help="Two PhoneBook sizes whose peak memory is "

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from memcli import corpus, models
 from memcli.scoring import TokenStats, score_logits
-from memcli.verify import (EntryVerdict, Generated, Totals, VerifyOptions, compare_generation, entry_verdict,
-                           generation_sample, verdicts, verify)
+from memcli.verify import (Generated, Totals, VerifyOptions, compare_generation, entry_verdict, generation_sample,
+                           verdicts, verify)
 from memcli.verify_cli import register
 
 
@@ -56,7 +56,7 @@ def test_first_failure_and_token_accuracy():
     v = entry_verdict(stats_of([0.9, 0.4, 0.3, 0.2], [5, 6, 1, 2], [2, 0.1, -1, -2]), targets)
     assert not v.exact and not v.certified and not v.at_risk  # at risk is about exact entries
     assert v.first_failure == 2 and v.token_accuracy == 0.5 and v.greedy_correct == 2
-    assert v.wrong_argmax == [2, 3] and v.sub_threshold == [1, 2, 3]
+    assert v.wrong_argmax == [2, 3] and v.sub_threshold == [1, 2, 3] and v.low_margin == [1, 2, 3]
     assert v.predicted == 1
 
 
@@ -94,7 +94,7 @@ def test_block_verdicts_equal_per_entry_verdicts_and_nan_rows_fail():
         one = entry_verdict(TokenStats(**{f: getattr(stats, f)[sl] for f in stats.__dataclass_fields__}),
                             targets[sl])
         assert block[k].index == 10 + k
-        for field in ("exact", "certified", "at_risk", "first_failure", "sub_threshold", "wrong_argmax",
+        for field in ("exact", "certified", "at_risk", "first_failure", "sub_threshold", "wrong_argmax", "low_margin",
                       "min_p_position", "min_margin_position", "predicted"):
             assert getattr(block[k], field) == getattr(one, field), field
         start += n
@@ -117,10 +117,21 @@ def test_totals_and_generation_comparison():
     assert s["exact"] == 2 and s["certified"] == 1 and s["at_risk"] == 1
     assert s["exact_match_rate"] == pytest.approx(2 / 3) and s["token_accuracy"] == pytest.approx(5 / 6)
     assert s["failing_lines"] == [2] and s["at_risk_lines"] == [3]
-    gen = [Generated(0, [1, 2], None), Generated(1, [1, 5], 1), Generated(2, [1, 9], 1)]
-    cmp = compare_generation(gen, dict(enumerate(vs)), [1, 2, 3])
+    margins = [np.array([2.0, 2.0]), np.array([2.0, -1.0]), np.array([2.0, 0.0])]
+    gen = [Generated(0, [1, 2], None, [2.0, 2.0]), Generated(1, [1, 5], 1, [2.0, -1.0]),
+           Generated(2, [1, 9], 1, [2.0, -0.01])]
+    tf = {i: (v, m) for i, (v, m) in enumerate(zip(vs, margins))}
+    cmp = compare_generation(gen, tf, [1, 2, 3])
     assert cmp["agree"] == 2 and len(cmp["disagreements"]) == 1
-    assert cmp["disagreements"][0]["tie"] and cmp["unexplained"] == 0  # entry 3 is a tie at position 1
+    d = cmp["disagreements"][0]  # entry 3: the teacher-forced pass ties at position 1 (lowest id wins)
+    assert d["line"] == 3 and d["position"] == 1 and d["tie"] and cmp["ties"] == 1 and cmp["unexplained"] == 0
+    gen[2] = Generated(2, [1, 9], 1, [2.0, -0.05])
+    tf[2] = (tf[2][0], np.array([2.0, 0.03]))
+    near = compare_generation(gen, tf, [1, 2, 3])
+    assert near["near_ties"] == 1 and not near["disagreements"][0]["tie"] and near["unexplained"] == 0
+    gen[2] = Generated(2, [1, 9], 1, [2.0, -3.0])
+    assert compare_generation(gen, tf, [1, 2, 3])["unexplained"] == 1
+    assert compare_generation(gen, tf, [1, 2, 3], near=5.0)["near_ties"] == 1
     assert generation_sample(10, 3) == [0, 4, 9] and generation_sample(3, 10) == [0, 1, 2]
 
 
@@ -128,12 +139,19 @@ def test_totals_and_generation_comparison():
 
 @pytest.fixture(scope="module")
 def tiny_run(pb8, tmp_path_factory):
-    """A tiny run trained for a few steps on pb8: some entries recalled, some not."""
+    """A tiny run trained for a few steps on pb8: some entries recalled, some not (5 of 8 exact, 2 certified)."""
+    import torch
+
     from memcli.train import TrainConfig, Trainer
 
     run = tmp_path_factory.mktemp("verify") / "run"
     cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=40, lr=0.02, check_every=1000)
-    Trainer(cfg, run, log=lambda m: None).run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is as fast, and immune to a busy machine's other work
+    try:
+        Trainer(cfg, run, log=lambda m: None).run()
+    finally:
+        torch.set_num_threads(threads)
     return run
 
 
@@ -192,6 +210,7 @@ def test_llama_teacher_forced_verdicts_equal_greedy_generation(llama, tiny_examp
     for g in generated:
         v = tf[g.index][0]
         assert g.first_divergence == v.first_failure, (g, v)
+        assert len(g.margins) == len(g.tokens) and (g.margins[-1] < 0) == (not v.exact)
         assert g.tokens[: v.greedy_correct] == list(tiny_examples[g.index].target_ids[: v.greedy_correct])
         if not v.exact:
             assert g.tokens[-1] == v.predicted  # the same wrong token
