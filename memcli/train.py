@@ -251,7 +251,7 @@ class Trainer:
                  f"parameters, layers {self.layers} {'/'.join(self.modules)}; L_init {self.l_init:.4f}")
         metrics = open(self.out / "metrics.jsonl", "a")
         self.model.train()
-        recall, stop_reason, certified_at = None, "budget", None
+        recall, recall_step, stop_reason, certified_at = None, None, "budget", None
         started = time.perf_counter() - self.wall
         try:
             for step, epoch, idx in self.batches():
@@ -262,7 +262,7 @@ class Trainer:
                     row = None
                 checked = step % cfg.check_every == 0 or step == self.total_steps
                 if checked:
-                    recall = lora.evaluate(self.model, self.examples, self.pad_id, self.device)
+                    recall, recall_step = lora.evaluate(self.model, self.examples, self.pad_id, self.device), step
                     row = (row or {"step": step, "epoch": epoch}) | {
                         "exact_match": recall.exact_match, "certified": recall.certified_rate,
                         "clean_ce": round(recall.mean_ce, 6), "clean_above": round(recall.above, 6)}
@@ -282,10 +282,13 @@ class Trainer:
             metrics.close()
             raise UserError(f"training stopped: {e}; {self.discard_bad_checkpoints()} (try a lower --lr)") from None
         metrics.close()
-        return self.finish(stop_reason, certified_at)
+        # The last step is always a check step, so its clean pass is the final one; recompute only if the loop
+        # ran no step (a resumed run whose newest checkpoint is its last step).
+        final = recall if recall_step == self.step else None
+        return self.finish(stop_reason, certified_at, final)
 
-    def finish(self, stop_reason: str, certified_at: int | None) -> dict:
-        final = lora.evaluate(self.model, self.examples, self.pad_id, self.device)
+    def finish(self, stop_reason: str, certified_at: int | None, final: lora.Recall | None = None) -> dict:
+        final = final or lora.evaluate(self.model, self.examples, self.pad_id, self.device)
         cfg = self.cfg
         summary = {
             "method": cfg.method, "sw_form": self.sw_form, "model": self.spec.name, "rank": cfg.rank,
