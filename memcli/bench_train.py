@@ -15,16 +15,8 @@ from pathlib import Path
 import torch
 
 from . import lora, models
-from .corpus import generate_phonebook
+from .corpus import generate_phonebook, write_jsonl
 from .train import TrainConfig, Trainer
-
-
-def _write_phonebook(folder: Path, entries: int, seed: int) -> Path:
-    import json
-
-    path = folder / f"pb{entries}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in generate_phonebook(entries, seed)))
-    return path
 
 
 def methods_to_recall(corpus: Path, model: str, rank: int, seed: int, max_epochs: int, check_every: int,
@@ -95,7 +87,8 @@ def main(entries: int = 32, model: str = models.DEFAULT_MODEL, rank: int = 8, se
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        corpus = _write_phonebook(folder, entries, seed)
+        corpus = folder / f"pb{entries}.jsonl"
+        write_jsonl(corpus, generate_phonebook(entries, seed))
         console.print(f"PhoneBook of {entries} entries, model {model}, rank {rank}, seed {seed}")
         rows = methods_to_recall(corpus, model, rank, seed, max_epochs, check_every, folder) if recall else []
         if rows:

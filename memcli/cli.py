@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,13 +15,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Memorise a corpus into a LoRA adapter (MemFT), verify verbatim recall, plan adapter capacity.")
 data_app = typer.Typer(no_args_is_help=True, help="Generate benchmark corpora.")
 app.add_typer(data_app, name="data")
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
 def parse_ints(text: Optional[str], name: str) -> Optional[list[int]]:
     if text is None:
         return None
@@ -56,9 +47,9 @@ def data_phonebook(entries: int = typer.Option(100, help="Number of entries."),
                    seed: int = typer.Option(0, help="Random seed."),
                    out: Path = typer.Option(..., help="Output JSONL file.")):
     """A PhoneBook corpus: unique "First Last:" keys, unique 10-digit numbers starting with 6-9."""
-    from .corpus import generate_phonebook
+    from .corpus import generate_phonebook, write_jsonl
 
-    write_jsonl_atomic(out, generate_phonebook(entries, seed))
+    write_jsonl(out, generate_phonebook(entries, seed))
     console.print(f"wrote {entries} entries to {out}")
 
 
@@ -70,10 +61,10 @@ def data_random(tokens: int = typer.Option(..., help="Length of the value in tok
                 out: Path = typer.Option(..., help="Output JSONL file.")):
     """One value of N random vocabulary tokens, as text that re-tokenises to the same ids."""
     from . import models
-    from .corpus import generate_random_tokens
+    from .corpus import generate_random_tokens, write_jsonl
 
     tokenizer = models.load_tokenizer(models.resolve(model))
-    write_jsonl_atomic(out, [generate_random_tokens(tokens, seed, tokenizer)])
+    write_jsonl(out, [generate_random_tokens(tokens, seed, tokenizer)])
     console.print(f"wrote one value of {tokens} random tokens to {out}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,15 @@ def prepare(entries: list[Entry], tokenizer, *, chat_template=False, eos=False, 
 def load_examples(path, tokenizer, *, key="", **options) -> list[Example]:
     """read_corpus then prepare."""
     return prepare(read_corpus(path, key), tokenizer, path=path, **options)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """A corpus file written whole or not at all (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 # --- generators -------------------------------------------------------------------------------------------
