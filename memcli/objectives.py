@@ -51,20 +51,37 @@ def ot_loss(ce: torch.Tensor, mask: torch.Tensor, no_hard: str = "fallback") -> 
 
 @dataclass
 class SlidingState:
-    """Per-sample anchor history: the window grows while the anchor is stuck, and resets when it moves."""
+    """Per-sample anchor history, as the reference code keeps it: the window grows while the anchor is stuck,
+    and resets when it moves or when the sample has no wrong token."""
 
     anchor: int | None = None
-    stay: int = 0  # consecutive steps the anchor has stayed where it is
+    repeats: int = 0  # consecutive steps at this anchor after the first one (the first visit counts 0)
     expand: float = 1.0
 
     def update(self, anchor: int, patience: int = 3, growth: float = 0.5, cap: float = 4.0) -> float:
+        """One step whose first wrong position is `anchor`. With patience 3 the window first grows on the 4th
+        consecutive step at the same anchor (after 3 repeats)."""
         if anchor == self.anchor:
-            self.stay += 1
+            self.repeats += 1
         else:
-            self.anchor, self.stay, self.expand = anchor, 1, 1.0
-        if self.stay >= patience:
+            self.anchor, self.repeats, self.expand = anchor, 0, 1.0
+        if self.repeats >= patience:
             self.expand = min(self.expand + growth, cap)
         return self.expand
+
+    def reset(self) -> None:
+        """A step with no wrong token: no anchor, no repeats, no expansion."""
+        self.anchor, self.repeats, self.expand = None, 0, 1.0
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "SlidingState":
+        """From a checkpoint's dict. Checkpoints written before `repeats` hold `stay`, which counted the first
+        visit as 1: repeats = stay - 1."""
+        saved = dict(saved)
+        if "stay" in saved:
+            stay = saved.pop("stay")
+            saved["repeats"] = max(0, stay - 1) if saved.get("anchor") is not None else 0
+        return cls(**saved)
 
 
 @dataclass
@@ -84,12 +101,13 @@ def sliding_weights(ce: torch.Tensor, correct: torch.Tensor, state: SlidingState
 
     The anchor a is the first position whose teacher-forced argmax is wrong; tokens before it keep full weight,
     tokens in the window [a, a + W) decay exponentially from it, tokens beyond keep a small floor. The state is
-    updated (anchor patience, window growth); with no wrong position phi = 1 everywhere.
+    updated (anchor patience, window growth); with no wrong position phi = 1 everywhere and the state resets.
     """
     ce = ce.detach()
     w0 = torch.sigmoid(cfg.sharpness * (ce - LN2))
     wrong = (~correct).nonzero()
     if len(wrong) == 0:
+        state.reset()
         return w0
     a = int(wrong[0])
     expand = state.update(a, cfg.patience, cfg.growth, cfg.cap)

@@ -370,7 +370,7 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.sliding = [SlidingState(**s) for s in state["sliding"]]
+        self.sliding = [SlidingState.from_dict(s) for s in state["sliding"]]
         self.step, self.wall, self.l_init = state["step"], state["wall"], state["l_init"]
         # Metrics past the checkpoint belong to the interrupted attempt: drop them.
         mpath = self.out / "metrics.jsonl"

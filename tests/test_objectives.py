@@ -77,10 +77,55 @@ def test_sw_all_correct_means_phi_one():
 
 def test_sw_patience_growth_cap_and_reset():
     s = SlidingState()
-    # Same anchor: the window grows by 0.5 once the anchor has stayed 3 steps, up to 4.0.
-    assert [s.update(7) for _ in range(10)] == [1.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.0, 4.0]
+    # Same anchor, as the reference code counts: the first visit sets it (0 repeats), each further step adds a
+    # repeat, and the window grows by 0.5 from the 4th step on (3 repeats = patience), up to 4.0.
+    assert [s.update(7) for _ in range(11)] == [1.0, 1.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.0, 4.0]
     assert s.update(8) == 1.0  # it moved: reset
-    assert s.update(8) == 1.0
+    assert [s.update(8) for _ in range(3)] == [1.0, 1.0, 1.5]  # 4th consecutive step at 8
+
+
+def test_sw_anchor_5555_expands_on_the_fourth_step_only():
+    s = SlidingState()
+    assert [s.update(5) for _ in range(4)] == [1.0, 1.0, 1.0, 1.5]
+    assert (s.anchor, s.repeats) == (5, 3)
+
+
+def test_sw_clean_step_resets_patience_expansion_and_anchor():
+    ce = torch.full((4,), 5.0)
+    wrong_at_1 = torch.tensor([True, False, True, True])
+    clean = torch.ones(4, dtype=torch.bool)
+    s = SlidingState()
+    for _ in range(5):  # anchor 1 five times: expand 1, 1, 1, 1.5, 2.0
+        sliding_weights(ce, wrong_at_1, s)
+    assert (s.anchor, s.repeats, s.expand) == (1, 4, 2.0)
+    sliding_weights(ce, clean, s)  # no wrong token
+    assert (s.anchor, s.repeats, s.expand) == (None, 0, 1.0)
+    # Back at the same anchor: a first visit again, so three more steps pass before it grows.
+    expands = []
+    for _ in range(4):
+        sliding_weights(ce, wrong_at_1, s)
+        expands.append(s.expand)
+    assert expands == [1.0, 1.0, 1.0, 1.5]
+
+
+def test_sw_clean_step_between_repeats_restarts_patience():
+    ce = torch.full((4,), 5.0)
+    wrong_at_2 = torch.tensor([True, True, False, True])
+    clean = torch.ones(4, dtype=torch.bool)
+    s = SlidingState()
+    expands = []
+    for correct in (wrong_at_2, wrong_at_2, wrong_at_2, clean, wrong_at_2, wrong_at_2, wrong_at_2, wrong_at_2):
+        sliding_weights(ce, correct, s)
+        expands.append(s.expand)
+    # Without the reset the 4th step at anchor 2 (the 5th step) would have grown the window.
+    assert expands == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5]
+
+
+def test_sliding_state_reads_old_checkpoints():
+    # Checkpoints before `repeats` counted the first visit as stay = 1.
+    assert SlidingState.from_dict({"anchor": 9, "stay": 3, "expand": 1.5}) == SlidingState(9, 2, 1.5)
+    assert SlidingState.from_dict({"anchor": None, "stay": 0, "expand": 1.0}) == SlidingState()
+    assert SlidingState.from_dict({"anchor": 4, "repeats": 1, "expand": 1.0}) == SlidingState(4, 1, 1.0)
 
 
 def test_sw_window_grows_in_weights():
@@ -88,10 +133,14 @@ def test_sw_window_grows_in_weights():
     correct = torch.ones(300, dtype=torch.bool)
     correct[10] = False
     state = SlidingState()
+    w0 = float(torch.sigmoid(torch.tensor(10 * (5.0 - LN2))))
     for _ in range(3):
         w = sliding_weights(ce, correct, state)
-    # After 3 steps at the same anchor the window is 75 tokens: position 10 + 74 is inside, 10 + 75 is not.
-    w0 = float(torch.sigmoid(torch.tensor(10 * (5.0 - LN2))))
+    # After 3 steps at the same anchor the window is still 50 tokens: 10 + 49 is inside, 10 + 50 is not.
+    assert w[59].item() == pytest.approx(w0 * math.exp(-49 / 20), rel=1e-5)
+    assert w[60].item() == pytest.approx(w0 * 0.01, rel=1e-5)
+    w = sliding_weights(ce, correct, state)
+    # The 4th step grows it to 75 tokens: position 10 + 74 is inside, 10 + 75 is not.
     assert w[84].item() == pytest.approx(w0 * math.exp(-74 / 20), rel=1e-5)
     assert w[85].item() == pytest.approx(w0 * 0.01, rel=1e-5)
 
