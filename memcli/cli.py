@@ -150,6 +150,9 @@ def train(
                                                  "template (system prompt 'You are a helpful assistant.')."),
     eos: Optional[bool] = typer.Option(None, "--eos", help="Also learn EOS after each value."),
     key: Optional[str] = typer.Option(None, help="The key of a .txt corpus. \\[default: empty]"),
+    gguf: Optional[str] = typer.Option(None, help="adapter.gguf for llama.cpp: auto (written when the model can be "
+                                       "exported; otherwise said before step 1 and left out) | require (refuse "
+                                       "before training when it cannot) | off. \\[default: auto]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its newest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ):
@@ -157,7 +160,8 @@ def train(
     cfg = train_config(locals())  # first: locals() is exactly the parsed options here
     from .train import Trainer
 
-    trainer = Trainer(cfg, out, resume=resume, force=force, log=lambda m: console.print(m, highlight=False))
+    trainer = Trainer(cfg, out, resume=resume, force=force,
+                      log=lambda m: console.print(m, highlight=False, markup=False))
     update, close = progress_printer(trainer.total_steps)
     try:
         summary = trainer.run(update)
@@ -213,9 +217,12 @@ def sweep(
     out: Path = typer.Option(..., "--out", help="Sweep folder: one run folder per cell, rank<r>-l<l>."),
     jobs: int = typer.Option(1, help="Cells trained at once, in worker processes (one per GPU with GPUs)."),
     executor: str = typer.Option("local", help="local | ray (pip install 'memcli[ray]'; uses RAY_ADDRESS)."),
+    force: bool = typer.Option(False, "--force", help="Retrain the existing cells whose training settings differ "
+                               "from this command's (without it such a rerun is refused)."),
 ):
     """Train one run per (rank, l) cell; any other `memcli train` option passes through (e.g. --method sft
-    --max-steps 300). Finished cells are skipped and started ones resume, so rerunning continues a sweep."""
+    --max-steps 300). Finished cells are skipped and started ones resume, so rerunning continues a sweep; a rerun
+    with other training settings is refused unless --force."""
     from .sweep import run_sweep
 
     train_cmd = typer.main.get_command(app).get_command(ctx, "train")
@@ -227,7 +234,8 @@ def sweep(
         console.print(f"[{n}/{total}] {name}: exact match {summary['exact_match']:.2%}, L_final "
                       f"{summary['l_final']:.4f}, dL {summary['delta_l']:.4f}, {summary['steps']} steps, "
                       f"{summary['wall_seconds']:.0f} s", highlight=False)
-    summaries = run_sweep(base, rank_list, lengths, out, jobs, executor, done)
+    summaries = run_sweep(base, rank_list, lengths, out, jobs, executor, done, force=force,
+                          log=lambda m: console.print(m, highlight=False, markup=False))
     console.print(f"{len(summaries)} cells in {out}; fit them with: memcli fit {out} --out {out}/law.json")
 
 

@@ -521,11 +521,19 @@ def _weights_digest(named_arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def hf_fingerprint(folder: str | os.PathLike) -> Fingerprint:
-    """The fingerprint of the base GGUF that export_base would write for this HF folder."""
+def read_base(folder: str | os.PathLike) -> tuple[HFModel, Vocab, list[tuple[str, str]]]:
+    """Every check GGUF export makes of a base model, in one place (export_base, the fingerprint an adapter
+    records, and the `exportable` pre-check all go through it): architecture, activation and RoPE scaling
+    (read_hf), tokenizer kind, normalizer and pre-tokenizer (read_vocab), a llama.cpp name for every tensor.
+    Reads config.json, tokenizer.json and the safetensors headers, no weights. UserError naming the cause."""
     hf = read_hf(folder)
     vocab = read_vocab(hf.folder, int(hf.config.get("vocab_size") or 0))
-    pairs = _hf_tensors(hf)
+    return hf, vocab, _hf_tensors(hf)
+
+
+def hf_fingerprint(folder: str | os.PathLike) -> Fingerprint:
+    """The fingerprint of the base GGUF that export_base would write for this HF folder."""
+    hf, vocab, pairs = read_base(folder)
     tensors = {g: tuple(reversed(hf.shapes[n])) for n, g in pairs}
     hparams = {"n_layer": hf.n_layer, "n_embd": hf.n_embd, "n_ff": hf.n_ff, "n_head": hf.n_head,
                "n_head_kv": hf.n_head_kv, "head_dim": hf.head_dim, "n_vocab": len(vocab.tokens),
@@ -581,9 +589,7 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
     if not Path(hf_dir).is_dir() and str(hf_dir) in models.registry():
         spec = models.resolve(str(hf_dir))
         name, hf_dir = name or spec.name, models.hf_dir(spec)
-    hf = read_hf(hf_dir)
-    vocab = read_vocab(hf.folder, int(hf.config.get("vocab_size") or 0))
-    pairs = _hf_tensors(hf)
+    hf, vocab, pairs = read_base(hf_dir)
     try:
         tok = AutoTokenizer.from_pretrained(hf.folder)
     except Exception as e:
@@ -775,6 +781,39 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
+def _lora_target(hf: HFModel, module: str, where) -> str:
+    """The base GGUF tensor a LoRA on `module` (an HF module name) adapts; UserError when llama.cpp cannot."""
+    if module in ("lm_head", "model.lm_head") and hf.tied:
+        raise UserError(f"adapter {where} cannot be exported to GGUF: LoRA on lm_head of a model whose "
+                        "output layer is tied to its token embedding")
+    if module.endswith("embed_tokens"):
+        raise UserError(f"adapter {where} cannot be exported to GGUF: LoRA on embeddings ({module})")
+    target = hf.gguf_name(module + ".weight")
+    if target is None or (module + ".weight") not in hf.shapes:
+        raise UserError(f"adapter {where}: module {module} is not a linear layer of {hf.folder.name} "
+                        f"that llama.cpp can adapt")
+    return target
+
+
+def exportable(spec: models.ModelSpec, lora_config: dict | None = None, modules=(),
+               where: str | os.PathLike = "the adapter") -> str | None:
+    """Why `export_adapter` would refuse a LoRA with this adapter_config (`lora_config`, a dict) on these
+    modules (HF module names) of this base, or None when it would write it. The same checks as the exporter
+    (read_base, _check_lora_config, _lora_target), without reading any weights: cheap enough to ask before
+    training starts."""
+    try:
+        hf, _, _ = read_base(models.hf_dir(spec))
+        if lora_config is not None:
+            _check_lora_config(lora_config, where)
+        for module in modules:
+            _lora_target(hf, module, where)
+    except UserError as e:
+        return str(e)
+    except Exception as e:  # a config.json the checks did not foresee (a missing key, a wrong type)
+        return f"the model's files cannot be read for export ({type(e).__name__}: {e})"
+    return None
+
+
 @dataclass
 class AdapterPair:
     module: str  # HF module name, e.g. model.layers.2.self_attn.q_proj
@@ -824,15 +863,7 @@ def adapter_pairs(peft_dir: Path, hf: HFModel, *, _permute: bool = True) -> tupl
         if set(ab) != {"A", "B"}:
             raise UserError(f"adapter {peft_dir}: module {module} lacks lora_{'B' if 'A' in ab else 'A'}")
         a, b = ab["A"], ab["B"]
-        if module in ("lm_head", "model.lm_head") and hf.tied:
-            raise UserError(f"adapter {peft_dir} cannot be exported to GGUF: LoRA on lm_head of a model whose "
-                            "output layer is tied to its token embedding")
-        if module.endswith("embed_tokens"):
-            raise UserError(f"adapter {peft_dir} cannot be exported to GGUF: LoRA on embeddings ({module})")
-        target = hf.gguf_name(module + ".weight")
-        if target is None or (module + ".weight") not in hf.shapes:
-            raise UserError(f"adapter {peft_dir}: module {module} is not a linear layer of {hf.folder.name} "
-                            f"that llama.cpp can adapt")
+        target = _lora_target(hf, module, peft_dir)
         out_f, in_f = hf.shapes[module + ".weight"]
         rank = a.shape[0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape != (out_f, rank):

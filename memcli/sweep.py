@@ -1,7 +1,9 @@
 """`memcli sweep`: one ordinary run folder per (rank, answer tokens) cell, for fitting the memory law.
 
 Cells are independent: a finished cell (summary.json present) is skipped, a started one resumes from its newest
-checkpoint. They run in this process, in parallel worker processes (`--jobs`), or as Ray tasks.
+checkpoint. They run in this process, in parallel worker processes (`--jobs`), or as Ray tasks. A rerun with
+other training settings is refused before any work (a law fitted on cells of two settings means nothing), unless
+`--force` asks to retrain the cells whose settings differ.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from .errors import UserError
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, describe_differences, setting_differences
 
 
 def cell_name(rank: int, answer_tokens: int) -> str:
@@ -34,6 +37,25 @@ def grid(base: TrainConfig, ranks: list[int], lengths: list[int]) -> list[tuple[
         if n < 1:
             raise UserError(f"--answer-tokens: every length must be at least 1, got {n}")
     return [(cell_name(r, n), dataclasses.replace(base, rank=r, answer_tokens=n)) for n in lengths for r in ranks]
+
+
+def stale_cells(cells: list[tuple[str, TrainConfig]], out: Path) -> list[tuple[str, list]]:
+    """(cell, differences) for every existing cell folder whose config.yaml records settings other than the ones
+    this sweep would train it with (resolved values: `--device auto` and the device it resolved to are equal)."""
+    stale = []
+    for name, cfg in cells:
+        path = out / name / "config.yaml"
+        if not path.exists():
+            continue
+        try:
+            saved = (yaml.safe_load(path.read_text()) or {})["settings"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+            raise UserError(f"sweep cell {path} cannot be read ({type(e).__name__}: {e}); remove the cell or use "
+                            "--force to retrain it") from None
+        differs = setting_differences(saved, cfg)
+        if differs:
+            stale.append((name, differs))
+    return stale
 
 
 def run_cell(settings: dict, run_dir: str, device: str | None = None, threads: int | None = None) -> dict:
@@ -81,14 +103,26 @@ def _ray_runner(jobs: int):
 
 
 def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path, jobs: int = 1,
-              executor: str = "local", on_done: Callable[[str, dict, int, int], None] | None = None) -> list[dict]:
-    """Train every cell not yet finished; returns the summaries in grid order."""
+              executor: str = "local", on_done: Callable[[str, dict, int, int], None] | None = None,
+              force: bool = False, log: Callable[[str], None] = lambda m: None) -> list[dict]:
+    """Train every cell not yet finished; returns the summaries in grid order. Existing cells trained with other
+    settings are refused (UserError), or with `force` removed and trained again."""
     cells = grid(base, ranks, lengths)
     if executor not in ("local", "ray"):
         raise UserError(f"--executor must be local or ray, got '{executor}'")
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     ray_runner = _ray_runner(jobs) if executor == "ray" else None  # says how to install Ray before any work
+    stale = stale_cells(cells, out)
+    if stale and not force:
+        name, differs = stale[0]
+        others = f" (and {len(stale) - 1} more cell(s))" if len(stale) > 1 else ""
+        raise UserError(f"sweep {out}: cell {name}{others} was trained with other settings (saved -> now): "
+                        f"{describe_differences(differs)}; rerun with --force to retrain the stale cells, or use a "
+                        "new --out")
+    for name, differs in stale:
+        log(f"{name}: settings changed ({describe_differences(differs)}); retraining it (--force)")
+        shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
     record = {"ranks": ranks, "answer_tokens": lengths, "settings": dataclasses.asdict(base)}
     (out / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))

@@ -26,6 +26,9 @@ from .objectives import (Curriculum, SlidingConfig, SlidingState, hard_tokens, o
                          weighted_mean)
 
 METHODS = ("sft", "memft-ot", "memft-sw")
+GGUF_MODES = ("auto", "require", "off")
+# Settings that do not change what a run trains: a resumed run or a sweep cell may differ in them.
+OUTPUT_ONLY = ("gguf",)
 
 
 @dataclass
@@ -63,6 +66,8 @@ class TrainConfig:
     check_every: int = 10
     checkpoint_every: int = 50
     log_every: int = 1
+    # output
+    gguf: str = "auto"  # adapter.gguf: auto (when the model can be exported) | require | off
 
     @classmethod
     def from_sources(cls, yaml_path: Path | None, overrides: dict) -> "TrainConfig":
@@ -99,6 +104,7 @@ class TrainConfig:
             (self.check_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1,
              "--check-every, --checkpoint-every and --log-every must be at least 1"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype must be auto, float32, bfloat16 or float16"),
+            (self.gguf in GGUF_MODES, f"--gguf must be one of {', '.join(GGUF_MODES)}, got '{self.gguf}'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -113,6 +119,50 @@ def pick_device(device: str) -> str:
     if not (device == "cpu" or device.startswith("cuda")):
         raise UserError(f"--device must be auto, cpu or cuda[:i], got '{device}'")
     return device
+
+
+def _resolved(key: str, value, settings: dict):
+    """A setting's value as the run uses it, so that spellings of the same choice compare equal: device auto
+    -> cuda:0 or cpu, cuda -> cuda:0; dtype auto -> bfloat16 on CUDA, float32 elsewhere; alpha unset -> rank;
+    the corpus path -> absolute."""
+    if key in ("device", "dtype"):
+        device = settings.get("device") or "auto"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            device = "cuda:0"
+        if key == "device":
+            return device
+        if value in (None, "auto"):
+            return "bfloat16" if device.startswith("cuda") else "float32"
+        return value
+    if key == "alpha":
+        return float(value if value is not None else settings.get("rank"))
+    if key == "corpus" and value:
+        return os.path.abspath(str(value))
+    return value
+
+
+def setting_differences(saved: dict, cfg: TrainConfig, ignore=()) -> list[tuple[str, object, object]]:
+    """(setting, saved value, new value) for every setting in which `cfg` trains differently from the settings a
+    run folder's config.yaml recorded. Compares resolved values (see _resolved); settings in OUTPUT_ONLY and
+    `ignore` are left out, and a setting the saved file lacks (added to memcli since) counts as its default."""
+    new = dataclasses.asdict(cfg)
+    saved = dataclasses.asdict(TrainConfig()) | dict(saved)
+    differs = []
+    for key, value in new.items():
+        if key in OUTPUT_ONLY or key in ignore:
+            continue
+        old = saved.get(key)
+        # Equal as written: any resolved difference (dtype auto, alpha unset) follows from another setting that
+        # is reported itself (device, rank).
+        if old != value and _resolved(key, old, saved) != _resolved(key, value, new):
+            differs.append((key, old, value))
+    return differs
+
+
+def describe_differences(differs: list[tuple[str, object, object]]) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in differs)
 
 
 def versions() -> dict:
@@ -142,9 +192,10 @@ class Trainer:
             raise UserError(f"--resume: {self.out} is not a run folder (no config.yaml)")
         if resume:
             saved = yaml.safe_load((self.out / "config.yaml").read_text())["settings"]
-            differs = [k for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v]
+            differs = setting_differences(saved, cfg)
             if differs:
-                raise UserError(f"--resume: setting(s) {', '.join(differs)} differ from {self.out}/config.yaml")
+                raise UserError(f"--resume: setting(s) differ from {self.out}/config.yaml (saved -> now): "
+                                f"{describe_differences(differs)}")
 
         entries = corpus.read_corpus(cfg.corpus, cfg.key)  # format errors first, before any model loads
         self.device = pick_device(cfg.device)
@@ -159,6 +210,7 @@ class Trainer:
         self.model = lora.add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, self.layers, self.modules, cfg.seed)
         self.params = lora.trainable_parameters(self.model)
         self.l = corpus.answer_tokens(self.examples)
+        self.gguf_blocker = self.check_gguf()  # before step 1: can adapter.gguf be written at the end?
 
         self.sw_form = None
         if cfg.method == "memft-sw":
@@ -182,6 +234,23 @@ class Trainer:
             self.load_checkpoint()
         else:
             self.write_config()
+
+    def check_gguf(self) -> str | None:
+        """Why no adapter.gguf can be written for this run, or None. Asked before the run folder exists: --gguf
+        require refuses here, auto says so in one line and trains on."""
+        if self.cfg.gguf == "off":
+            return None
+        from peft.tuners.lora import LoraLayer
+
+        from .export import exportable
+
+        modules = [name for name, m in self.model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
+        cause = exportable(self.spec, self.model.peft_config["default"].to_dict(), modules, self.out / "adapter")
+        if cause is not None:
+            if self.cfg.gguf == "require":
+                raise UserError(f"--gguf require: this run's adapter cannot be exported to GGUF: {cause}")
+            self.log(f"note: no adapter.gguf will be written: {cause}")
+        return cause
 
     # --- data order ------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
@@ -299,14 +368,31 @@ class Trainer:
             "all_certified": final.certified_rate == 1.0, "above_threshold": final.above,
             "steps": self.step, "total_steps": self.total_steps, "stop_reason": stop_reason,
             "certified_at_step": certified_at, "wall_seconds": round(self.wall, 3), "seed": cfg.seed,
+            "gguf": None, "gguf_error": self.gguf_blocker,
         }
+        # The trained adapter and its summary first: whatever export does next, they are kept.
         self.model.save_pretrained(self.out / "adapter.tmp")
         if (self.out / "adapter").exists():
             shutil.rmtree(self.out / "adapter")
         os.replace(self.out / "adapter.tmp", self.out / "adapter")
-        from .export import export_adapter
+        write_json(self.out / "summary.json", summary)
+        if cfg.gguf == "off" or self.gguf_blocker is not None:
+            return summary
+        try:
+            from .export import export_adapter
 
-        export_adapter(self.out, self.out / "adapter.gguf", base=self.spec)  # ready for llama.cpp
+            export_adapter(self.out, self.out / "adapter.gguf", base=self.spec)  # ready for llama.cpp
+            summary["gguf"] = "adapter.gguf"
+        except Exception as e:  # noqa: BLE001 - a failed export must not lose the finished run
+            cause = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            summary["gguf_error"] = cause
+            write_json(self.out / "summary.json", summary)
+            if cfg.gguf == "require":
+                raise UserError(f"adapter.gguf could not be written ({cause}); {self.out}/adapter and "
+                                "summary.json are kept: retry with `memcli export`") from None
+            self.log(f"warning: no adapter.gguf written: {cause}. The adapter is in {self.out}/adapter "
+                     "(PEFT format) and summary.json is written.")
+            return summary
         write_json(self.out / "summary.json", summary)
         return summary
 

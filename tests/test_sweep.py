@@ -2,6 +2,7 @@
 
 import json
 
+import yaml
 from conftest import run_cli
 
 
@@ -48,3 +49,62 @@ def test_sweep_bad_grid_and_missing_ray(tmp_path, pb8):
         result = run_cli("sweep", pb8, "--ranks", "1", "--answer-tokens", "20", "--out", tmp_path / "s2",
                          "--model", "tiny", "--executor", "ray")
         assert result.exit_code == 2 and "pip install 'memcli[ray]'" in result.stderr
+
+
+def _small_sweep(tmp_path, *extra):
+    corpus = tmp_path / "random.jsonl"
+    if not corpus.exists():
+        assert run_cli("data", "random", "--tokens", "12", "--model", "tiny", "--out", corpus).exit_code == 0
+    return ["sweep", corpus, "--ranks", "1,2", "--answer-tokens", "6", "--out", tmp_path / "sweep", "--model",
+            "tiny", "--max-steps", "2", "--batch-size", "1", "--check-every", "2", *extra]
+
+
+def test_rerun_with_other_settings_is_refused_and_force_retrains(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert run_cli(*_small_sweep(tmp_path, "--method", "sft")).exit_code == 0
+    before = {p: p.read_bytes() for p in [sweep / "sweep.yaml", *sweep.glob("*/summary.json")]}
+    assert len(before) == 3
+
+    result = run_cli(*_small_sweep(tmp_path, "--method", "memft-ot"))
+    assert result.exit_code == 2
+    error = " ".join(result.stderr.split())
+    assert "--method 'sft' -> 'memft-ot'" in error and "--force" in error and "rank1-l6" in error
+    assert {p: p.read_bytes() for p in before} == before  # nothing touched, sweep.yaml included
+
+    # Another spelling of the same device is not a change (on this machine auto resolves to it).
+    import torch
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    result = run_cli(*_small_sweep(tmp_path, "--method", "sft", "--device", device))
+    assert result.exit_code == 0, result.output
+    assert {p: p.read_bytes() for p in before if p.name == "summary.json"} == \
+        {p: v for p, v in before.items() if p.name == "summary.json"}
+
+    result = run_cli(*_small_sweep(tmp_path, "--method", "memft-ot", "--force"))
+    assert result.exit_code == 0, result.output
+    for cell in ("rank1-l6", "rank2-l6"):
+        assert json.loads((sweep / cell / "summary.json").read_text())["method"] == "memft-ot"
+        assert yaml.safe_load((sweep / cell / "config.yaml").read_text())["settings"]["method"] == "memft-ot"
+    assert yaml.safe_load((sweep / "sweep.yaml").read_text())["settings"]["method"] == "memft-ot"
+
+
+def test_one_cells_failed_export_does_not_stop_the_sweep(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from memcli import export
+
+    real = export.export_adapter
+
+    def fails_for_rank1(src, out, *args, **kwargs):
+        if Path(src).name == "rank1-l6":
+            raise RuntimeError("no space left on device")
+        return real(src, out, *args, **kwargs)
+    monkeypatch.setattr(export, "export_adapter", fails_for_rank1)
+    result = run_cli(*_small_sweep(tmp_path, "--method", "sft"))
+    assert result.exit_code == 0, result.output
+    sweep = tmp_path / "sweep"
+    failed = json.loads((sweep / "rank1-l6" / "summary.json").read_text())
+    assert failed["gguf"] is None and failed["gguf_error"] == "RuntimeError: no space left on device"
+    assert (sweep / "rank1-l6" / "adapter" / "adapter_config.json").exists()
+    assert json.loads((sweep / "rank2-l6" / "summary.json").read_text())["gguf"] == "adapter.gguf"
+    assert (sweep / "rank2-l6" / "adapter.gguf").exists() and not (sweep / "rank1-l6" / "adapter.gguf").exists()

@@ -214,3 +214,153 @@ def test_nonfinite_loss_keeps_the_last_good_checkpoint(pb8, tmp_path):
     with pytest.raises(UserError, match=r"non-finite loss .* at step 5; kept the last good checkpoint .*step-00000002"):
         trainer.run(poison)
     assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["step-00000002.pt"]
+
+
+# --- adapter.gguf: never at the cost of the trained adapter (issue 8, item 2) ---------------------------------
+
+def _llama3_rope_model(tmp_path):
+    """The tiny model with Llama 3.1's RoPE scaling (rope_type llama3): transformers trains it, GGUF export
+    refuses it."""
+    import shutil
+
+    folder = tmp_path / "tiny-llama3"
+    shutil.copytree(models.hf_dir(models.resolve("tiny")), folder)
+    config = json.loads((folder / "config.json").read_text())
+    rope = dict(config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)})
+    rope.update(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=1024)
+    config["rope_parameters"] = rope
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_unexportable_model_trains_says_so_first_and_keeps_the_adapter(pb8, tmp_path):
+    model = _llama3_rope_model(tmp_path)
+    run = tmp_path / "run"
+    result = run_cli("train", pb8, "--out", run, "--model", model, "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    err = " ".join(result.stderr.split())
+    note = err.index("no adapter.gguf will be written")
+    assert "RoPE scaling 'llama3'" in err[note:]
+    assert note < err.index("answer tokens, rank 8")  # said before training started
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["gguf"] is None and "RoPE scaling 'llama3'" in summary["gguf_error"]
+    assert (run / "adapter" / "adapter_config.json").exists() and not (run / "adapter.gguf").exists()
+
+
+def test_gguf_require_refuses_before_any_run_folder(pb8, tmp_path):
+    model = _llama3_rope_model(tmp_path)
+    run = tmp_path / "run"
+    result = run_cli("train", pb8, "--out", run, "--model", model, "--max-steps", "2", "--gguf", "require")
+    assert result.exit_code == 2
+    assert "--gguf require" in result.stderr and "RoPE scaling 'llama3'" in " ".join(result.stderr.split())
+    assert not run.exists()
+
+
+def test_gguf_off_writes_no_gguf_and_bad_value_is_refused(pb8, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", pb8, "--out", run, "--model", "tiny", "--max-steps", "1", "--gguf", "off")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["gguf"], summary["gguf_error"]) == (None, None) and not (run / "adapter.gguf").exists()
+    result = run_cli("train", pb8, "--out", tmp_path / "r2", "--model", "tiny", "--gguf", "maybe")
+    assert result.exit_code == 2 and "--gguf must be one of auto, require, off" in result.stderr
+    assert not (tmp_path / "r2").exists()
+
+
+def test_exportable_model_records_its_gguf(pb8, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", pb8, "--out", run, "--model", "tiny", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "no adapter.gguf" not in result.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["gguf"], summary["gguf_error"]) == ("adapter.gguf", None)
+    assert (run / "adapter.gguf").read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("error", ["user", "crash"])
+def test_failed_export_is_a_warning_and_resume_returns_the_summary(pb8, tmp_path, monkeypatch, error):
+    from memcli import export
+    from memcli.errors import UserError
+
+    def failing(*args, **kwargs):
+        if error == "user":
+            raise UserError("exporter says no")
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(export, "export_adapter", failing)
+    run = tmp_path / "run"
+    args = ["train", pb8, "--out", run, "--model", "tiny", "--max-steps", "3", "--checkpoint-every", "2"]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    cause = "exporter says no" if error == "user" else "RuntimeError: disk on fire"
+    assert "warning: no adapter.gguf written" in result.stderr and cause in " ".join(result.stderr.split())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["gguf"] is None and summary["gguf_error"] == cause
+    assert (run / "adapter" / "adapter_config.json").exists() and not (run / "adapter.gguf").exists()
+    assert not list(run.glob("*.tmp")) and not (run / "adapter.tmp").exists()
+    # --resume finds the finished run (its checkpoint is at step 2, the summary at step 3) and returns it.
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 0 and "already finished" in " ".join(result.stderr.split())
+    assert json.loads((run / "summary.json").read_text()) == summary
+
+
+def test_failed_export_with_gguf_require_exits_2_but_keeps_the_run(pb8, tmp_path, monkeypatch):
+    from memcli import export
+    from memcli.errors import UserError
+
+    def failing(*args, **kwargs):
+        raise UserError("exporter says no")
+    monkeypatch.setattr(export, "export_adapter", failing)
+    run = tmp_path / "run"
+    result = run_cli("train", pb8, "--out", run, "--model", "tiny", "--max-steps", "1", "--gguf", "require")
+    assert result.exit_code == 2 and "exporter says no" in result.stderr
+    assert json.loads((run / "summary.json").read_text())["gguf_error"] == "exporter says no"
+    assert (run / "adapter" / "adapter_config.json").exists()
+
+
+# --- resume compares resolved settings (issue 8, item 4) ---------------------------------------------------------
+
+def test_setting_differences_compare_resolved_values(monkeypatch):
+    import dataclasses
+
+    from memcli.train import setting_differences
+
+    def saved(**kw):  # a config.yaml's settings, as a run started with these options recorded them
+        return dataclasses.asdict(TrainConfig(corpus="c.jsonl", **kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert setting_differences(saved(device="auto"), TrainConfig(corpus="c.jsonl", device="cpu")) == []
+    assert setting_differences(saved(device="auto", dtype="auto"),
+                               TrainConfig(corpus="c.jsonl", device="cpu", dtype="float32")) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert setting_differences(saved(device="auto"), TrainConfig(corpus="c.jsonl", device="cuda:0")) == []
+    assert setting_differences(saved(device="cuda"), TrainConfig(corpus="c.jsonl", device="cuda:0")) == []
+    assert setting_differences(saved(device="auto"), TrainConfig(corpus="c.jsonl", device="cpu")) == \
+        [("device", "auto", "cpu")]
+    assert setting_differences(saved(device="auto"), TrainConfig(corpus="c.jsonl", device="cuda:1")) == \
+        [("device", "auto", "cuda:1")]
+    # alpha unset means alpha = rank; output-only settings never count; a setting the file lacks is its default.
+    assert setting_differences(saved(rank=4), TrainConfig(corpus="c.jsonl", rank=4, alpha=4.0, gguf="off")) == []
+    old = saved()
+    del old["gguf"]
+    assert setting_differences(old, TrainConfig(corpus="c.jsonl")) == []
+    assert setting_differences(saved(lr=1e-2, method="sft"), TrainConfig(corpus="c.jsonl", lr=2e-2)) == \
+        [("method", "sft", "memft-ot"), ("lr", 1e-2, 2e-2)]
+
+
+def test_resume_accepts_a_resolved_device_and_names_a_changed_setting(pb8, tmp_path):
+    settings = dict(corpus=str(pb8), model="tiny", max_steps=4, checkpoint_every=2, check_every=2, device="auto")
+
+    def interrupt_at_3(step, total, row):
+        if step == 3:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        Trainer(TrainConfig(**settings), tmp_path / "run", log=lambda m: None).run(interrupt_at_3)
+    base = ["train", pb8, "--out", tmp_path / "run", "--model", "tiny", "--max-steps", "4", "--checkpoint-every",
+            "2", "--check-every", "2", "--resume"]
+    result = run_cli(*base, "--lr", "0.02")
+    assert result.exit_code == 2
+    assert "--lr 0.01 -> 0.02" in " ".join(result.stderr.split())
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # what auto resolved to
+    result = run_cli(*base, "--device", device)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
