@@ -7,6 +7,7 @@ A corpus is a list of (key, value) entries. Accepted, as users bring them:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,7 +46,10 @@ class Example:
         return len(self.prompt_ids) + len(self.target_ids)
 
 
-def read_corpus(path: str | Path, key: str = "") -> list[Entry]:
+def read_corpus(path: str | Path, key: str = "", allow_conflicting_keys: bool = False) -> list[Entry]:
+    """The entries of a corpus file. The same key twice with different values can never be recalled (greedy
+    decoding gives one answer per prompt), so it is refused, naming both lines, unless allow_conflicting_keys;
+    the same key with the same value again is fine."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"corpus {path} does not exist")
@@ -59,7 +63,20 @@ def read_corpus(path: str | Path, key: str = "") -> list[Entry]:
         entries = [_parse_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not entries:
         raise UserError(f"corpus {path} is empty")
+    if not allow_conflicting_keys:
+        check_conflicting_keys(entries, path)
     return entries
+
+
+def check_conflicting_keys(entries: list[Entry], path: str | Path) -> None:
+    """Refuse the same key with two different values (the first such pair, by line)."""
+    first: dict[str, Entry] = {}
+    for e in entries:
+        seen = first.setdefault(e.key, e)
+        if seen.value != e.value:
+            raise UserError(f"{path}:{seen.line} and {path}:{e.line}: the key {e.key!r} has two different values, "
+                            "which greedy decoding can never both recall; remove one, or pass "
+                            "--allow-conflicting-keys to train (and verify) anyway")
 
 
 def _parse_line(path: Path, n: int, line: str) -> Entry:
@@ -156,18 +173,25 @@ def prepare(entries: list[Entry], tokenizer, *, chat_template=False, eos=False, 
     return examples
 
 
-def load_examples(path, tokenizer, *, key="", **options) -> list[Example]:
+def load_examples(path, tokenizer, *, key="", allow_conflicting_keys=False, **options) -> list[Example]:
     """read_corpus then prepare."""
-    return prepare(read_corpus(path, key), tokenizer, path=path, **options)
+    return prepare(read_corpus(path, key, allow_conflicting_keys), tokenizer, path=path, **options)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """A corpus file written whole or not at all (temporary name, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file name such as {path / 'corpus.jsonl'}")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # --- generators -------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def test_prefix_by_answer_tokens(tiny_tokenizer):
 
 
 def test_context_check_names_the_line(tiny_tokenizer, tmp_path):
-    path = write(tmp_path, "c.jsonl", [{"key": "a", "value": "b"}, {"key": "a", "value": "word " * 50}])
+    path = write(tmp_path, "c.jsonl", [{"key": "a", "value": "b"}, {"key": "z", "value": "word " * 50}])
     with pytest.raises(UserError, match=r"c\.jsonl:2: the entry is \d+ tokens, longer than the model's context of 20"):
         load_examples(path, tiny_tokenizer, n_ctx=20)
 
@@ -96,6 +96,8 @@ def test_context_check_names_the_line(tiny_tokenizer, tmp_path):
     (['{"key": "a", "value": 3}'], r"c\.jsonl:1: fields 'key' and 'value' must be strings"),
     (['{"key": "a", "value": ""}'], r"c\.jsonl:1: field 'value' is empty"),
     (['', '  '], r"c\.jsonl is empty"),
+    (['{"key": "a", "value": "1"}', '{"key": "b", "value": "2"}', '{"key": "a", "value": "3"}'],
+     r"c\.jsonl:1 and .*c\.jsonl:3: the key 'a' has two different values"),
 ])
 def test_bad_corpora(tmp_path, lines, message):
     path = write(tmp_path, "c.jsonl", lines)
