@@ -150,6 +150,9 @@ def train(
                                                  "template (system prompt 'You are a helpful assistant.')."),
     eos: Optional[bool] = typer.Option(None, "--eos", help="Also learn EOS after each value."),
     key: Optional[str] = typer.Option(None, help="The key of a .txt corpus. \\[default: empty]"),
+    allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys", help="Train on a corpus "
+                                                          "that gives one key two different values (refused "
+                                                          "otherwise: such an entry can never be recalled)."),
     gguf: Optional[str] = typer.Option(None, help="adapter.gguf for llama.cpp: auto (written when the model can be "
                                        "exported; otherwise said before step 1 and left out) | require (refuse "
                                        "before training when it cannot) | off. \\[default: auto]"),
@@ -271,6 +274,7 @@ def plan(
     chat_template: bool = typer.Option(False, "--chat-template", help="As in train."),
     eos: bool = typer.Option(False, "--eos", help="As in train."),
     key: str = typer.Option("", help="As in train."),
+    allow_conflicting_keys: bool = typer.Option(False, "--allow-conflicting-keys", help="As in train."),
 ):
     """The smallest LoRA rank whose predicted L_final is under ln 2 (with a margin), with its interval."""
     from .law_cli import plan_command
@@ -285,7 +289,8 @@ def plan(
 
         base, tokenizer = models.load_model(models.resolve(model))
         examples = load_examples(corpus, tokenizer, key=key, chat_template=chat_template, eos=eos,
-                                 n_ctx=base.config.max_position_embeddings)
+                                 n_ctx=base.config.max_position_embeddings,
+                                 allow_conflicting_keys=allow_conflicting_keys)
         tokens = count(examples)
         if l_init is None:
             l_init = evaluate(base, examples, tokenizer.pad_token_id or 0, "cpu").mean_ce

@@ -10,10 +10,12 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,24 +70,35 @@ class TrainConfig:
     log_every: int = 1
     # output
     gguf: str = "auto"  # adapter.gguf: auto (when the model can be exported) | require | off
+    # corpus checks
+    allow_conflicting_keys: bool = False  # train on a corpus with a key given two different values
 
     @classmethod
     def from_sources(cls, yaml_path: Path | None, overrides: dict) -> "TrainConfig":
-        """Defaults, then the YAML file, then the command line."""
+        """Defaults, then the YAML file, then the command line. Every value is checked against its field's type
+        (see `coerce_setting`), so a mistyped setting ends in one line naming it and where it came from."""
         values: dict = {}
+        origin: dict = {}
         if yaml_path is not None:
             try:
                 loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as e:
-                raise UserError(f"--config {yaml_path}: {e}") from None
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"--config {yaml_path}: cannot be read ({first})") from None
             if not isinstance(loaded, dict):
                 raise UserError(f"--config {yaml_path}: expected a mapping of settings")
-            values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-        values.update({k: v for k, v in overrides.items() if v is not None})
+            for k, v in loaded.items():
+                name = str(k).replace("-", "_")
+                values[name], origin[name] = v, f"--config {yaml_path}: setting '{k}'"
+        for k, v in overrides.items():
+            if v is not None:
+                values[k], origin[k] = v, f"--{k.replace('_', '-')}"
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown setting(s): {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        values = {k: coerce_setting(v, hints[k], origin[k]) for k, v in values.items()}
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -105,10 +118,84 @@ class TrainConfig:
              "--check-every, --checkpoint-every and --log-every must be at least 1"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype must be auto, float32, bfloat16 or float16"),
             (self.gguf in GGUF_MODES, f"--gguf must be one of {', '.join(GGUF_MODES)}, got '{self.gguf}'"),
+            (math.isfinite(self.lr) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--lr and --weight-decay must be finite (and --weight-decay >= 0), got {self.lr} and {self.weight_decay}"),
+            (self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0),
+             f"--alpha must be positive, got {self.alpha}"),
+            (self.clip > 0, f"--clip must be positive, got {self.clip}"),
+            (self.answer_tokens is None or self.answer_tokens >= 1,
+             f"--answer-tokens must be at least 1, got {self.answer_tokens}"),
+            (len(self.curriculum_epochs) >= 1 and self.curriculum_epochs[0] >= 1
+             and all(a < b for a, b in zip(self.curriculum_epochs, self.curriculum_epochs[1:])),
+             "--curriculum-epochs must be increasing positive integers (e.g. 20,40,60,80), got "
+             f"{','.join(map(str, self.curriculum_epochs)) or 'nothing'}"),
+            (self.modules is None or len(self.modules) >= 1, "--modules must name at least one module"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+
+def _describe(value) -> str:
+    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def coerce_setting(value, annotation, where: str):
+    """`value` as the type `annotation` of a TrainConfig field (int, float, bool, str, list[int], list[str],
+    optionally `| None`), or UserError naming `where`. Kind where it is unambiguous: an integral float for an
+    int, a number written as text ("1e-3", which YAML 1.1 reads as a string) for a float or an int, a bare
+    value or a comma-separated string for a list."""
+    args = typing.get_args(annotation)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        kind = "integers" if item is int else "strings"
+        try:
+            return [coerce_setting(v, item, where) for v in value]
+        except UserError:
+            raise UserError(f"{where} must be a list of {kind} (or a comma-separated string), got "
+                            f"{_describe(value)}") from None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where} must be true or false, got {_describe(value)}")
+    if annotation is int:
+        if isinstance(value, str):
+            for parse in (int, float):
+                try:
+                    value = parse(value.strip())
+                    break
+                except ValueError:
+                    pass
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{where} must be an integer, got {_describe(value)}")
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"{where} must be a finite number, got {value}")
+            return float(value)
+        raise UserError(f"{where} must be a number, got {_describe(value)}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where} must be a string, got {_describe(value)} (quote it in YAML)")
+    raise AssertionError(f"unhandled setting type {annotation}")
 
 
 def pick_device(device: str) -> str:
@@ -179,6 +266,15 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that is not a whole metrics row."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
+
+
 class NonFiniteLoss(Exception):
     pass
 
@@ -191,13 +287,14 @@ class Trainer:
         if resume and not (self.out / "config.yaml").exists():
             raise UserError(f"--resume: {self.out} is not a run folder (no config.yaml)")
         if resume:
-            saved = yaml.safe_load((self.out / "config.yaml").read_text())["settings"]
+            saved = self.saved_settings()
             differs = setting_differences(saved, cfg)
             if differs:
                 raise UserError(f"--resume: setting(s) differ from {self.out}/config.yaml (saved -> now): "
                                 f"{describe_differences(differs)}")
 
-        entries = corpus.read_corpus(cfg.corpus, cfg.key)  # format errors first, before any model loads
+        # format errors first, before any model loads
+        entries = corpus.read_corpus(cfg.corpus, cfg.key, allow_conflicting_keys=cfg.allow_conflicting_keys)
         self.device = pick_device(cfg.device)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.spec = models.resolve(cfg.model)
@@ -228,12 +325,32 @@ class Trainer:
         # Inputs are good: from here on the run folder exists.
         if force and self.out.exists() and not resume:
             shutil.rmtree(self.out)
-        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        created = not self.out.exists()
         self.step, self.wall, self.l_init, self.resumed = 0, 0.0, None, resume
+        try:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            if not resume:
+                self.write_config()
+        except OSError as e:
+            if created:
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise UserError(f"--out {self.out}: cannot create the run folder ({e.strerror or e})") from None
         if resume:
             self.load_checkpoint()
-        else:
-            self.write_config()
+
+    def saved_settings(self) -> dict:
+        """The settings RUN/config.yaml recorded (a setting newer than the run: its default), or UserError when
+        the file is not a readable run config."""
+        path = self.out / "config.yaml"
+        try:
+            record = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--resume: {path} is corrupt ({first}); use --force to start the run over") from None
+        settings = record.get("settings") if isinstance(record, dict) else None
+        if not isinstance(settings, dict):
+            raise UserError(f"--resume: {path} is corrupt (no 'settings' mapping); use --force to start the run over")
+        return {**dataclasses.asdict(TrainConfig()), **settings}
 
     def check_gguf(self) -> str | None:
         """Why no adapter.gguf can be written for this run, or None. Asked before the run folder exists: --gguf
@@ -441,7 +558,7 @@ class Trainer:
             old.unlink()
 
     def load_checkpoint(self) -> None:
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         path = self.latest_checkpoint()
         if path is None:
@@ -449,18 +566,29 @@ class Trainer:
             self.write_config()
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        set_peft_model_state_dict(self.model, state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.sliding = [SlidingState.from_dict(s) for s in state["sliding"]]
-        self.step, self.wall, self.l_init = state["step"], state["wall"], state["l_init"]
-        # Metrics past the checkpoint belong to the interrupted attempt: drop them.
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            expected = set(get_peft_model_state_dict(self.model))
+            if not isinstance(state, dict) or set(state["adapter"]) != expected:
+                raise ValueError("its adapter tensors are not this run's")
+            set_peft_model_state_dict(self.model, state["adapter"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            if state["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            self.sliding = [SlidingState.from_dict(s) for s in state["sliding"]]
+            if len(self.sliding) != len(self.examples):
+                raise ValueError(f"it holds {len(self.sliding)} entries' state, the corpus has {len(self.examples)}")
+            self.step, self.wall, self.l_init = int(state["step"]), float(state["wall"]), state["l_init"]
+        except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                pickle.UnpicklingError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--resume: checkpoint {path} is corrupt or not from this run ({first}); delete it to "
+                            "resume from an older one, or use --force to start over") from None
+        # Metrics past the checkpoint belong to the interrupted attempt (a line cut short by it too): drop them.
         mpath = self.out / "metrics.jsonl"
         if mpath.exists():
-            kept = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            kept = [ln for ln in mpath.read_text(errors="replace").splitlines() if _metrics_step(ln) <= self.step]
             mpath.write_text("".join(ln + "\n" for ln in kept))
         self.log(f"resuming from {path} (step {self.step})")
