@@ -55,7 +55,8 @@ def _context(corpus, lora, model):
     s = src.settings
     spec = models.resolve(model or s.get("model") or models.DEFAULT_MODEL)
     tokenizer = models.load_tokenizer(spec)
-    entries = corpus_mod.read_corpus(corpus, s.get("key", "") or "")
+    entries = corpus_mod.read_corpus(corpus, s.get("key", "") or "",
+                                     allow_conflicting_keys=bool(s.get("allow_conflicting_keys", False)))
     examples = corpus_mod.prepare(entries, tokenizer, chat_template=bool(s.get("chat_template", False)),
                                   eos=bool(s.get("eos", False)), answer_tokens=s.get("answer_tokens"), path=corpus)
     return src, spec, tokenizer, examples

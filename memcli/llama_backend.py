@@ -128,10 +128,9 @@ class LlamaBackend:
         if self.ctx:
             L.llama_free(self.ctx)
             self.ctx = None
-        top = max(max(ex.target_ids) for ex in examples)
-        if top >= self.n_vocab:
-            raise UserError(f"token id {top} is outside the vocabulary of {self.base} ({self.n_vocab} tokens): the "
-                            "tokenizer does not belong to this model")
+        from .verify import check_vocabulary
+
+        check_vocabulary(examples, self.n_vocab, str(self.base))  # every input id, the prompt's included
         lengths = np.array([len(ex) for ex in examples], dtype=np.int64)
         self.max_seqs = max(1, min(256, int(L.llama_max_parallel_sequences())))
         self.plan = plan_batches(lengths, batch_tokens, self.max_seqs)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import UserError
 from .scoring import default_threads, score_logits
-from .verify import Generated, ScoredBatch
+from .verify import Generated, ScoredBatch, check_base, check_vocabulary
 
 
 def plan_padded(lengths: list[int], batch_tokens: int) -> list[tuple[int, int]]:
@@ -34,12 +34,15 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, spec, peft_dir: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", expect_base=None):
+        """expect_base: (fingerprint, model name) of the base the adapter was trained for
+        (`memcli.verify.recorded_base`); another base is refused, as llama.cpp's path refuses it."""
         import torch
 
         from . import models
         from .train import pick_device
 
+        check_base(expect_base, spec, peft_dir)
         self.device = pick_device(device)
         self.threads = threads
         if threads:
@@ -62,10 +65,10 @@ class TorchBackend:
         self.timings["load_s"] = time.perf_counter() - t0
 
     def open(self, examples, batch_tokens: int = 2048) -> None:
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        top = max(max(ex.target_ids) for ex in examples)
-        if top >= vocab:
-            raise UserError(f"token id {top} is outside the vocabulary of {self.spec.name} ({vocab} tokens)")
+        # every input id, the prompt's included: the embedding and the output layer must both cover them
+        vocab = min(self.model.get_input_embeddings().weight.shape[0],
+                    self.model.get_output_embeddings().weight.shape[0])
+        check_vocabulary(examples, vocab, self.spec.name)
         self.plan = plan_padded([len(ex) for ex in examples], batch_tokens)
 
     def score(self, examples, batch_tokens: int = 2048):

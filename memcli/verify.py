@@ -169,9 +169,15 @@ class Totals:
     min_margin_exact: float = math.inf  # the smallest margin among exact entries
     failing_lines: list[int] = field(default_factory=list)
     at_risk_lines: list[int] = field(default_factory=list)
+    non_finite: int = 0  # entries with a NaN or infinite statistic (min p, min margin, CE): null in the report
+    non_finite_lines: list[int] = field(default_factory=list)
 
     def add(self, v: EntryVerdict, line: int) -> None:
         self.entries += 1
+        if not all(math.isfinite(x) for x in (v.min_p, v.min_margin, v.ce)):
+            self.non_finite += 1
+            if len(self.non_finite_lines) < KEEP_LINES:
+                self.non_finite_lines.append(line)
         self.answer_tokens += v.answer_tokens
         self.exact += v.exact
         self.certified += v.certified
@@ -200,11 +206,23 @@ class Totals:
             "min_p": _finite(self.min_p),
             "min_margin_exact": _finite(self.min_margin_exact),
             "failing_lines": self.failing_lines, "at_risk_lines": self.at_risk_lines,
+            "non_finite_entries": self.non_finite, "non_finite_lines": self.non_finite_lines,
         }
 
 
 def _finite(x: float):
     return None if x is None or not math.isfinite(x) else x
+
+
+def json_safe(obj):
+    """obj with every NaN or infinite float (numpy's too) replaced by None, so that it is valid JSON."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _round(x: float, digits: int = 6):
@@ -393,23 +411,41 @@ class ReportWriter:
     def __init__(self, out: Path):
         self.out = Path(out)
         check_out_dir(self.out)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
-        self.entries = open(self.tmp / "entries.jsonl", "w", encoding="utf-8")
+        self.tmp = None
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+            self.entries = open(self.tmp / "entries.jsonl", "w", encoding="utf-8")
+        except OSError as e:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise UserError(f"--out {self.out}: cannot create the report folder ({e.strerror or e})") from None
 
     def entry(self, row: dict) -> None:
-        self.entries.write(json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            self.entries.write(json.dumps(json_safe(row), ensure_ascii=False, allow_nan=False) + "\n")
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot write the report ({e.strerror or e})") from None
 
     def commit(self, report: dict, plot: ProbabilityPlot | None, title: str) -> None:
-        self.entries.close()
-        if plot is not None and plot.entries:
-            plot.write(self.tmp / PLOT_NAME, title)
-        (self.tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        text = json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        try:
+            self.entries.close()
+            if plot is not None and plot.entries:
+                plot.write(self.tmp / PLOT_NAME, title)
+            (self.tmp / "report.json").write_text(text)
+            old = None
+            if self.out.exists():
+                old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
+                os.replace(self.out, old)
+            try:
+                os.replace(self.tmp, self.out)
+            except OSError:
+                if old is not None:  # put the earlier report back
+                    os.replace(old, self.out)
+                raise
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot write the report ({e.strerror or e})") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -432,7 +468,8 @@ def entry_row(v: EntryVerdict, line: int, key: str, tokenizer=None, target_ids=N
         row["at_failure"] = {"expected": expected, "greedy": v.predicted}
         if tokenizer is not None:
             row["at_failure"].update(expected_text=tokenizer.decode([expected]),
-                                     greedy_text=tokenizer.decode([v.predicted]))
+                                     # no token at all (-1) where the logits held no distribution (NaN)
+                                     greedy_text=tokenizer.decode([v.predicted]) if v.predicted >= 0 else None)
     return row
 
 
@@ -522,6 +559,69 @@ def _peft_base_model(peft_dir: Path) -> str | None:
     return _model_name_for(recorded) or (recorded if Path(recorded).is_dir() else None)
 
 
+def _peft_recorded_base(peft_dir: Path) -> str | None:
+    """base_model_name_or_path as a PEFT folder's adapter_config.json records it (None when absent)."""
+    try:
+        recorded = json.loads((peft_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(recorded) if recorded else None
+
+
+def base_fingerprint(spec):
+    """The fingerprint (memcli.export.Fingerprint) of a model as a base: from its GGUF when it comes as one (no
+    dequantising), else from its HF folder. The two agree for the same base."""
+    from . import models
+    from .export import gguf_fingerprint, hf_fingerprint
+
+    return gguf_fingerprint(spec.gguf_path) if spec.gguf_path is not None else hf_fingerprint(models.hf_dir(spec))
+
+
+def recorded_base(src: AdapterSource, peft_base: str | None, spec):
+    """(fingerprint, model name) of the base the adapter was trained for, when something records one that may
+    differ from `spec`: the fingerprint in the adapter GGUF, else the run's model or the PEFT folder's base
+    (fingerprinted now). None when nothing does, or when the record names `spec` itself."""
+    from . import models
+    from .export import Fingerprint, adapter_info
+
+    if src.gguf is not None:
+        try:
+            info = adapter_info(src.gguf)
+        except UserError:  # an unreadable GGUF beside the PEFT adapter: fall back to the recorded model name
+            info = {"fingerprint": None}
+        if info["fingerprint"]:
+            return Fingerprint(info["fingerprint"], info["weights"]), info["model"] or "another model"
+    name = src.settings.get("model") or peft_base
+    if not name:
+        return None
+    trained = models.resolve(name)
+    if trained.name == spec.name:
+        return None
+    return base_fingerprint(trained), name
+
+
+def check_base(recorded, spec, adapter) -> None:
+    """Refuse a base other than the one the adapter was trained for (the torch backend's counterpart of
+    memcli.export.check_pair). recorded: recorded_base's answer."""
+    if recorded is None:
+        return
+    ours, trained_for = recorded
+    theirs = base_fingerprint(spec)
+    if not ours.matches(theirs):
+        raise UserError(f"adapter {adapter} was trained for {trained_for}, base {spec.name} is another model "
+                        f"(fingerprint {ours} vs {theirs})")
+
+
+def check_vocabulary(examples, n_vocab: int, model: str) -> None:
+    """Refuse token ids (prompt or target) outside the model's vocabulary: the tokenizer is not this model's."""
+    for ex in examples:
+        ids = ex.input_ids
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise UserError(f"corpus line {ex.line}: token id {bad} is outside the vocabulary of {model} ({n_vocab} "
+                            "tokens): the tokenizer does not belong to this model")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Orchestration
 # --------------------------------------------------------------------------------------------------------------
@@ -542,6 +642,7 @@ class VerifyOptions:
     kv_type: str = "f16"  # llama.cpp KV cache type: f16 (llama.cpp's default) or f32
     device: str = "auto"  # torch backend
     plot: bool = True
+    allow_conflicting_keys: bool | None = None  # None: the run's setting, else False
 
     def validate(self) -> None:
         checks = [
@@ -611,18 +712,30 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
     key = opts.key if opts.key is not None else s.get("key", "") or ""
     answer_tokens = opts.answer_tokens if opts.answer_tokens is not None else s.get("answer_tokens")
 
-    entries = corpus.read_corpus(corpus_path, key)  # format errors first, before any model loads
+    allow_conflicts = (opts.allow_conflicting_keys if opts.allow_conflicting_keys is not None
+                       else bool(s.get("allow_conflicting_keys", False)))
+    # format errors first, before any model loads
+    entries = corpus.read_corpus(corpus_path, key, allow_conflicting_keys=allow_conflicts)
 
-    # The base: --model, else the run's model, else the model the adapter GGUF names, else the default.
-    adapter_model = None
+    # The base: --model, else the run's model, else the model the adapter GGUF names, else the default (never
+    # for a bare PEFT folder: its base is the one it names, or --model).
+    adapter_model = peft_base = None
     if src.gguf is not None and not s:
         from .export import adapter_info
 
         adapter_model = adapter_info(src.gguf).get("model")
         if adapter_model is not None and adapter_model not in models.registry():
             adapter_model = None
-    if src.peft_dir is not None and not s and model is None:
-        adapter_model = _peft_base_model(src.peft_dir)
+    if src.peft_dir is not None and not s:
+        peft_base = _peft_base_model(src.peft_dir)
+        if peft_base is None and model is None:
+            named = _peft_recorded_base(src.peft_dir)
+            raise UserError(f"--lora {src.given}: the base model its adapter_config.json names "
+                            f"({named!r}) is not a memcli model name or a local model folder; pass --model"
+                            if named else f"--lora {src.given}: its adapter_config.json does not name the base "
+                            "model (no base_model_name_or_path); pass --model")
+        if model is None:
+            adapter_model = peft_base
     model_name = model or s.get("model") or adapter_model or models.DEFAULT_MODEL
     spec = models.resolve(model_name)
     # The tokenizer of the shared tokenisation: the training model's (a quantised GGUF of the same base shares it).
@@ -642,6 +755,9 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
             from .export import base_gguf, check_pair, export_adapter
             from .llama_backend import LlamaBackend
 
+            if src.given is not None and src.gguf is None and src.run_dir is None:
+                # a bare PEFT folder is exported onto this base, so check_pair below cannot tell: check here
+                check_base(recorded_base(src, peft_base, spec), spec, src.given)
             base = spec.gguf_path if spec.gguf_path is not None else base_gguf(spec)
             adapter = src.gguf
             if src.given is not None and (adapter is None or _gguf_is_stale(src)):
@@ -663,7 +779,8 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
             if src.given is not None and peft_dir is None:
                 raise UserError(f"--backend torch needs the PEFT adapter: {src.given} is a GGUF with no memcli run "
                                 "folder beside it; give the run folder or the PEFT adapter folder as --lora")
-            backend = TorchBackend(spec, peft_dir, device=opts.device, threads=opts.threads)
+            expect = recorded_base(src, peft_base, spec) if src.given is not None else None
+            backend = TorchBackend(spec, peft_dir, device=opts.device, threads=opts.threads, expect_base=expect)
             settings_extra = {"peft_adapter": str(peft_dir) if peft_dir else None}
         corpus.check_context(examples, backend.n_ctx_train, corpus_path)
         backend.open(examples, opts.batch_tokens)
@@ -746,7 +863,7 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
                  f"{summary['certified']}, at risk {summary['at_risk']} ({opts.backend})")
         writer.commit(report, plot, title)
         writer = None
-        return report
+        return json_safe(report)  # as report.json holds it: NaN and infinities are None
     finally:
         if writer is not None:
             writer.abort()

@@ -51,7 +51,9 @@ def summary_table(report: dict):
     table.add_row("certified (every p > 0.5)", f"{t['certified']:,}  ({t['certified_rate']:.2%})")
     table.add_row("token accuracy (greedy)", f"{t['token_accuracy']:.2%}")
     table.add_row("answer tokens with p > 0.5", f"{t['above_threshold']:.2%}")
-    table.add_row("mean answer CE (nats)", f"{t['mean_ce']:.4f}")
+    table.add_row("mean answer CE (nats)", "-" if t["mean_ce"] is None else f"{t['mean_ce']:.4f}")
+    if t.get("non_finite_entries"):
+        table.add_row("entries with NaN/inf statistics", f"{t['non_finite_entries']:,}")
     risk = report["settings"]["risk_margin"]
     table.add_row(f"at risk (exact, margin < {risk:g} or p <= 0.5)", f"{t['at_risk']:,}")
     table.add_row("smallest target p", "-" if t["min_p"] is None else f"{t['min_p']:.4f}")
@@ -73,13 +75,14 @@ def summary_table(report: dict):
 def verify_command(corpus: Path, lora: Optional[Path], model: Optional[str], out: Path, backend: str,
                    n_gpu_layers: Optional[int], threads: Optional[int], batch_tokens: int, generate: int,
                    min_exact: float, answer_tokens: Optional[int], chat_template: Optional[bool], eos: Optional[bool],
-                   key: Optional[str], risk_margin: float, kv_type: str, device: str) -> int:
+                   key: Optional[str], risk_margin: float, kv_type: str, device: str,
+                   allow_conflicting_keys: Optional[bool] = None) -> int:
     from .verify import VerifyOptions, verify
 
     options = VerifyOptions(backend=backend, n_gpu_layers=n_gpu_layers, threads=threads, batch_tokens=batch_tokens,
                             generate=generate, min_exact=min_exact, answer_tokens=answer_tokens,
                             chat_template=chat_template, eos=eos, key=key, risk_margin=risk_margin, kv_type=kv_type,
-                            device=device)
+                            device=device, allow_conflicting_keys=allow_conflicting_keys)
     update, close = _progress()
     try:
         report = verify(corpus, out, lora=lora, model=model, options=options, progress=update,
@@ -138,11 +141,16 @@ def register(app: typer.Typer, bench_app: typer.Typer | None = None) -> None:
                                           "(or with some p <= 0.5) is reported at risk."),
         kv_type: str = typer.Option("f16", help="llama: KV cache type, f16 (llama.cpp's default) or f32."),
         device: str = typer.Option("auto", help="torch: auto | cpu | cuda[:i]."),
+        allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys", help="Verify a "
+                                                              "corpus that gives one key two different values "
+                                                              "(refused otherwise: one of them can never be "
+                                                              "recalled). \\[default: the run's setting, else off]"),
     ):
         """Check that greedy decoding recalls every value verbatim, from one teacher-forced pass (exit 0: the
         exact-match rate reaches --min-exact; 1: below; 2: bad input)."""
         code = verify_command(corpus, lora, model, out, backend, n_gpu_layers, threads, batch_tokens, generate,
-                              min_exact, answer_tokens, chat_template, eos, key, risk_margin, kv_type, device)
+                              min_exact, answer_tokens, chat_template, eos, key, risk_margin, kv_type, device,
+                              allow_conflicting_keys)
         raise typer.Exit(code)
 
     if bench_app is not None:
