@@ -68,11 +68,20 @@ def _atomic_gguf(out: Path, write) -> None:
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'adapter.gguf'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()  # can files be created there at all
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:
         write(tmp)
         os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is not None and Path(e.filename) not in (tmp, out):
+            raise  # not the output: an input that could not be read
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -421,7 +421,7 @@ def test_no_partial_file_when_writing_fails(plain_adapter, tiny_spec, tmp_path, 
 
     real = export._encode
     monkeypatch.setattr(export, "_encode", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"adapter\.gguf: cannot write it \(disk full\)"):  # one line, exit 2
         export.export_adapter(folder, out, base=tiny_spec)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.gguf"]
