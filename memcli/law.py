@@ -487,6 +487,7 @@ class LawFit:
     params_per_rank: float | None = None
     l_init_median: float | None = None
     methods: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # caveats of the fit, e.g. the saturation rule not applied
     format: str = LAW_FORMAT
 
     @property
@@ -577,6 +578,11 @@ def fit_law(points: Sequence[Point], n_boot: int = 200, seed: int = 0, level: fl
         raise LawError(f"the number of bootstrap samples must be >= 0, not {n_boot}")
     kept, dropped = split_saturated(points)
     check_fittable(kept)
+    notes = []
+    unknown = [p for p in kept if p.l_final is None]
+    if unknown:
+        notes.append(f"the saturation rule (drop runs with L_final <= ln 2) could not be applied to {len(unknown)} "
+                     f"of {len(points)} runs: they have no l_final (nor l_init), e.g. {unknown[0].source}")
 
     core = _fit_core(kept, n_starts=3, extra_starts=_FIXED_STARTS)
     coefficients = core.coefficients
@@ -642,6 +648,7 @@ def fit_law(points: Sequence[Point], n_boot: int = 200, seed: int = 0, level: fl
         params_per_rank=_params_per_rank(points),
         l_init_median=float(np.median(l_inits)) if l_inits else None,
         methods=sorted({p.method for p in points if p.method}),
+        notes=notes,
     )
 
 
@@ -868,6 +875,9 @@ def _plan_sentence(p: Plan, law: LawFit, need: float, x_real: float, x_max: floa
 
 
 # ------------------------------------------------------------------------------------------- plots
+
+
+PLOT_NAMES = ("pred_vs_obs.png", "delta_l_vs_l.png")  # what plot_fit writes
 
 
 def plot_fit(law: LawFit, points: Sequence[Point], out_dir: Path | str) -> list[Path]:

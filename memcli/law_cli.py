@@ -5,6 +5,7 @@ Both raise LawError for input a user can get wrong; cli.py turns that into one l
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from .law import (
     COEFFICIENTS,
+    PLOT_NAMES,
     LawError,
     LawFit,
     Plan,
@@ -36,11 +38,16 @@ def fit_command(inputs: Sequence[Path], capacity: str = "rank", out: Path = Path
         raise LawError(f"{out} is a folder; --out names the law file to write (e.g. {out / 'law.json'})")
     points = load_points(inputs, capacity)
     law = fit_law(points, n_boot=n_boot, seed=seed, level=level)
+    plot_files = [out.parent / name for name in PLOT_NAMES] if plots else []
+    new_files = [path for path in [*plot_files, out] if not path.exists()]
     try:
         written = plot_fit(law, points, out.parent) if plots else []
         save_law(law, out)
     except OSError as exc:
-        raise LawError(f"cannot write {out} or its plots: {exc}") from None
+        for path in new_files:  # nothing half-written: what this call created goes again
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise LawError(f"cannot write {out} or its plots: {exc.strerror or exc}") from None
     print_fit(law, console)
     console.print(escape(f"Wrote {out}" + "".join(f", {path}" for path in written)))
     return law
@@ -75,6 +82,8 @@ def print_fit(law: LawFit, console: Console) -> None:
                   f"({convergence['agreeing_starts']} of {convergence['starts']} starts agree on the best cost).")
     for note in convergence["at_bound"]:
         console.print(f"[yellow]Warning: {note}; the fit may be unreliable.[/yellow]")
+    for note in law.notes:
+        console.print(f"[yellow]Note: {escape(note)}.[/yellow]")
     if len(law.methods) > 1:
         console.print(f"[yellow]Warning: the runs mix training methods ({', '.join(law.methods)}); "
                       "each method has its own law.[/yellow]")
