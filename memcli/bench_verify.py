@@ -109,6 +109,7 @@ def baseline_llama_cpp(base, adapter, tokenizer, examples, n_entries, max_tokens
     the completion text equals the value text."""
     from llama_cpp import Llama
 
+    from . import llamacpp
     from .scoring import default_threads
 
     threads = threads or default_threads()
@@ -118,7 +119,8 @@ def baseline_llama_cpp(base, adapter, tokenizer, examples, n_entries, max_tokens
                   verbose=False, n_gpu_layers=0)
     if adapter is not None:
         kwargs.update(lora_path=str(adapter), lora_scale=1.0)
-    llm = Llama(**kwargs)
+    with llamacpp.safe_defaults(base):  # off llama.cpp's extra buffer types where they crash (AMX)
+        llm = Llama(**kwargs)
     load = time.perf_counter() - t0
     verdicts, tokens = {}, 0
     t0 = time.perf_counter()

@@ -41,6 +41,29 @@ def models_cmd():
     out_console.print("Also accepted: a local Hugging Face model folder (llama, qwen2, mistral) or a .gguf file.")
 
 
+@app.command()
+@user_errors
+def doctor(probe: bool = typer.Option(False, "--probe", help="On a CPU with AMX, test-load the default model "
+                                      "in a child process to see whether llama.cpp's AMX path works here."),
+           as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
+    """What this installation and machine are: versions, llama.cpp's build and features, CPU features (AVX2,
+    AVX-512, AMX), GPU offload, torch's device, the model cache. Paste it into bug reports."""
+    import json
+
+    from rich.table import Table
+
+    from .doctor import collect, lines
+
+    report = collect(probe)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table("", "", show_header=False, box=None)
+    for label, value in lines(report):
+        table.add_row(label, value)
+    out_console.print(table, highlight=False)
+
+
 @data_app.command("phonebook")
 @user_errors
 def data_phonebook(entries: int = typer.Option(100, help="Number of entries."),

@@ -1009,6 +1009,8 @@ def llama_logits(base: str | os.PathLike, sequences: list[list[int]], adapter: s
     with an F32 KV cache, so the only differences from torch are the weights' own quantisation."""
     from llama_cpp import Llama
 
+    from . import llamacpp
+
     longest = max(len(s) for s in sequences)
     n_ctx = n_ctx or max(64, longest)
     kwargs = dict(model_path=str(base), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
@@ -1016,7 +1018,8 @@ def llama_logits(base: str | os.PathLike, sequences: list[list[int]], adapter: s
     if adapter is not None:
         kwargs.update(lora_path=str(adapter), lora_scale=float(scale))
     try:
-        llm = Llama(**kwargs)
+        with llamacpp.safe_defaults(base):  # off llama.cpp's extra buffer types where they crash (AMX)
+            llm = Llama(**kwargs)
     except (ValueError, RuntimeError) as e:
         raise UserError(f"llama.cpp could not load {base}{' with ' + str(adapter) if adapter else ''} ({e})") from None
     try:

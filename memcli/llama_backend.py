@@ -18,10 +18,8 @@ entries, several sequences at a time, stopping each at its first divergence from
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import itertools
-import logging
 import os
 import time
 from pathlib import Path
@@ -29,43 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from . import llamacpp
 from .scoring import TokenStats, default_threads, score_logits
 from .verify import Generated, ScoredBatch
 
 GGML_TYPE = {"f32": 0, "f16": 1}
-
-_log_lines: collections.deque = collections.deque(maxlen=20)
-_log_callback = None
-_initialised = False
-
-
-def _llama():
-    """llama_cpp's ctypes module, initialised once, its log routed into a small buffer (shown only in errors)."""
-    global _log_callback, _initialised
-    from llama_cpp import llama_cpp as L
-
-    if not _initialised:
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-
-        @L.llama_log_callback
-        def callback(level, text, user_data):
-            if level in (2, 3):  # warnings and errors; continuations (5) of them are rare enough to drop
-                _log_lines.append(text.decode("utf-8", "replace").strip())
-
-        _log_callback = callback  # keep a reference: llama.cpp holds the pointer
-        L.llama_log_set(_log_callback, ctypes.c_void_p(0))
-        L.llama_backend_init()
-        _initialised = True
-    return L
-
-
-def _last_error() -> str:
-    lines = [ln for ln in _log_lines if ln]
-    return lines[-1] if lines else "no message from llama.cpp"
-
-
-def supports_gpu_offload() -> bool:
-    return bool(_llama().llama_supports_gpu_offload())
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
@@ -96,20 +62,19 @@ class LlamaBackend:
     name = "llama"
 
     def __init__(self, base_gguf: str | os.PathLike, adapter_gguf: str | os.PathLike | None = None, *,
-                 n_gpu_layers: int | None = None, threads: int | None = None, kv_type: str = "f16"):
-        L = self._L = _llama()
+                 n_gpu_layers: int | None = None, threads: int | None = None, kv_type: str = "f16", log=None):
+        L = self._L = llamacpp.lib()
         self.base, self.adapter = Path(base_gguf), Path(adapter_gguf) if adapter_gguf else None
         self.threads = threads or default_threads()
-        self.n_gpu_layers = n_gpu_layers if n_gpu_layers is not None else (-1 if supports_gpu_offload() else 0)
+        self.n_gpu_layers = n_gpu_layers if n_gpu_layers is not None else (-1 if llamacpp.supports_gpu_offload() else 0)
         self.kv_type = kv_type
         self.timings = {"load_s": 0.0, "pack_s": 0.0, "decode_s": 0.0, "score_s": 0.0, "decodes": 0}
         self.model = self.ctx = self.lora = None
         t0 = time.perf_counter()
-        params = L.llama_model_default_params()
-        params.n_gpu_layers = self.n_gpu_layers
+        params, self.load_path = llamacpp.model_params(self.base, self.n_gpu_layers, log)  # probes once where AMX may trap
         self.model = L.llama_model_load_from_file(str(self.base).encode(), params)
         if not self.model:
-            raise UserError(f"llama.cpp cannot load the base model {self.base} ({_last_error()})")
+            raise UserError(f"llama.cpp cannot load the base model {self.base} ({llamacpp.last_error()})")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(L.llama_model_n_ctx_train(self.model))
@@ -117,7 +82,7 @@ class LlamaBackend:
             self.lora = L.llama_adapter_lora_init(self.model, str(self.adapter).encode())
             if not self.lora:
                 self.close()
-                raise UserError(f"llama.cpp cannot load the adapter {self.adapter} on {self.base} ({_last_error()})")
+                raise UserError(f"llama.cpp cannot load the adapter {self.adapter} on {self.base} ({llamacpp.last_error()})")
         self.timings["load_s"] = time.perf_counter() - t0
 
     # --- context -----------------------------------------------------------------------------------------
@@ -152,13 +117,13 @@ class LlamaBackend:
         self.ctx = L.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise UserError(f"llama.cpp cannot create a context of {n_ctx} tokens for {n_seq} sequences on "
-                            f"{self.base} ({_last_error()}); try a smaller --batch-tokens")
+                            f"{self.base} ({llamacpp.last_error()}); try a smaller --batch-tokens")
         self.n_ctx, self.n_seq_max = int(L.llama_n_ctx(self.ctx)), int(L.llama_n_seq_max(self.ctx))
         if self.lora is not None:
             adapters = (L.llama_adapter_lora_p_ctypes * 1)(self.lora)
             scales = (ctypes.c_float * 1)(1.0)
             if L.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
-                raise UserError(f"llama.cpp cannot apply the adapter {self.adapter} ({_last_error()})")
+                raise UserError(f"llama.cpp cannot apply the adapter {self.adapter} ({llamacpp.last_error()})")
         self.memory = L.llama_get_memory(self.ctx)
         self._alloc_batch(self.n_batch)
 
@@ -186,7 +151,7 @@ class LlamaBackend:
         t0 = time.perf_counter()
         rc = L.llama_decode(self.ctx, self._batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc} ({_last_error()})")
+            raise RuntimeError(f"llama_decode failed with code {rc} ({llamacpp.last_error()})")
         logits = None
         if n_out:
             ptr = L.llama_get_logits(self.ctx)
@@ -317,7 +282,8 @@ class LlamaBackend:
 
         return {"name": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "base": str(self.base),
                 "adapter": str(self.adapter) if self.adapter else None, "n_gpu_layers": self.n_gpu_layers,
-                "gpu_offload": supports_gpu_offload(), "threads": self.threads, "kv_type": self.kv_type,
+                "gpu_offload": llamacpp.supports_gpu_offload(), **self.load_path.describe(), "threads": self.threads,
+                "kv_type": self.kv_type,
                 "n_ctx": getattr(self, "n_ctx", None), "n_seq_max": getattr(self, "n_seq_max", None),
                 "n_batch": getattr(self, "n_batch", None), "n_vocab": self.n_vocab, "n_ctx_train": self.n_ctx_train,
                 "batches": len(getattr(self, "plan", []))}

@@ -770,7 +770,7 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
             if adapter is not None:
                 check_pair(adapter, base)
             backend = LlamaBackend(base, adapter, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads,
-                                   kv_type=opts.kv_type)
+                                   kv_type=opts.kv_type, log=log)
             settings_extra = {"base_gguf": str(base), "adapter_gguf": str(src.gguf or adapter) if adapter else None}
         else:
             from .torch_backend import TorchBackend
