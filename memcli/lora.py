@@ -1,19 +1,13 @@
-"""LoRA placement and the answer-token forward pass shared by training, evaluation and the torch backend."""
+"""LoRA placement: which layers and modules get the adapter, and wrapping the frozen model with it."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
-from .corpus import Example
 from .errors import UserError
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LN2 = math.log(2.0)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -56,100 +50,3 @@ def add_lora(model, rank: int, alpha: float | None, dropout: float, layers: list
 
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T], right-padded
-    attention_mask: torch.Tensor  # [B, T]
-    rows: torch.Tensor  # [B, L] batch row of each answer slot
-    positions: torch.Tensor  # [B, L] position whose logits predict the answer token
-    targets: torch.Tensor  # [B, L] answer token ids (0 where mask is False)
-    mask: torch.Tensor  # [B, L] True on real answer slots
-
-
-def collate(examples: list[Example], pad_id: int, device) -> Batch:
-    """Pad on the right; the attention mask comes from lengths, never from `token != pad` (pad may be EOS)."""
-    T = max(len(ex) for ex in examples)
-    L = max(len(ex.target_ids) for ex in examples)
-    B = len(examples)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, T), dtype=torch.long)
-    positions = torch.zeros((B, L), dtype=torch.long)
-    targets = torch.zeros((B, L), dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.bool)
-    for i, ex in enumerate(examples):
-        ids, p, n = ex.input_ids, len(ex.prompt_ids), len(ex.target_ids)
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        positions[i, :n] = torch.arange(p - 1, p - 1 + n)
-        targets[i, :n] = torch.tensor(ex.target_ids)
-        mask[i, :n] = True
-    rows = torch.arange(B).unsqueeze(1).expand(B, L)
-    return Batch(*(t.to(device) for t in (input_ids, attention, rows, positions, targets, mask)))
-
-
-def answer_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits [B, L, V] (float32) at the positions that predict answer tokens only: the output layer, the
-    costliest matrix product for a large vocabulary, never runs over prompt or padding positions."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    return base.get_output_embeddings()(hidden[batch.rows, batch.positions]).float()
-
-
-def answer_ce(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-answer-token cross-entropy [B, L] (0 off the mask) and teacher-forced argmax correctness."""
-    logits = answer_logits(model, batch)
-    ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
-    correct = logits.argmax(-1) == batch.targets
-    return ce * batch.mask, correct | ~batch.mask
-
-
-@dataclass
-class Recall:
-    """A clean (no dropout) teacher-forced pass over every entry."""
-
-    mean_ce: float  # mean over all answer tokens
-    exact: list[bool]  # per entry: every teacher-forced argmax right (greedy recall)
-    certified: list[bool]  # per entry: every answer token has p > 0.5
-    min_p: list[float]
-    above: float  # fraction of answer tokens with p > 0.5
-
-    @property
-    def exact_match(self) -> float:
-        return sum(self.exact) / len(self.exact)
-
-    @property
-    def certified_rate(self) -> float:
-        return sum(self.certified) / len(self.certified)
-
-
-@torch.no_grad()
-def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192) -> Recall:
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-    exact, certified, min_p = [None] * len(examples), [None] * len(examples), [None] * len(examples)
-    total_ce, total_above, n_tokens = 0.0, 0, 0
-    start = 0
-    while start < len(order):
-        width = len(examples[order[start]])
-        end = start + 1
-        while end < len(order) and (end - start + 1) * max(width, len(examples[order[end]])) <= batch_tokens:
-            width = max(width, len(examples[order[end]]))
-            end += 1
-        idx = order[start:end]
-        batch = collate([examples[i] for i in idx], pad_id, device)
-        ce, correct = answer_ce(model, batch)
-        above = (ce < LN2) | ~batch.mask
-        total_ce += ce.sum().item()
-        total_above += (above & batch.mask).sum().item()
-        n_tokens += batch.mask.sum().item()
-        max_ce = ce.max(1).values.exp().reciprocal()  # the smallest target probability of each entry
-        for j, i in enumerate(idx):
-            exact[i] = bool(correct[j].all())
-            certified[i] = bool(above[j].all())
-            min_p[i] = float(max_ce[j])
-        start = end
-    model.train(was_training)
-    return Recall(total_ce / n_tokens, exact, certified, min_p, total_above / n_tokens)

@@ -20,7 +20,8 @@ from typing import Callable
 import yaml
 
 from .errors import UserError
-from .train import TrainConfig, Trainer, describe_differences, setting_differences
+from .config import TrainConfig, describe_differences, setting_differences
+from .train import Trainer
 
 
 def cell_name(rank: int, answer_tokens: int) -> str:

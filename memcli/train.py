@@ -9,247 +9,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pickle
 import platform
 import shutil
 import sys
 import time
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from . import __version__, corpus, lora, models
+from . import __version__, corpus, forward, lora, models, runs
+from .config import TrainConfig, describe_differences, setting_differences
 from .errors import UserError
 from .objectives import (Curriculum, SlidingConfig, SlidingState, hard_tokens, ot_loss, sft_weights, sliding_loss,
                          weighted_mean)
-
-METHODS = ("sft", "memft-ot", "memft-sw")
-GGUF_MODES = ("auto", "require", "off")
-# Settings that do not change what a run trains: a resumed run or a sweep cell may differ in them.
-OUTPUT_ONLY = ("gguf",)
-
-
-@dataclass
-class TrainConfig:
-    corpus: str = ""
-    model: str = models.DEFAULT_MODEL
-    # corpus
-    key: str = ""
-    chat_template: bool = False
-    eos: bool = False
-    answer_tokens: int | None = None
-    # objective
-    method: str = "memft-ot"
-    no_hard_tokens: str = "fallback"  # memft-ot: fallback (SFT step) | skip
-    sw_form: str = "auto"  # memft-sw: auto | spatial | temporal
-    curriculum_epochs: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
-    # adapter
-    rank: int = 8
-    layers: list[int] | None = None
-    modules: list[str] | None = None
-    alpha: float | None = None
-    dropout: float = 0.1
-    # optimiser
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    epochs: int = 200
-    max_steps: int | None = None
-    batch_size: int = 16
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    # stopping, logging
-    until_recall: bool = False
-    check_every: int = 10
-    checkpoint_every: int = 50
-    log_every: int = 1
-    # output
-    gguf: str = "auto"  # adapter.gguf: auto (when the model can be exported) | require | off
-    # corpus checks
-    allow_conflicting_keys: bool = False  # train on a corpus with a key given two different values
-
-    @classmethod
-    def from_sources(cls, yaml_path: Path | None, overrides: dict) -> "TrainConfig":
-        """Defaults, then the YAML file, then the command line. Every value is checked against its field's type
-        (see `coerce_setting`), so a mistyped setting ends in one line naming it and where it came from."""
-        values: dict = {}
-        origin: dict = {}
-        if yaml_path is not None:
-            try:
-                loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"--config {yaml_path}: cannot be read ({first})") from None
-            if not isinstance(loaded, dict):
-                raise UserError(f"--config {yaml_path}: expected a mapping of settings")
-            for k, v in loaded.items():
-                name = str(k).replace("-", "_")
-                values[name], origin[name] = v, f"--config {yaml_path}: setting '{k}'"
-        for k, v in overrides.items():
-            if v is not None:
-                values[k], origin[k] = v, f"--{k.replace('_', '-')}"
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown setting(s): {', '.join(unknown)}")
-        hints = typing.get_type_hints(cls)
-        values = {k: coerce_setting(v, hints[k], origin[k]) for k, v in values.items()}
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        checks = [
-            (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got '{self.method}'"),
-            (self.no_hard_tokens in ("fallback", "skip"), "--no-hard-tokens must be fallback or skip"),
-            (self.sw_form in ("auto", "spatial", "temporal"), "--sw-form must be auto, spatial or temporal"),
-            (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
-            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.check_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1,
-             "--check-every, --checkpoint-every and --log-every must be at least 1"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype must be auto, float32, bfloat16 or float16"),
-            (self.gguf in GGUF_MODES, f"--gguf must be one of {', '.join(GGUF_MODES)}, got '{self.gguf}'"),
-            (math.isfinite(self.lr) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-             f"--lr and --weight-decay must be finite (and --weight-decay >= 0), got {self.lr} and {self.weight_decay}"),
-            (self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0),
-             f"--alpha must be positive, got {self.alpha}"),
-            (self.clip > 0, f"--clip must be positive, got {self.clip}"),
-            (self.answer_tokens is None or self.answer_tokens >= 1,
-             f"--answer-tokens must be at least 1, got {self.answer_tokens}"),
-            (len(self.curriculum_epochs) >= 1 and self.curriculum_epochs[0] >= 1
-             and all(a < b for a, b in zip(self.curriculum_epochs, self.curriculum_epochs[1:])),
-             "--curriculum-epochs must be increasing positive integers (e.g. 20,40,60,80), got "
-             f"{','.join(map(str, self.curriculum_epochs)) or 'nothing'}"),
-            (self.modules is None or len(self.modules) >= 1, "--modules must name at least one module"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
-
-def _describe(value) -> str:
-    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
-
-
-def coerce_setting(value, annotation, where: str):
-    """`value` as the type `annotation` of a TrainConfig field (int, float, bool, str, list[int], list[str],
-    optionally `| None`), or UserError naming `where`. Kind where it is unambiguous: an integral float for an
-    int, a number written as text ("1e-3", which YAML 1.1 reads as a string) for a float or an int, a bare
-    value or a comma-separated string for a list."""
-    args = typing.get_args(annotation)
-    if type(None) in args:  # X | None
-        if value is None:
-            return None
-        annotation = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(annotation)
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif not isinstance(value, (list, tuple)):
-            value = [value]
-        kind = "integers" if item is int else "strings"
-        try:
-            return [coerce_setting(v, item, where) for v in value]
-        except UserError:
-            raise UserError(f"{where} must be a list of {kind} (or a comma-separated string), got "
-                            f"{_describe(value)}") from None
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{where} must be true or false, got {_describe(value)}")
-    if annotation is int:
-        if isinstance(value, str):
-            for parse in (int, float):
-                try:
-                    value = parse(value.strip())
-                    break
-                except ValueError:
-                    pass
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"{where} must be an integer, got {_describe(value)}")
-    if annotation is float:
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise UserError(f"{where} must be a finite number, got {value}")
-            return float(value)
-        raise UserError(f"{where} must be a number, got {_describe(value)}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise UserError(f"{where} must be a string, got {_describe(value)} (quote it in YAML)")
-    raise AssertionError(f"unhandled setting type {annotation}")
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: this torch has no CUDA device")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserError(f"--device must be auto, cpu or cuda[:i], got '{device}'")
-    return device
-
-
-def _resolved(key: str, value, settings: dict):
-    """A setting's value as the run uses it, so that spellings of the same choice compare equal: device auto
-    -> cuda:0 or cpu, cuda -> cuda:0; dtype auto -> bfloat16 on CUDA, float32 elsewhere; alpha unset -> rank;
-    the corpus path -> absolute."""
-    if key in ("device", "dtype"):
-        device = settings.get("device") or "auto"
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda":
-            device = "cuda:0"
-        if key == "device":
-            return device
-        if value in (None, "auto"):
-            return "bfloat16" if device.startswith("cuda") else "float32"
-        return value
-    if key == "alpha":
-        return float(value if value is not None else settings.get("rank"))
-    if key == "corpus" and value:
-        return os.path.abspath(str(value))
-    return value
-
-
-def setting_differences(saved: dict, cfg: TrainConfig, ignore=()) -> list[tuple[str, object, object]]:
-    """(setting, saved value, new value) for every setting in which `cfg` trains differently from the settings a
-    run folder's config.yaml recorded. Compares resolved values (see _resolved); settings in OUTPUT_ONLY and
-    `ignore` are left out, and a setting the saved file lacks (added to memcli since) counts as its default."""
-    new = dataclasses.asdict(cfg)
-    saved = dataclasses.asdict(TrainConfig()) | dict(saved)
-    differs = []
-    for key, value in new.items():
-        if key in OUTPUT_ONLY or key in ignore:
-            continue
-        old = saved.get(key)
-        # Equal as written: any resolved difference (dtype auto, alpha unset) follows from another setting that
-        # is reported itself (device, rank).
-        if old != value and _resolved(key, old, saved) != _resolved(key, value, new):
-            differs.append((key, old, value))
-    return differs
-
-
-def describe_differences(differs: list[tuple[str, object, object]]) -> str:
-    return ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in differs)
 
 
 def versions() -> dict:
@@ -258,12 +31,6 @@ def versions() -> dict:
 
     return {"memcli": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
             "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _metrics_step(line: str) -> float:
@@ -284,7 +51,7 @@ class Trainer:
         self.cfg, self.out, self.log = cfg, Path(out), log
         if self.out.exists() and not (resume or force):
             raise UserError(f"run folder {self.out} exists: use --resume to continue it or --force to replace it")
-        if resume and not (self.out / "config.yaml").exists():
+        if resume and not runs.is_run(self.out):
             raise UserError(f"--resume: {self.out} is not a run folder (no config.yaml)")
         if resume:
             saved = self.saved_settings()
@@ -295,7 +62,7 @@ class Trainer:
 
         # format errors first, before any model loads
         entries = corpus.read_corpus(cfg.corpus, cfg.key, allow_conflicting_keys=cfg.allow_conflicting_keys)
-        self.device = pick_device(cfg.device)
+        self.device = models.pick_device(cfg.device)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.spec = models.resolve(cfg.model)
         model, self.tokenizer = models.load_model(self.spec, dtype, self.device)
@@ -339,17 +106,11 @@ class Trainer:
             self.load_checkpoint()
 
     def saved_settings(self) -> dict:
-        """The settings RUN/config.yaml recorded (a setting newer than the run: its default), or UserError when
-        the file is not a readable run config."""
-        path = self.out / "config.yaml"
+        """The settings RUN/config.yaml recorded (a setting newer than the run: its default)."""
         try:
-            record = yaml.safe_load(path.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--resume: {path} is corrupt ({first}); use --force to start the run over") from None
-        settings = record.get("settings") if isinstance(record, dict) else None
-        if not isinstance(settings, dict):
-            raise UserError(f"--resume: {path} is corrupt (no 'settings' mapping); use --force to start the run over")
+            settings = runs.read_settings(self.out)
+        except UserError as e:
+            raise UserError(f"--resume: {e}; use --force to start the run over") from None
         return {**dataclasses.asdict(TrainConfig()), **settings}
 
     def check_gguf(self) -> str | None:
@@ -359,7 +120,7 @@ class Trainer:
             return None
         from peft.tuners.lora import LoraLayer
 
-        from .export import exportable
+        from .gguf.adapter import exportable
 
         modules = [name for name, m in self.model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
         cause = exportable(self.spec, self.model.peft_config["default"].to_dict(), modules, self.out / "adapter")
@@ -407,8 +168,8 @@ class Trainer:
     def train_step(self, step: int, epoch: int, idx: list[int]) -> dict:
         """One optimiser step on the samples idx; returns its metrics row."""
         t0 = time.perf_counter()
-        batch = lora.collate([self.examples[i] for i in idx], self.pad_id, self.device)
-        ce, correct = lora.answer_ce(self.model, batch)
+        batch = forward.collate([self.examples[i] for i in idx], self.pad_id, self.device)
+        ce, correct = forward.answer_ce(self.model, batch)
         loss, hard = self.objective(ce, correct, batch, idx)
         if loss is not None:
             if not torch.isfinite(loss):
@@ -427,12 +188,13 @@ class Trainer:
 
     def run(self, progress=None) -> dict:
         cfg = self.cfg
-        if self.resumed and (self.out / "summary.json").exists():
+        finished = runs.read_summary(self.out) if self.resumed else None
+        if finished is not None:
             self.log(f"{self.out} already finished; nothing to resume")
-            return json.loads((self.out / "summary.json").read_text())
+            return finished
         if self.l_init is None:
             with self.model.disable_adapter():
-                self.l_init = lora.evaluate(self.model, self.examples, self.pad_id, self.device).mean_ce
+                self.l_init = forward.evaluate(self.model, self.examples, self.pad_id, self.device).mean_ce
         self.log(f"{len(self.examples)} entries, {self.l} answer tokens, rank {cfg.rank}, {self.params:,} trainable "
                  f"parameters, layers {self.layers} {'/'.join(self.modules)}; L_init {self.l_init:.4f}")
         metrics = open(self.out / "metrics.jsonl", "a")
@@ -448,7 +210,7 @@ class Trainer:
                     row = None
                 checked = step % cfg.check_every == 0 or step == self.total_steps
                 if checked:
-                    recall, recall_step = lora.evaluate(self.model, self.examples, self.pad_id, self.device), step
+                    recall, recall_step = forward.evaluate(self.model, self.examples, self.pad_id, self.device), step
                     row = (row or {"step": step, "epoch": epoch}) | {
                         "exact_match": recall.exact_match, "certified": recall.certified_rate,
                         "clean_ce": round(recall.mean_ce, 6), "clean_above": round(recall.above, 6)}
@@ -473,8 +235,8 @@ class Trainer:
         final = recall if recall_step == self.step else None
         return self.finish(stop_reason, certified_at, final)
 
-    def finish(self, stop_reason: str, certified_at: int | None, final: lora.Recall | None = None) -> dict:
-        final = final or lora.evaluate(self.model, self.examples, self.pad_id, self.device)
+    def finish(self, stop_reason: str, certified_at: int | None, final: forward.Recall | None = None) -> dict:
+        final = final or forward.evaluate(self.model, self.examples, self.pad_id, self.device)
         cfg = self.cfg
         summary = {
             "method": cfg.method, "sw_form": self.sw_form, "model": self.spec.name, "rank": cfg.rank,
@@ -488,29 +250,26 @@ class Trainer:
             "gguf": None, "gguf_error": self.gguf_blocker,
         }
         # The trained adapter and its summary first: whatever export does next, they are kept.
-        self.model.save_pretrained(self.out / "adapter.tmp")
-        if (self.out / "adapter").exists():
-            shutil.rmtree(self.out / "adapter")
-        os.replace(self.out / "adapter.tmp", self.out / "adapter")
-        write_json(self.out / "summary.json", summary)
+        runs.save_adapter(self.out, self.model)
+        runs.write_summary(self.out, summary)
         if cfg.gguf == "off" or self.gguf_blocker is not None:
             return summary
         try:
-            from .export import export_adapter
+            from .gguf.adapter import export_adapter
 
-            export_adapter(self.out, self.out / "adapter.gguf", base=self.spec)  # ready for llama.cpp
+            export_adapter(self.out, runs.gguf_path(self.out), base=self.spec)  # ready for llama.cpp
             summary["gguf"] = "adapter.gguf"
         except Exception as e:  # noqa: BLE001 - a failed export must not lose the finished run
             cause = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             summary["gguf_error"] = cause
-            write_json(self.out / "summary.json", summary)
+            runs.write_summary(self.out, summary)
             if cfg.gguf == "require":
                 raise UserError(f"adapter.gguf could not be written ({cause}); {self.out}/adapter and "
                                 "summary.json are kept: retry with `memcli export`") from None
             self.log(f"warning: no adapter.gguf written: {cause}. The adapter is in {self.out}/adapter "
                      "(PEFT format) and summary.json is written.")
             return summary
-        write_json(self.out / "summary.json", summary)
+        runs.write_summary(self.out, summary)
         return summary
 
     # --- run folder --------------------------------------------------------------------------------------
@@ -520,9 +279,7 @@ class Trainer:
                                "sw_form": self.sw_form, "total_steps": self.total_steps, "answer_tokens": self.l,
                                "entries": len(self.examples), "params": self.params},
                   "versions": versions(), "command": " ".join(sys.argv)}
-        tmp = self.out / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(record, sort_keys=False))
-        os.replace(tmp, self.out / "config.yaml")
+        runs.write_config(self.out, record)
 
     def discard_bad_checkpoints(self) -> str:
         """After a non-finite loss at this step: the checkpoint of the step before holds the weights that produced
@@ -551,9 +308,7 @@ class Trainer:
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                  "sliding": [dataclasses.asdict(s) for s in self.sliding]}
         path = self.out / "checkpoints" / f"step-{self.step:08d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a checkpoint is whole or absent
+        runs.atomic_write(path, lambda tmp: torch.save(state, tmp), what="checkpoint")  # whole or absent
         for old in sorted((self.out / "checkpoints").glob("step-*.pt"))[:-keep]:
             old.unlink()
 

@@ -8,7 +8,7 @@ from conftest import DATA
 from memcli.corpus import (RANDOM_KEY, Entry, answer_tokens, generate_phonebook,
                            generate_random_tokens, load_examples, read_corpus, select_prefix, tokenize)
 from memcli.errors import UserError
-from memcli.lora import collate
+from memcli.forward import collate
 
 
 def write(tmp_path, name, lines):

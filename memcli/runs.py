@@ -1,0 +1,170 @@
+"""The run folder (`memcli train --out RUN`): its layout and the reading and writing of its files; and the one
+atomic writer every output of memcli goes through (a file is whole or absent, never half-written).
+
+    RUN/config.yaml      settings, resolved values, versions, command      (write_config / read_config)
+    RUN/metrics.jsonl    one line per logged step                          (train appends)
+    RUN/summary.json     the result                                        (write_summary / read_summary)
+    RUN/adapter/         the adapter in PEFT format                        (save_adapter)
+    RUN/adapter.gguf     the same adapter for llama.cpp                    (gguf_path)
+    RUN/checkpoints/     step-<N>.pt                                       (train)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+CONFIG, METRICS, SUMMARY, ADAPTER, GGUF, CHECKPOINTS = (
+    "config.yaml", "metrics.jsonl", "summary.json", "adapter", "adapter.gguf", "checkpoints")
+
+
+# --- atomic writes -------------------------------------------------------------------------------------------
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], what: str = "--out",
+                 example: str | None = None) -> Path:
+    """write(tmp) into a temporary file beside `path`, then rename it into place. On any error the temporary file
+    goes and `path` is untouched; an OSError on the output (not on an input `write` reads) becomes one UserError
+    naming `what` and the path. A `path` that is a folder is refused, suggesting path/`example` when given. The
+    file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    path = Path(path)
+    if path.is_dir():
+        such_as = f" such as {path / example}" if example else ""
+        raise UserError(f"{what} {path} is a folder; give a file name{such_as}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temp(path)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is not None and Path(e.filename) not in (tmp, path):
+            raise  # an input that could not be read, not the output
+        raise UserError(f"{what} {path}: cannot write it ({e.strerror or e})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _new_temp(path: Path) -> Path:
+    """A new, empty, uniquely named file `.NAME.<random>.tmp` beside `path`, created with mode 0666 & ~umask."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def write_text(path: str | os.PathLike, text: str, what: str = "--out") -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what)
+
+
+def write_json(path: str | os.PathLike, obj, what: str = "--out") -> Path:
+    """Strict JSON (NaN and infinities are refused: callers turn them into null first)."""
+    return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", what)
+
+
+def atomic_dir(target: str | os.PathLike, build: Callable[[Path], None]) -> Path:
+    """build(tmp_dir) then move the folder into place, replacing an older one; whole or absent. When another
+    process put `target` in place meanwhile, its folder is kept."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --- the run folder ------------------------------------------------------------------------------------------
+
+def is_run(path: str | os.PathLike) -> bool:
+    """A memcli run folder (started: config.yaml is written before the first step)."""
+    return (Path(path) / CONFIG).is_file()
+
+
+def has_adapter(run: str | os.PathLike) -> bool:
+    return (Path(run) / ADAPTER / "adapter_config.json").is_file()
+
+
+def adapter_dir(run: str | os.PathLike) -> Path:
+    return Path(run) / ADAPTER
+
+
+def gguf_path(run: str | os.PathLike) -> Path:
+    return Path(run) / GGUF
+
+
+def read_config(run: str | os.PathLike) -> dict:
+    """RUN/config.yaml, or UserError naming it when it cannot be read or has no `settings` mapping."""
+    import yaml
+
+    path = Path(run) / CONFIG
+    try:
+        record = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"run config {path} is corrupt ({first})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        raise UserError(f"run config {path} is corrupt (no 'settings' mapping)")
+    return record
+
+
+def read_settings(run: str | os.PathLike) -> dict:
+    return read_config(run)["settings"]
+
+
+def write_config(run: str | os.PathLike, record: dict) -> Path:
+    import yaml
+
+    return write_text(Path(run) / CONFIG, yaml.safe_dump(record, sort_keys=False), what="run config")
+
+
+def read_summary(run_or_file: str | os.PathLike) -> dict | None:
+    """RUN/summary.json (or a summary.json path); None when the run has not finished; UserError when corrupt."""
+    path = Path(run_or_file)
+    if path.is_dir():
+        path = path / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a run summary (not a JSON object)")
+    return data
+
+
+def write_summary(run: str | os.PathLike, summary: dict) -> Path:
+    return write_json(Path(run) / SUMMARY, summary, what="run summary")
+
+
+def save_adapter(run: str | os.PathLike, model) -> Path:
+    """The PEFT adapter of `model` as RUN/adapter/, replaced whole."""
+    return atomic_dir(adapter_dir(run), lambda tmp: model.save_pretrained(tmp))
