@@ -24,6 +24,15 @@ def parse_ints(text: Optional[str], name: str) -> Optional[list[int]]:
         raise UserError(f"{name} takes comma-separated integers, got '{text}'") from None
 
 
+def _default(name: str) -> str:
+    """' [default: X]' from TrainConfig, the one place train's defaults are written (escaped: Rich markup)."""
+    from .config import TrainConfig
+
+    value = getattr(TrainConfig(), name)
+    shown = ",".join(map(str, value)) if isinstance(value, list) else value
+    return f" \\[default: {shown}]"
+
+
 # --- models, data ------------------------------------------------------------------------------------------
 
 @app.command("models")
@@ -122,7 +131,7 @@ def progress_printer(total_steps: int):
 
 def train_config(params: dict):
     """A TrainConfig from `train`'s parsed options: defaults < --config YAML < the command line."""
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     overrides = {k: v for k, v in params.items() if k not in ("out", "config", "resume", "force")}
     overrides.update(corpus=str(params["corpus"]),
@@ -138,36 +147,36 @@ def train(
     corpus: Path = typer.Argument(..., help="Corpus: JSONL (query/target, question/matching, prompt/completion, "
                                   "key/value) or a .txt file (one value)."),
     out: Path = typer.Option(..., "--out", help="Run folder to write."),
-    model: Optional[str] = typer.Option(None, help="Model name (see `memcli models`) or path. \\[default: smollm2-135m]"),
+    model: Optional[str] = typer.Option(None, help="Model name (see `memcli models`) or path." + _default("model")),
     config: Optional[Path] = typer.Option(None, help="YAML file of settings; command-line options override it."),
-    method: Optional[str] = typer.Option(None, help="sft | memft-ot | memft-sw. \\[default: memft-ot]"),
+    method: Optional[str] = typer.Option(None, help="sft | memft-ot | memft-sw." + _default("method")),
     no_hard_tokens: Optional[str] = typer.Option(None, help="memft-ot with no token above threshold in a batch: "
-                                                 "fallback (plain mean) | skip (no update). \\[default: fallback]"),
+                                                 "fallback (plain mean) | skip (no update)." + _default("no_hard_tokens")),
     sw_form: Optional[str] = typer.Option(None, help="memft-sw: spatial (one long value) | temporal (curriculum "
-                                          "over many entries) | auto (by corpus shape). \\[default: auto]"),
+                                          "over many entries) | auto (by corpus shape)." + _default("sw_form")),
     curriculum_epochs: Optional[str] = typer.Option(None, help="memft-sw temporal: epochs where exposure grows "
-                                                    "from 20/40/60/80 % to the next. \\[default: 20,40,60,80]"),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank. \\[default: 8]"),
+                                                    "from 20/40/60/80 % to the next." + _default("curriculum_epochs")),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank." + _default("rank")),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices. \\[default: the middle layer]"),
     modules: Optional[str] = typer.Option(None, help="Comma-separated module names, or all-linear. "
-                                          "\\[default: gate_proj,up_proj,down_proj]"),
+                                          "\\[default: the middle layer's gate_proj,up_proj,down_proj]"),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha. \\[default: rank, i.e. scale 1]"),
-    dropout: Optional[float] = typer.Option(None, help="LoRA dropout. \\[default: 0.1]"),
-    lr: Optional[float] = typer.Option(None, help="AdamW learning rate, decayed linearly to 0. \\[default: 1e-2]"),
-    weight_decay: Optional[float] = typer.Option(None, help="\\[default: 0]"),
-    clip: Optional[float] = typer.Option(None, help="Gradient-norm clipping. \\[default: 1.0]"),
-    epochs: Optional[int] = typer.Option(None, help="Training budget in epochs. \\[default: 200]"),
+    dropout: Optional[float] = typer.Option(None, help="LoRA dropout." + _default("dropout")),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate, decayed linearly to 0." + _default("lr")),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay." + _default("weight_decay")),
+    clip: Optional[float] = typer.Option(None, help="Gradient-norm clipping." + _default("clip")),
+    epochs: Optional[int] = typer.Option(None, help="Training budget in epochs." + _default("epochs")),
     max_steps: Optional[int] = typer.Option(None, help="Training budget in steps (overrides --epochs)."),
-    batch_size: Optional[int] = typer.Option(None, help="\\[default: 16]"),
-    seed: Optional[int] = typer.Option(None, help="\\[default: 0]"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:i]. \\[default: auto]"),
+    batch_size: Optional[int] = typer.Option(None, help="Entries per step." + _default("batch_size")),
+    seed: Optional[int] = typer.Option(None, help="Seed of the adapter, the order and dropout." + _default("seed")),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:i]." + _default("device")),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 for the base weights "
-                                        "(the adapter stays float32). \\[default: auto]"),
+                                        "(the adapter stays float32)." + _default("dtype")),
     until_recall: Optional[bool] = typer.Option(None, "--until-recall", help="Stop as soon as every answer token "
                                                 "of every entry has p > 0.5 (certified recall)."),
-    check_every: Optional[int] = typer.Option(None, help="Steps between clean recall checks. \\[default: 10]"),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints. \\[default: 50]"),
-    log_every: Optional[int] = typer.Option(None, help="Steps between metrics lines. \\[default: 1]"),
+    check_every: Optional[int] = typer.Option(None, help="Steps between clean recall checks." + _default("check_every")),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints." + _default("checkpoint_every")),
+    log_every: Optional[int] = typer.Option(None, help="Steps between metrics lines." + _default("log_every")),
     answer_tokens: Optional[int] = typer.Option(None, help="Memorise only the first L answer tokens."),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template", help="Wrap keys in the model's chat "
                                                  "template (system prompt 'You are a helpful assistant.')."),
@@ -178,7 +187,7 @@ def train(
                                                           "otherwise: such an entry can never be recalled)."),
     gguf: Optional[str] = typer.Option(None, help="adapter.gguf for llama.cpp: auto (written when the model can be "
                                        "exported; otherwise said before step 1 and left out) | require (refuse "
-                                       "before training when it cannot) | off. \\[default: auto]"),
+                                       "before training when it cannot) | off." + _default("gguf")),
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its newest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ):
@@ -210,7 +219,7 @@ def export(src: Path = typer.Argument(..., help="A run folder or a PEFT adapter 
            model: Optional[str] = typer.Option(None, help="The base model, when the folder does not say.")):
     """Write a LoRA adapter as a llama.cpp adapter GGUF (q/k permuted, PEFT's scale reproduced exactly)."""
     from . import models
-    from .export import export_adapter
+    from .gguf.adapter import export_adapter
 
     info = export_adapter(src, out, outtype, base=models.resolve(model) if model else None)
     console.print(f"wrote {out}: {info['tensors']} tensors, {info['bytes'] / 1024:.1f} KiB, base {info['model']}, "
@@ -224,7 +233,7 @@ def export_base_cmd(hf_dir: str = typer.Argument(..., help="An HF model folder (
                     out: Path = typer.Option(..., "--out", help="The base GGUF to write."),
                     outtype: str = typer.Option("f32", help="f32 | f16 | q8_0.")):
     """Write an HF model as a llama.cpp base GGUF, tokenizer included."""
-    from .export import export_base
+    from .gguf.base import export_base
 
     info = export_base(hf_dir, out, outtype)
     console.print(f"wrote {out}: {info['arch']} {info['name']}, {info['tensors']} tensors, "
@@ -278,9 +287,12 @@ def fit(
     plots: bool = typer.Option(True, help="Write pred_vs_obs.png and delta_l_vs_l.png."),
 ):
     """Fit dL = C x^alpha l^-beta + b to training runs (saturated runs, L_final <= ln 2, are dropped)."""
-    from .law_cli import fit_command
+    from .law.fit import fit_and_save
+    from .terminal import print_fit, print_written
 
-    fit_command(inputs, capacity, out, n_boot, seed, plots, level=level, console=out_console)
+    law, written = fit_and_save(inputs, capacity, out, n_boot, seed, plots, level=level)
+    print_fit(law, out_console)
+    print_written([out, *written], out_console)
 
 
 @app.command()
@@ -300,7 +312,8 @@ def plan(
     allow_conflicting_keys: bool = typer.Option(False, "--allow-conflicting-keys", help="As in train."),
 ):
     """The smallest LoRA rank whose predicted L_final is under ln 2 (with a margin), with its interval."""
-    from .law_cli import plan_command
+    from .law.plan import plan_from_file
+    from .terminal import print_plan
 
     if (corpus is None) == (tokens is None):
         raise UserError("plan needs either a CORPUS or --tokens L (not both)")
@@ -308,7 +321,7 @@ def plan(
     if corpus is not None:
         from . import models
         from .corpus import answer_tokens as count, load_examples
-        from .lora import evaluate
+        from .forward import evaluate
 
         base, tokenizer = models.load_model(models.resolve(model))
         examples = load_examples(corpus, tokenizer, key=key, chat_template=chat_template, eos=eos,
@@ -318,7 +331,63 @@ def plan(
         if l_init is None:
             l_init = evaluate(base, examples, tokenizer.pad_token_id or 0, "cpu").mean_ce
             source = f"measured on {corpus} with {model or models.DEFAULT_MODEL}"
-    plan_command(law, tokens, l_init, margin, l_init_source=source, console=out_console)
+    print_plan(plan_from_file(law, tokens, l_init, margin, l_init_source=source), out_console)
+
+
+# --- verify ------------------------------------------------------------------------------------------------
+
+@app.command("verify")
+@user_errors
+def verify_cmd(
+    corpus: Path = typer.Argument(..., help="Corpus to verify (the formats `train` reads)."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="Run folder, PEFT adapter folder or adapter .gguf. "
+                                        "Without it the base model alone is verified."),
+    model: Optional[str] = typer.Option(None, help="Base model name or path (.gguf for llama.cpp, e.g. a "
+                                        "quantised base). \\[default: the run's model, else smollm2-135m]"),
+    out: Path = typer.Option(..., "--out", help="Report folder: report.json, entries.jsonl, a PNG."),
+    backend: str = typer.Option("llama", help="llama (llama.cpp, as deployed) | torch (HF + PEFT)."),
+    n_gpu_layers: Optional[int] = typer.Option(None, help="llama: layers to offload. \\[default: all when "
+                                               "llama.cpp was built with GPU support, else 0]"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads. \\[default: the CPUs this process may use]"),
+    batch_tokens: int = typer.Option(2048, help="Tokens per forward pass (many entries packed into one)."),
+    generate: int = typer.Option(0, help="Also run real greedy generation for K entries (spread over the "
+                                 "corpus) and compare with the teacher-forced verdicts."),
+    min_exact: float = typer.Option(1.0, help="Exit 0 when the exact-match rate is at least this, else 1."),
+    answer_tokens: Optional[int] = typer.Option(None, help="Verify only the first L answer tokens (as in "
+                                                "train). \\[default: the run's setting]"),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="As in "
+                                                 "train. \\[default: the run's setting, else off]"),
+    eos: Optional[bool] = typer.Option(None, "--eos/--no-eos", help="As in train. \\[default: the run's "
+                                       "setting, else off]"),
+    key: Optional[str] = typer.Option(None, help="The key of a .txt corpus. \\[default: the run's setting]"),
+    risk_margin: float = typer.Option(1.0, help="An exact entry whose smallest logit margin is below this "
+                                      "(or with some p <= 0.5) is reported at risk."),
+    kv_type: str = typer.Option("f16", help="llama: KV cache type, f16 (llama.cpp's default) or f32."),
+    device: str = typer.Option("auto", help="torch: auto | cpu | cuda[:i]."),
+    allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys", help="Verify a "
+                                                          "corpus that gives one key two different values "
+                                                          "(refused otherwise: one of them can never be "
+                                                          "recalled). \\[default: the run's setting, else off]"),
+):
+    """Check that greedy decoding recalls every value verbatim, from one teacher-forced pass (exit 0: the
+    exact-match rate reaches --min-exact; 1: below; 2: bad input)."""
+    from rich.markup import escape
+
+    from .terminal import print_verify_report, verify_progress
+    from .verify.run import VerifyOptions, verify
+
+    options = VerifyOptions(backend=backend, n_gpu_layers=n_gpu_layers, threads=threads, batch_tokens=batch_tokens,
+                            generate=generate, min_exact=min_exact, answer_tokens=answer_tokens,
+                            chat_template=chat_template, eos=eos, key=key, risk_margin=risk_margin, kv_type=kv_type,
+                            device=device, allow_conflicting_keys=allow_conflicting_keys)
+    update, close = verify_progress()
+    try:
+        report = verify(corpus, out, lora=lora, model=model, options=options, progress=update,
+                        log=lambda m: console.print(escape(m), highlight=False, soft_wrap=True))
+    finally:
+        close()
+    print_verify_report(report, corpus, out)
+    raise typer.Exit(0 if report["passed"] else 1)
 
 
 # --- benchmarks --------------------------------------------------------------------------------------------
@@ -326,17 +395,44 @@ def plan(
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
 app.add_typer(bench_app, name="bench")
 
-from .verify_cli import register as _register_verify  # noqa: E402  (verify and bench verify)
+@bench_app.command("verify")
+@user_errors
+def bench_verify_cmd(
+    corpus: Path = typer.Argument(..., help="Corpus to verify."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="Run folder (or PEFT folder / .gguf) to "
+                                        "verify; without it, the base model alone."),
+    model: Optional[str] = typer.Option(None, help="Base model. \\[default: the run's, else smollm2-135m]"),
+    baseline_entries: int = typer.Option(50, help="Entries the slow baselines (b, c) run on; their "
+                                         "speed is scaled to the whole corpus, and the output says so."),
+    baseline_tokens: Optional[int] = typer.Option(None, help="Cap on tokens generated per entry by the "
+                                                  "slow baselines (for one long value; scaled the same way)."),
+    torch_entries: Optional[int] = typer.Option(None, help="Entries for (d), the torch backend. "
+                                                "\\[default: all]"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for every method."),
+    batch_tokens: int = typer.Option(2048, help="--batch-tokens of (a) and (d)."),
+    memory_entries: str = typer.Option("250,1000", help="Two PhoneBook sizes whose peak memory is "
+                                       "measured in child processes; empty to skip."),
+    skip: str = typer.Option("", help="Comma-separated methods to leave out: b, c, d, kernel, memory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+):
+    """(a) memcli verify on llama.cpp against (b) transformers generate, (c) llama-cpp-python's
+    high-level generation and (d) memcli's torch backend, on the same corpus: entries/s, tokens/s,
+    speed-ups, verdict agreement, decode share, kernel vs numpy, peak memory."""
+    from .bench.verify import run_bench
 
-_register_verify(app, bench_app)
+    run_bench(corpus, lora=lora, model=model, baseline_entries=baseline_entries,
+              baseline_tokens=baseline_tokens, torch_entries=torch_entries, threads=threads,
+              batch_tokens=batch_tokens, memory_entries=memory_entries,
+              skip={s.strip() for s in skip.split(",") if s.strip()}, out=out, console=out_console)
 
 
 @bench_app.command("kernel")
-def bench_kernel_cmd(rows: int = 512, vocab: int = 49152, repeats: int = 5, threads: int = 0):
+def bench_kernel_cmd(rows: int = 512, vocab: int = 49152, repeats: int = 5,
+                     threads: int = typer.Option(0, help="Native worker threads; 0: one per CPU.")):
     """The native logits kernel against its numpy reference on one random block."""
-    from .bench_kernel import main
+    from .bench.kernel import bench_kernel, format_table
 
-    main(["--rows", str(rows), "--vocab", str(vocab), "--repeats", str(repeats), "--threads", str(threads)])
+    out_console.print(format_table(bench_kernel(rows, vocab, repeats, threads)), highlight=False)
 
 
 @bench_app.command("train")
@@ -350,9 +446,24 @@ def bench_train_cmd(entries: int = typer.Option(32, help="PhoneBook entries."),
                     recall: bool = typer.Option(True, help="Run part (1), steps to recall per method.")):
     """Steps to certified recall for SFT / MemFT-OT / MemFT-SW, and memcli's loop against a bare PEFT loop."""
     from . import models
-    from .bench_train import main
+    from .bench.train import main
 
     main(entries, model or models.DEFAULT_MODEL, rank, seed, max_epochs, check_every, throughput_steps, recall)
+
+
+@bench_app.command("agree")
+@user_errors
+def bench_agree_cmd(run: Path = typer.Argument(..., help="A finished run folder."),
+                    corpus: Optional[Path] = typer.Option(None, help="The corpus to check \\[default: the run's]."),
+                    limit: Optional[int] = typer.Option(None, help="Only the first N entries.")):
+    """torch + PEFT vs llama.cpp (base GGUF + exported adapter): the exact-match verdict of every entry of a
+    run's corpus. Exit code 1 when fewer than 99 % agree."""
+    from .bench.agree import agreement, format_agreement
+
+    result = agreement(run, corpus, limit)
+    out_console.print(format_agreement(result), highlight=False, markup=False, soft_wrap=True)
+    if result["rate"] < 0.99:
+        raise typer.Exit(1)
 
 
 @bench_app.command("export")
@@ -360,6 +471,6 @@ def bench_train_cmd(entries: int = typer.Option(32, help="PhoneBook entries."),
 def bench_export_cmd(ranks: str = typer.Option("1,2,4,8,16,32,64", help="Comma-separated ranks."),
                      outtype: str = "f32", model: Optional[str] = None, repeats: int = 3):
     """Export time and adapter size per rank on the default placement."""
-    from .bench_export import bench_export, format_table
+    from .bench.export import bench_export, format_table
 
     out_console.print(format_table(bench_export(tuple(parse_ints(ranks, "--ranks")), outtype, model, repeats)))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .config import ALL_LINEAR, MLP_MODULES
 from .errors import UserError
 
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -1,4 +1,4 @@
-"""MemFT objectives on hand-made tensors (PAPER.md section 4)."""
+"""MemFT objectives on hand-made tensors (docs/method.md §3)."""
 
 import math
 
@@ -145,12 +145,17 @@ def test_sw_window_grows_in_weights():
     assert w[85].item() == pytest.approx(w0 * 0.01, rel=1e-5)
 
 
-def test_sliding_loss_falls_back_to_mean_when_weights_vanish():
-    ce = torch.tensor([[0.0, 0.0]])
+def test_sliding_loss_weights_then_falls_back_to_mean_when_weights_vanish():
+    ce = torch.tensor([[0.1, 0.3]])
     mask = torch.ones_like(ce, dtype=torch.bool)
     correct = torch.ones_like(mask)
-    loss = sliding_loss(ce, mask, correct, [SlidingState()], SlidingConfig())
-    assert loss.item() == pytest.approx(0.0)
+    # Every argmax right: phi = 1, so the weights are the soft base weights sigmoid(10 (CE - ln 2)), by hand:
+    w = [1 / (1 + math.exp(-10 * (c - LN2))) for c in (0.1, 0.3)]
+    want = (w[0] * 0.1 + w[1] * 0.3) / (w[0] + w[1] + 1e-8)
+    assert sliding_loss(ce, mask, correct, [SlidingState()], SlidingConfig()).item() == pytest.approx(want, rel=1e-5)
+    # A sharpness that drives every weight under 1e-5: the plain mean (0.1 + 0.3) / 2, not 0.
+    loss = sliding_loss(ce, mask, correct, [SlidingState()], SlidingConfig(sharpness=1000.0))
+    assert loss.item() == pytest.approx(0.2, rel=1e-6)
 
 
 def test_curriculum_exposure_schedule():

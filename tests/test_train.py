@@ -8,8 +8,10 @@ import torch
 import yaml
 
 from conftest import run_cli, run_memcli
-from memcli import corpus, lora, models
-from memcli.train import TrainConfig, Trainer
+from memcli import corpus, forward, lora, models
+from memcli.config import TrainConfig
+from memcli.scoring import LN2
+from memcli.train import Trainer
 
 SUMMARY_KEYS = {"method", "rank", "params", "answer_tokens", "entries", "l_init", "l_final", "delta_l",
                 "exact_match", "certified", "steps", "wall_seconds"}
@@ -28,7 +30,7 @@ def test_memft_ot_memorises_pb8_and_stops_by_itself(pb8, tmp_path):
     assert summary["params"] == 8 * (64 + 256) * 3
     assert summary["all_certified"] and summary["certified"] == 1.0 and summary["exact_match"] == 1.0
     assert summary["stop_reason"] == "certified" and summary["steps"] < summary["total_steps"]
-    assert summary["l_final"] < corpus.LN2 < summary["l_init"]
+    assert summary["l_final"] < LN2 < summary["l_init"]
     assert summary["delta_l"] == pytest.approx(summary["l_init"] - summary["l_final"])
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -54,27 +56,47 @@ def test_saved_adapter_reloads_with_the_same_probabilities(pb8, tmp_path):
     trainer = Trainer(cfg, tmp_path / "run", log=lambda m: None)
     trainer.run()
     trainer.model.eval()
-    batch = lora.collate(trainer.examples, trainer.pad_id, "cpu")
+    batch = forward.collate(trainer.examples, trainer.pad_id, "cpu")
     with torch.no_grad():
-        trained_ce, _ = lora.answer_ce(trainer.model, batch)
+        trained_ce, _ = forward.answer_ce(trainer.model, batch)
         base, _ = models.load_model(models.resolve("tiny"))
         reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
-        reloaded_ce, _ = lora.answer_ce(reloaded, batch)
+        reloaded_ce, _ = forward.answer_ce(reloaded, batch)
         with reloaded.disable_adapter():
-            base_ce, _ = lora.answer_ce(reloaded, batch)
+            base_ce, _ = forward.answer_ce(reloaded, batch)
     assert torch.allclose(trained_ce, reloaded_ce, atol=1e-6)
     assert not torch.allclose(trained_ce, base_ce, atol=1e-2)  # the adapter is really there
 
 
-def test_l_init_is_measured_with_the_adapter_disabled(pb8, tmp_path):
-    cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=1)
-    summary = Trainer(cfg, tmp_path / "run", log=lambda m: None).run()
-    base, tok = models.load_model(models.resolve("tiny"))
-    examples = corpus.load_examples(pb8, tok)
-    batch = lora.collate(examples, tok.pad_token_id, "cpu")
+def test_l_init_is_measured_once_with_the_adapter_disabled(pb8, tmp_path, monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=4, check_every=2)
+    trainer = Trainer(cfg, tmp_path / "run", log=lambda m: None)
+    with torch.no_grad():  # B is zero at initialisation; make the adapter change the outputs from the start
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 2.0)
+    passes = []  # (adapter disabled?) for every clean pass
+    real = forward.evaluate
+
+    def spy(model, *args, **kwargs):
+        passes.append(all(m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer)))
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(forward, "evaluate", spy)
+    batch = forward.collate(trainer.examples, trainer.pad_id, "cpu")
     with torch.no_grad():
-        ce, _ = lora.answer_ce(base, batch)
-    assert summary["l_init"] == pytest.approx((ce.sum() / batch.mask.sum()).item(), rel=1e-5)
+        adapted_ce, _ = forward.answer_ce(trainer.model, batch)
+    summary = trainer.run()
+
+    base, tok = models.load_model(models.resolve("tiny"))  # the plain base model, no PEFT at all
+    with torch.no_grad():
+        ce, _ = forward.answer_ce(base, forward.collate(corpus.load_examples(pb8, tok), tok.pad_token_id, "cpu"))
+    n = batch.mask.sum()
+    assert summary["l_init"] == pytest.approx((ce.sum() / n).item(), rel=1e-5)
+    assert (adapted_ce - ce).abs().max() > 0.5  # the adapter does change the per-token loss
+    assert passes.count(True) == 1 and passes[0] is True  # measured once, before training, adapter off
+    assert passes.count(False) == 2  # the clean checks at steps 2 and 4 use the adapter
 
 
 class Interrupt(Exception):
@@ -114,6 +136,61 @@ def test_other_methods_run_and_record_their_form(pb8, tmp_path, method, extra):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == method and summary["steps"] == 6
     assert summary["sw_form"] == ("temporal" if method == "memft-sw" else None)
+
+
+class _Mask:
+    def __init__(self, mask):
+        self.mask = mask
+
+
+@pytest.mark.parametrize("method", ["sft", "memft-ot", "memft-sw"])
+def test_each_method_weighs_the_tokens_as_documented(pb8, tmp_path, method):
+    """The loss each method builds from the same per-token CE, against hand-computed weighted means."""
+    trainer = Trainer(TrainConfig(corpus=str(pb8), model="tiny", method=method, max_steps=1), tmp_path / "r",
+                      log=lambda m: None)
+    ce = torch.tensor([[0.1, 2.0, 0.3, 4.0], [0.2, 0.5, 0.05, 9.0]])
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    loss, hard = trainer.objective(ce, torch.ones_like(mask), _Mask(mask), [0, 1])
+    assert hard == 2  # 2.0 and 4.0 are at or above ln 2; 9.0 is off the mask
+    want = {"sft": (0.1 + 2.0 + 0.3 + 4.0 + 0.2 + 0.5 + 0.05) / 7,
+            "memft-ot": (2.0 + 4.0) / 2,  # only the tokens still at p <= 0.5
+            "memft-sw": (2.0 + 4.0) / 2}  # many entries: the temporal form, OT weights
+    assert loss.item() == pytest.approx(want[method], rel=1e-6)
+    easy = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.2, 0.5, 0.05, 9.0]])
+    loss, hard = trainer.objective(easy, torch.ones_like(mask), _Mask(mask), [0, 1])
+    assert hard == 0
+    if method == "memft-sw":  # nothing above threshold: the temporal form skips the step
+        assert loss is None
+    else:  # SFT, and MemFT-OT's default fallback: the plain mean
+        assert loss.item() == pytest.approx((1.0 + 0.75) / 7, rel=1e-6)
+
+
+def test_memft_ot_skip_makes_no_update_on_a_certified_batch_and_fallback_does(pb8, tmp_path):
+    """--no-hard-tokens skip vs fallback, seen in the adapter weights after one step on a batch whose every
+    token is already certified."""
+    base = Trainer(TrainConfig(corpus=str(pb8), model="tiny", until_recall=True, check_every=5), tmp_path / "cert",
+                   log=lambda m: None)
+    assert base.run()["all_certified"]
+    state = {k: v.clone() for k, v in base.model.state_dict().items() if "lora_" in k}
+    changed = {}
+    for mode in ("skip", "fallback"):
+        t = Trainer(TrainConfig(corpus=str(pb8), model="tiny", no_hard_tokens=mode, max_steps=1, dropout=0.0,
+                                batch_size=8), tmp_path / mode, log=lambda m: None)
+        t.model.load_state_dict(state, strict=False)
+        row = t.train_step(1, 0, list(range(8)))
+        assert row["hard_tokens"] == 0
+        changed[mode] = any(not torch.equal(v, state[k]) for k, v in t.model.state_dict().items() if k in state)
+    assert changed == {"skip": False, "fallback": True}
+
+
+def test_temporal_curriculum_exposes_a_growing_prefix_in_training(pb8, tmp_path):
+    trainer = Trainer(TrainConfig(corpus=str(pb8), model="tiny", method="memft-sw", curriculum_epochs=[1, 2, 3, 4],
+                                  max_steps=1), tmp_path / "r", log=lambda m: None)
+    # 8 entries: ceil(20 % of 8) = 2, then 4 (40 %: 3.2 -> 4), 5, 7, all 8; always a prefix of one fixed order.
+    orders = [trainer.epoch_order(e) for e in range(6)]
+    assert [len(o) for o in orders] == [2, 4, 5, 7, 8, 8]
+    assert all(orders[e] == orders[-1][: len(orders[e])] for e in range(6))
+    assert sorted(orders[-1]) == list(range(8))
 
 
 def test_sw_spatial_form_on_one_long_value(tmp_path):
@@ -280,14 +357,14 @@ def test_exportable_model_records_its_gguf(pb8, tmp_path):
 
 @pytest.mark.parametrize("error", ["user", "crash"])
 def test_failed_export_is_a_warning_and_resume_returns_the_summary(pb8, tmp_path, monkeypatch, error):
-    from memcli import export
+    from memcli.gguf import adapter as gguf_adapter
     from memcli.errors import UserError
 
     def failing(*args, **kwargs):
         if error == "user":
             raise UserError("exporter says no")
         raise RuntimeError("disk on fire")
-    monkeypatch.setattr(export, "export_adapter", failing)
+    monkeypatch.setattr(gguf_adapter, "export_adapter", failing)
     run = tmp_path / "run"
     args = ["train", pb8, "--out", run, "--model", "tiny", "--max-steps", "3", "--checkpoint-every", "2"]
     result = run_cli(*args)
@@ -305,12 +382,12 @@ def test_failed_export_is_a_warning_and_resume_returns_the_summary(pb8, tmp_path
 
 
 def test_failed_export_with_gguf_require_exits_2_but_keeps_the_run(pb8, tmp_path, monkeypatch):
-    from memcli import export
+    from memcli.gguf import adapter as gguf_adapter
     from memcli.errors import UserError
 
     def failing(*args, **kwargs):
         raise UserError("exporter says no")
-    monkeypatch.setattr(export, "export_adapter", failing)
+    monkeypatch.setattr(gguf_adapter, "export_adapter", failing)
     run = tmp_path / "run"
     result = run_cli("train", pb8, "--out", run, "--model", "tiny", "--max-steps", "1", "--gguf", "require")
     assert result.exit_code == 2 and "exporter says no" in result.stderr
@@ -323,7 +400,7 @@ def test_failed_export_with_gguf_require_exits_2_but_keeps_the_run(pb8, tmp_path
 def test_setting_differences_compare_resolved_values(monkeypatch):
     import dataclasses
 
-    from memcli.train import setting_differences
+    from memcli.config import setting_differences
 
     def saved(**kw):  # a config.yaml's settings, as a run started with these options recorded them
         return dataclasses.asdict(TrainConfig(corpus="c.jsonl", **kw))
@@ -364,3 +441,15 @@ def test_resume_accepts_a_resolved_device_and_names_a_changed_setting(pb8, tmp_p
     result = run_cli(*base, "--device", device)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+
+
+def test_example_config_lists_every_setting_with_its_default():
+    """examples/train.yaml documents every train setting (all but the corpus) with the default TrainConfig has."""
+    import dataclasses
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train.yaml"
+    listed = yaml.safe_load(path.read_text())
+    settings = {f.name for f in dataclasses.fields(TrainConfig)} - {"corpus"}
+    assert set(listed) == settings
+    assert TrainConfig.from_sources(path, {"corpus": "c.jsonl"}) == TrainConfig(corpus="c.jsonl")

@@ -1,6 +1,6 @@
 """Benchmark: adapter GGUF export time and file size per LoRA rank on the default model.
 
-    python -m memcli.bench_export [--ranks 1,2,4,8,16,32,64] [--outtype f32] [--model smollm2-135m]
+    memcli bench export [--ranks 1,2,4,8,16,32,64] [--outtype f32] [--model smollm2-135m]
 
 Each rank gets a fresh seeded random adapter on the default placement (the middle layer's MLP projections),
 saved in PEFT format, then exported; the time is export_adapter's wall time (reading the PEFT folder, checking and
@@ -9,7 +9,6 @@ fingerprinting the base, writing the GGUF).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ def bench_export(ranks=(1, 2, 4, 8, 16, 32, 64), outtype: str = "f32", model: st
     """[{rank, params, outtype, seconds (best of `repeats`), bytes}] for each rank."""
     import torch
 
-    from . import export, lora, models
+    from .. import lora, models
+    from ..gguf.adapter import export_adapter
 
     spec = models.resolve(model)
     base_model, _ = models.load_model(spec)
@@ -41,7 +41,7 @@ def bench_export(ranks=(1, 2, 4, 8, 16, 32, 64), outtype: str = "f32", model: st
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                info = export.export_adapter(folder, out, outtype=outtype, base=spec)
+                info = export_adapter(folder, out, outtype=outtype, base=spec)
                 times.append(time.perf_counter() - t0)
             rows.append({"rank": rank, "params": info["params"], "outtype": outtype, "seconds": min(times),
                          "bytes": info["bytes"]})
@@ -55,18 +55,3 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['rank']} | {r['params']:,} | {r['outtype']} | {r['seconds']:.3f} | "
                      f"{r['bytes'] / 1024:,.1f} |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m memcli.bench_export", description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", default="1,2,4,8,16,32,64")
-    parser.add_argument("--outtype", default="f32")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    ranks = tuple(int(r) for r in args.ranks.split(","))
-    print(format_table(bench_export(ranks, args.outtype, args.model, args.repeats)))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,18 +1,17 @@
 """Benchmark of the logits-reduction kernel: native C++ against the numpy reference on the same block.
 
-    python -m memcli.bench_kernel [--rows 512] [--vocab 49152] [--repeats 5] [--threads 0]
+    memcli bench kernel [--rows 512] [--vocab 49152] [--repeats 5] [--threads 0]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from typing import Any, Callable
 
 import numpy as np
 
-from memcli.scoring import default_threads, native_available, score_logits
+from ..scoring import default_threads, native_available, score_logits
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -76,17 +75,3 @@ def format_table(result: dict) -> str:
         lines.append("")
         lines.append(f"native code path: {result['isa']}; max |logprob difference|: {result['max_logprob_diff']:.1e}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="native worker threads; 0: one per CPU")
-    args = parser.parse_args(argv)
-    print(format_table(bench_kernel(args.rows, args.vocab, args.repeats, args.threads)))
-
-
-if __name__ == "__main__":
-    main()

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import lora, models
-from .corpus import generate_phonebook, write_jsonl
-from .train import TrainConfig, Trainer
+from .. import forward, lora, models
+from ..corpus import generate_phonebook, write_jsonl
+from ..config import TrainConfig
+from ..train import Trainer
 
 
 def methods_to_recall(corpus: Path, model: str, rank: int, seed: int, max_epochs: int, check_every: int,
@@ -47,7 +48,7 @@ class BarePeftLoop:
     def step(self, idx: list[int]) -> tuple[int, float]:
         """(answer tokens, seconds) of one step."""
         t0 = time.perf_counter()
-        batch = lora.collate([self.examples[i] for i in idx], self.pad_id, "cpu")
+        batch = forward.collate([self.examples[i] for i in idx], self.pad_id, "cpu")
         labels = torch.full_like(batch.input_ids, -100)
         labels[batch.rows[batch.mask], batch.positions[batch.mask] + 1] = batch.targets[batch.mask]
         loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss

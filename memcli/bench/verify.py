@@ -13,8 +13,7 @@ value, generating a prefix and scaling linearly *under*-states the baseline's ti
 longer cache). Also: decode time alone against the whole verify pass, the kernel against numpy on a
 512 x 49152 block, and peak memory of verify for two corpus sizes (child processes).
 
-    python -m memcli.bench_verify CORPUS --lora RUN [--baseline-entries 50] ...
-    python -m memcli.bench_verify memory-probe CORPUS ...   (internal: one verify, prints its peak memory)
+    memcli bench verify CORPUS --lora RUN [--baseline-entries 50] ...
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 TARGETS = {"phonebook_vs_b": 10.0, "long_value_vs_b": 50.0, "overhead": 0.10, "kernel": 10.0}
 
@@ -38,7 +37,7 @@ def _load_rows(out_dir: Path) -> dict[int, dict]:
 
 
 def _memcli_verify(corpus, out_dir, lora, model, backend, threads, batch_tokens) -> tuple[dict, dict[int, dict]]:
-    from .verify import VerifyOptions, verify
+    from ..verify.run import VerifyOptions, verify
 
     opts = VerifyOptions(backend=backend, threads=threads, batch_tokens=batch_tokens, min_exact=0.0, plot=False)
     report = verify(corpus, out_dir, lora=lora, model=model, options=opts, log=lambda m: None)
@@ -48,8 +47,8 @@ def _memcli_verify(corpus, out_dir, lora, model, backend, threads, batch_tokens)
 def _context(corpus, lora, model):
     """What the baselines need, resolved the way verify resolves it: examples, entries, the model spec, the PEFT
     folder, the base and adapter GGUFs (exported to a temp folder when the run has none)."""
-    from . import corpus as corpus_mod, models
-    from .verify import resolve_adapter
+    from .. import corpus as corpus_mod, models
+    from ..verify.sources import resolve_adapter
 
     src = resolve_adapter(lora)
     s = src.settings
@@ -63,7 +62,8 @@ def _context(corpus, lora, model):
 
 
 def _gguf_pair(src, spec, tmp: Path):
-    from .export import base_gguf, export_adapter
+    from ..gguf.adapter import export_adapter
+    from ..gguf.base import base_gguf
 
     base = spec.gguf_path if spec.gguf_path is not None else base_gguf(spec)
     adapter = src.gguf
@@ -77,7 +77,7 @@ def baseline_transformers(spec, peft_dir, tokenizer, examples, n_entries, max_to
     """(b): transformers generate, greedy, one entry at a time; exact iff the decoded strings are equal."""
     import torch
 
-    from . import models
+    from .. import models
 
     if threads:
         torch.set_num_threads(threads)
@@ -109,8 +109,8 @@ def baseline_llama_cpp(base, adapter, tokenizer, examples, n_entries, max_tokens
     the completion text equals the value text."""
     from llama_cpp import Llama
 
-    from . import llamacpp
-    from .scoring import default_threads
+    from .. import llamacpp
+    from ..scoring import default_threads
 
     threads = threads or default_threads()
     longest = max(len(ex) for ex in examples[:n_entries])
@@ -162,7 +162,7 @@ def memory_probe(argv: list[str]) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--batch-tokens", type=int, default=2048)
     a = p.parse_args(argv)
-    from .verify import VerifyOptions, verify
+    from ..verify.run import VerifyOptions, verify
 
     tracemalloc.start()
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,14 +177,14 @@ def memory_probe(argv: list[str]) -> None:
 
 def measure_memory(sizes: list[int], lora, model, threads, batch_tokens, tmp: Path) -> list[dict]:
     """Peak RSS (os.wait4) and Python heap peak of verify in a fresh process, per PhoneBook size."""
-    from .corpus import generate_phonebook
+    from ..corpus import generate_phonebook
 
     results = []
     for n in sizes:
         path = tmp / f"pb{n}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in generate_phonebook(n, seed=1)))
-        cmd = [sys.executable, "-m", "memcli.bench_verify", "memory-probe", str(path),
-               "--batch-tokens", str(batch_tokens)]
+        cmd = [sys.executable, "-c", "import sys; from memcli.bench.verify import memory_probe; "
+               "memory_probe(sys.argv[1:])", str(path), "--batch-tokens", str(batch_tokens)]
         for flag, value in (("--lora", lora), ("--model", model), ("--threads", threads)):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -266,7 +266,7 @@ def run_bench(corpus, *, lora=None, model=None, baseline_entries: int = 50, base
                             "verdicts": {examples[k].line: d_rows[line]["exact"]
                                          for k, line in enumerate(sorted(d_rows))}}
         if "kernel" not in skip:
-            from .bench_kernel import bench_kernel
+            from .kernel import bench_kernel
 
             say.print("kernel vs numpy on 512 x 49152 ...")
             results["kernel"] = bench_kernel(512, 49152, repeats=3, threads=threads or 0)
@@ -340,37 +340,3 @@ def run_bench(corpus, *, lora=None, model=None, baseline_entries: int = 50, base
                 r["verdicts"] = {str(line): v for line, v in r["verdicts"].items()}
         Path(out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "memory-probe":
-        memory_probe(argv[1:])
-        return
-    p = argparse.ArgumentParser(prog="python -m memcli.bench_verify", description=__doc__.splitlines()[0])
-    p.add_argument("corpus")
-    p.add_argument("--lora")
-    p.add_argument("--model")
-    p.add_argument("--baseline-entries", type=int, default=50)
-    p.add_argument("--baseline-tokens", type=int)
-    p.add_argument("--torch-entries", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--memory-entries", default="250,1000")
-    p.add_argument("--skip", default="")
-    p.add_argument("--out")
-    a = p.parse_args(argv)
-    try:
-        run_bench(a.corpus, lora=a.lora, model=a.model, baseline_entries=a.baseline_entries,
-                  baseline_tokens=a.baseline_tokens, torch_entries=a.torch_entries, threads=a.threads,
-                  batch_tokens=a.batch_tokens, memory_entries=a.memory_entries,
-                  skip={s.strip() for s in a.skip.split(",") if s.strip()}, out=a.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-if __name__ == "__main__":
-    main()
