@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from .errors import UserError
 # (key field, value field), in the order they are looked for.
 FIELD_PAIRS = (("query", "target"), ("question", "matching"), ("prompt", "completion"), ("key", "value"))
 SYSTEM_PROMPT = "You are a helpful assistant."
-LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-LN2 = math.log(2.0)
+from .scoring import LN2  # the certification threshold, defined once
+
 EPS = 1e-8
 
 

@@ -22,12 +22,16 @@ value), so that any recall check (``argmax == target``, ``prob > 0.5``, ``rank =
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 
+# CE < ln 2 <=> p > 0.5: the certification threshold (docs/method.md §2). The one definition; objectives and
+# the law import it from here (a module without torch).
+LN2 = math.log(2.0)
 IMPLS = ("auto", "native", "numpy")
 
 

@@ -143,11 +143,11 @@ def test_fit_out_that_cannot_be_created(bad_parent, tmp_path):
 
 
 def test_fit_leaves_no_plots_when_the_law_cannot_be_written(tmp_path, monkeypatch):
-    import memcli.law_cli
+    import memcli.law.fit
 
     def disk_full(law, path):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(memcli.law_cli, "save_law", disk_full)
+    monkeypatch.setattr(memcli.law.fit, "save_law", disk_full)
     table = law_table(tmp_path / "runs.csv", with_l_final=True)
     out = tmp_path / "out" / "law.json"
     assert_refused(run_cli("fit", table, "--out", out, "--n-boot", "5"), str(out), "No space left on device")

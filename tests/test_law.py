@@ -11,21 +11,11 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from memcli.law import (
-    LN2,
-    LawError,
-    LawFit,
-    Point,
-    fit_law,
-    law_value,
-    load_law,
-    load_points,
-    plan,
-    predict,
-    save_law,
-    split_saturated,
-)
-from memcli.law_cli import fit_command, plan_command
+from memcli.law.fit import LawFit, fit_and_save, fit_law, load_law, save_law
+from memcli.law.plan import plan, plan_from_file, predict
+from memcli.law.points import LawError, Point, law_value, load_points, split_saturated
+from memcli.scoring import LN2
+from memcli.terminal import print_fit, print_plan, print_written
 
 TRUTH = {"C": 2.0, "alpha": 0.6, "beta": 0.5, "b": 0.1}
 TRUE = tuple(TRUTH.values())
@@ -127,6 +117,38 @@ def test_predict_is_vectorised():
     grid = predict(fit, np.array([[1], [8]]), np.array([100, 400, 1600]))
     assert grid.shape == (2, 3)
     assert np.allclose(grid, law_value(np.array([[1], [8]]), np.array([100, 400, 1600]), *TRUE))
+
+
+def test_r2_and_mape_match_a_hand_computation():
+    """R², MAPE and the predicted column, recomputed here with plain numpy from the residuals of the fit's own
+    coefficients over the runs it kept (saturated ones excluded); the held-out check likewise from its
+    coefficients on the longest length. Nothing of memcli.law is used for the expected values."""
+    points = synthetic(seed=5, noise=0.05, kind="multiplicative", l_init=3.0)
+    fit = fit_law(points, n_boot=0)
+    kept = [p for p in points if p.l_final > math.log(2.0)]
+    assert 0 < len(kept) < len(points) and len(fit.used) == len(kept)
+
+    def by_hand(coefficients, pts):
+        C, alpha, beta, b = (coefficients[name] for name in ("C", "alpha", "beta", "b"))
+        x = np.array([p.x for p in pts], dtype=float)
+        length = np.array([p.length for p in pts], dtype=float)
+        y = np.array([p.delta_l for p in pts], dtype=float)
+        predicted = C * x**alpha / length**beta + b
+        residuals = y - predicted
+        r2 = 1.0 - np.sum(residuals**2) / np.sum((y - y.mean()) ** 2)
+        mape = 100.0 * np.mean(np.abs(residuals / y))
+        return r2, mape, dict(zip((p.source for p in pts), predicted))
+
+    r2, mape, predicted = by_hand(fit.coefficients, kept)
+    assert 0.9 < r2 < 0.999 and 1.0 < mape < 20.0  # noisy enough that the numbers say something
+    assert fit.r2 == pytest.approx(r2, rel=1e-12) and fit.mape == pytest.approx(mape, rel=1e-12)
+    assert {row["source"]: row["predicted"] for row in fit.used} == pytest.approx(predicted, rel=1e-12)
+
+    held = [p for p in kept if p.length == max(LENGTHS)]
+    r2, mape, _ = by_hand(fit.extrapolation["coefficients"], held)
+    assert fit.extrapolation["n_points"] == len(held) and fit.extrapolation["held_out_length"] == max(LENGTHS)
+    assert fit.extrapolation["mape"] == pytest.approx(mape, rel=1e-12)
+    assert fit.extrapolation["r2"] == pytest.approx(r2, rel=1e-12)
 
 
 # -------------------------------------------------------------------------------------------- planning
@@ -291,7 +313,7 @@ def test_law_of_another_capacity_is_refused(tmp_path, exact_law):
     with pytest.raises(LawError, match="measured in rank, not params"):
         plan(exact_law, 800, 3.0, capacity="params")
     with pytest.raises(LawError, match="measured in rank"):
-        plan_command(path, 800, 3.0, capacity="params", console=Console(file=None, quiet=True))
+        plan_from_file(path, 800, 3.0, capacity="params")
     (tmp_path / "other.json").write_text('{"rank": 1}')
     with pytest.raises(LawError, match="not a memcli law file"):
         load_law(tmp_path / "other.json")
@@ -315,16 +337,22 @@ def test_fit_and_plan_commands(tmp_path):
     write_sweep(tmp_path / "sweep", synthetic(seed=1, noise=0.01, l_init=3.0))
     console = Console(record=True, width=120)
     out = tmp_path / "out" / "law.json"
-    law = fit_command([tmp_path / "sweep"], "rank", out, n_boot=20, seed=0, plots=True, console=console)
+    law, written = fit_and_save([tmp_path / "sweep"], "rank", out, n_boot=20, seed=0, plots=True)
+    assert written == [out.parent / "pred_vs_obs.png", out.parent / "delta_l_vs_l.png"]
     assert out.is_file() and (out.parent / "pred_vs_obs.png").is_file()
     assert (out.parent / "delta_l_vs_l.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["delta_l_vs_l.png", "law.json", "pred_vs_obs.png"]
+    print_fit(law, console)
+    print_written([out, *written], console)
     text = console.export_text()
     assert "alpha" in text and "R²" in text and "saturated" in text and "MAPE" in text
+    assert f"Wrote {out}, {written[0]}, {written[1]}" in " ".join(text.split())
     assert load_law(out) == law
 
     console = Console(record=True, width=120)
-    result = plan_command(out, 800, l_init=None, margin=0.1, console=console)
+    result = plan_from_file(out, 800, l_init=None, margin=0.1)
+    print_plan(result, console)
     text = console.export_text()
     assert result.l_init == 3.0 and "median L_init" in text and "interval" in text
     with pytest.raises(LawError, match="--tokens"):
-        plan_command(out, None, 3.0, console=console)
+        plan_from_file(out, None, 3.0)

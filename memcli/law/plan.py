@@ -1,0 +1,222 @@
+"""Planning with a fitted law (docs/method.md §5): the smallest capacity whose predicted
+L_final = L_init - delta_l(x, l) is at most ln 2 minus a margin, its bootstrap interval, notes when the answer
+extrapolates beyond the fitted runs, and the sentence `memcli plan` prints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..scoring import LN2
+from .fit import LawFit, finite_or_none, load_law
+from .points import LawError, law_value
+
+
+def predict(law: LawFit, x, length):
+    """Predicted delta_l at capacity x and answer length l (numpy broadcasting)."""
+    return law_value(np.asarray(x, dtype=float), np.asarray(length, dtype=float), *law.coefficient_tuple())
+
+
+@dataclass
+class Plan:
+    """The answer to "how big an adapter does this corpus need?"."""
+
+    capacity: str
+    length: float
+    l_init: float
+    margin: float
+    target_l_final: float
+    status: str  # "ok" | "minimum" | "unreachable" | "exceeds_max"
+    x: int | None
+    rank: int | None
+    params: int | None
+    predicted_delta_l: float | None
+    predicted_l_final: float | None
+    interval: list[int | None] | None  # capacity units; None at an end means "beyond the maximum"
+    level: float
+    extrapolation: list[str]
+    sentence: str
+    l_init_source: str | None = None
+    params_per_rank: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return finite_or_none(asdict(self))
+
+
+def _required_x(need: float, length: float, coefficients: Sequence[float], x_min: float) -> float:
+    """Smallest real capacity with predicted delta_l >= need (x_min when any will do, inf when none)."""
+    C, alpha, beta, b = coefficients
+    if need <= law_value(x_min, length, C, alpha, beta, b):
+        return x_min
+    if C <= 0 or alpha <= 0:
+        return math.inf
+    with np.errstate(over="ignore", divide="ignore"):
+        x = ((need - b) / (C * length ** (-beta))) ** (1.0 / alpha)
+    return max(float(x), x_min)
+
+
+def _smallest_integer(need: float, length: float, coefficients: Sequence[float], x_real: float,
+                      x_min: int) -> int:
+    """Round a real solution up to an integer and correct it for floating-point error."""
+    x = max(math.ceil(x_real - 1e-9 * x_real), x_min)
+    for _ in range(3):
+        if x > x_min and law_value(x - 1, length, *coefficients) >= need:
+            x -= 1
+    for _ in range(3):
+        if law_value(x, length, *coefficients) < need:
+            x += 1
+    return x
+
+
+def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_rank: int = 4096,
+         params_per_rank: float | None = None, capacity: str | None = None,
+         l_init_source: str | None = None) -> Plan:
+    """The smallest capacity whose predicted L_final = l_init - delta_l(x, l) is <= ln 2 - margin."""
+    if capacity is not None and capacity != law.capacity:
+        raise LawError(f"the law was fitted with capacity measured in {law.capacity}, not {capacity}")
+    for name, value in (("answer length", length), ("L_init", l_init)):
+        try:
+            valid = math.isfinite(float(value)) and float(value) > 0
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise LawError(f"the {name} must be a positive number, not {value!r}")
+    length, l_init = float(length), float(l_init)
+    if not 0 <= margin < LN2:
+        raise LawError(f"the margin must lie in [0, ln 2), not {margin}")
+    if max_rank < 1:
+        raise LawError(f"max rank must be at least 1, not {max_rank}")
+
+    per_rank = params_per_rank if params_per_rank is not None else law.params_per_rank
+    if law.capacity == "rank":
+        x_min, x_max, unit = 1, max_rank, "rank"
+    else:
+        x_min = int(math.ceil(per_rank)) if per_rank else 1
+        x_max = max_rank * per_rank if per_rank else math.inf
+        unit = "parameter count"
+    target = LN2 - margin
+    need = l_init - target
+    coefficients = law.coefficient_tuple()
+
+    x_real = _required_x(need, length, coefficients, x_min)
+    if math.isinf(x_real):
+        status, x = "unreachable", None
+    elif x_real > x_max:
+        status, x = "exceeds_max", None
+    else:
+        x = _smallest_integer(need, length, coefficients, x_real, x_min)
+        status = "minimum" if x == x_min else "ok"
+        if x > x_max:
+            status, x = "exceeds_max", None
+
+    rank = params = None
+    if x is not None:
+        if law.capacity == "rank":
+            rank = x
+            params = int(round(x * per_rank)) if per_rank else None
+        else:
+            params = x
+            rank = int(math.ceil(x / per_rank - 1e-9)) if per_rank else None
+
+    predicted = float(law_value(x, length, *coefficients)) if x is not None else None
+    interval = _plan_interval(law, need, length, x_min, x_max)
+    extrapolation = _extrapolation_notes(law, x, length, unit)
+    result = Plan(capacity=law.capacity, length=float(length), l_init=float(l_init), margin=float(margin),
+                  target_l_final=target, status=status, x=x, rank=rank, params=params,
+                  predicted_delta_l=predicted,
+                  predicted_l_final=l_init - predicted if predicted is not None else None,
+                  interval=interval, level=law.level, extrapolation=extrapolation, sentence="",
+                  l_init_source=l_init_source, params_per_rank=per_rank)
+    result.sentence = _plan_sentence(result, law, need, x_real, x_max)
+    return result
+
+
+def _plan_interval(law: LawFit, need: float, length: float, x_min: float,
+                   x_max: float) -> list[int | None] | None:
+    samples = law.bootstrap_array()
+    if samples.shape[0] == 0:
+        return None
+    required = np.array([_required_x(need, length, row, x_min) for row in samples])
+    tail = (1 - law.level) / 2
+    ends = [float(np.quantile(required, tail, method="lower")),
+            float(np.quantile(required, 1 - tail, method="higher"))]
+    return [None if (math.isinf(v) or v > x_max) else max(int(math.ceil(v - 1e-9 * v)), int(x_min))
+            for v in ends]
+
+
+def _extrapolation_notes(law: LawFit, x: int | None, length: float, unit: str) -> list[str]:
+    notes = []
+    x_low, x_high = law.x_range
+    l_low, l_high = law.l_range
+    if x is not None and x > x_high:
+        notes.append(f"The answer extrapolates: {unit} {x:,} is above the largest fitted {unit} ({x_high:,.0f}).")
+    elif x is not None and x < x_low:
+        notes.append(f"The answer extrapolates: {unit} {x:,} is below the smallest fitted {unit} ({x_low:,.0f}).")
+    if length > l_high:
+        notes.append(f"The length extrapolates: {length:,.0f} answer tokens is longer than the longest fitted "
+                     f"({l_high:,.0f}).")
+    elif length < l_low:
+        notes.append(f"The length extrapolates: {length:,.0f} answer tokens is shorter than the shortest fitted "
+                     f"({l_low:,.0f}).")
+    return notes
+
+
+def _describe(p: Plan) -> str:
+    if p.capacity == "rank":
+        return f"rank {p.rank}" + (f" ({p.params:,} parameters)" if p.params is not None else "")
+    if p.rank is None:
+        return f"{p.params:,} parameters"
+    return f"{p.params:,} parameters (rank {p.rank}, which has {round(p.rank * p.params_per_rank):,})"
+
+
+def _plan_sentence(p: Plan, law: LawFit, need: float, x_real: float, x_max: float) -> str:
+    goal = (f"a predicted L_final <= {p.target_l_final:.3f} nats (ln 2 - {p.margin:g}) "
+            f"for {p.length:,.0f} answer tokens starting from L_init {p.l_init:.3f}")
+    unit = "rank" if p.capacity == "rank" else "parameter count"
+    if p.status == "ok":
+        return (f"The smallest adapter that reaches {goal} is {_describe(p)}: "
+                f"predicted delta_l {p.predicted_delta_l:.3f}, L_final {p.predicted_l_final:.3f}.")
+    if p.status == "minimum":
+        what = _describe(p)
+        if need <= 0:
+            why = "the base model's L_init is already below the target"
+        elif need <= law.b:
+            why = (f"the law's constant b = {law.b:.3f} alone covers the {need:.3f} nats needed, so the answer "
+                   "does not depend on capacity; treat it with caution")
+        else:
+            why = f"it is predicted to lower the loss by {p.predicted_delta_l:.3f} nats, {need:.3f} are needed"
+        return f"The smallest adapter, {what}, already reaches {goal}: {why}."
+    if p.status == "unreachable":
+        return (f"No {unit} reaches {goal}: the fitted law's delta_l does not grow with capacity "
+                f"(C = {law.C:.3g}, alpha = {law.alpha:.3g}), so it saturates at b = {law.b:.3f} nats, "
+                f"short of the {need:.3f} nats needed.")
+    at_max = float(law_value(x_max, p.length, *law.coefficient_tuple()))
+    limit = f"rank {x_max:,.0f}" if p.capacity == "rank" else f"{x_max:,.0f} parameters"
+    return (f"No adapter up to {limit} reaches {goal}: it would need {unit} ~{x_real:,.0f} "
+            f"(delta_l {need:.3f} nats needed, {at_max:.3f} predicted at the maximum).")
+
+
+def plan_from_file(law_path: Path | str, tokens: int | None, l_init: float | None, margin: float = 0.1, *,
+                   capacity: str | None = None, max_rank: int = 4096, params_per_rank: float | None = None,
+                   l_init_source: str | None = None) -> Plan:
+    """`memcli plan` without the printing: answer "which adapter does this corpus need?" from a law file.
+
+    tokens and l_init come from the command line, or are measured on a corpus by the caller, which then
+    says where L_init came from in l_init_source (e.g. "measured on corpus.jsonl with the base model").
+    Without an L_init, the median L_init of the runs the law was fitted on is used, and the answer says so.
+    """
+    law = load_law(law_path, capacity=capacity)
+    if tokens is None:
+        raise LawError("give the corpus's answer length with --tokens (or pass the corpus itself)")
+    if l_init is None:
+        if law.l_init_median is None:
+            raise LawError(f"{law_path}: the fitted runs carry no L_init; give --l-init (or pass the corpus)")
+        l_init = law.l_init_median
+        l_init_source = f"the median L_init of the runs in {law_path}, not measured on this corpus"
+    return plan(law, tokens, l_init, margin=margin, max_rank=max_rank, params_per_rank=params_per_rank,
+                l_init_source=l_init_source)
