@@ -20,7 +20,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def pb8(tmp_path_factory) -> Path:
     """8 generated PhoneBook entries."""
-    from memcli.corpus import generate_phonebook
+    from memcli.datagen import generate_phonebook
 
     path = tmp_path_factory.mktemp("corpus") / "pb8.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in generate_phonebook(8, seed=0)))

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import DATA
-from memcli.corpus import (RANDOM_KEY, Entry, answer_tokens, generate_phonebook,
-                           generate_random_tokens, load_examples, read_corpus, select_prefix, tokenize)
+from memcli.corpus import Entry, answer_tokens, load_examples, read_corpus, select_prefix, tokenize
+from memcli.datagen import RANDOM_KEY, generate_phonebook, generate_random_tokens
 from memcli.errors import UserError
 from memcli.forward import collate
 
