@@ -24,7 +24,11 @@ from pathlib import Path
 from .errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
-SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+# The one architecture table: HF model_type -> (gguf architecture, whether llama.cpp's graph for it wants the q/k
+# rows in the interleaved RoPE layout, see memcli.gguf.hf.permute_rope_rows). Torch loading and GGUF export
+# support exactly these.
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "mistral": ("llama", True)}
+SUPPORTED_TYPES = tuple(ARCHITECTURES)
 CACHE_VERSION = 2  # bump when what the cache holds changes (2: SmolLM's digit split restored)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
@@ -176,7 +180,7 @@ def _restore_digit_split(gguf_path: Path, out: Path) -> None:
     """transformers rebuilds a GGUF's tokenizer without llama.cpp's per-model pre-tokenizer steps. SmolLM's
     (`tokenizer.ggml.pre = smollm`) splits every digit before the byte-level split; put that step back so
     transformers tokenises exactly as llama.cpp does with the same file."""
-    from .export import read_gguf
+    from .gguf.reader import read_gguf
 
     if read_gguf(gguf_path).get("tokenizer.ggml.pre") != "smollm":
         return

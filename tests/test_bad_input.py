@@ -284,7 +284,7 @@ def test_corrupt_checkpoint_on_resume(finished_run, damage):
 # --- 5. token ids outside the base's vocabulary -------------------------------------------------------------
 
 def test_prompt_ids_outside_the_vocabulary_are_refused_by_both_backends(tiny_run):
-    from memcli.export import base_gguf
+    from memcli.gguf.base import base_gguf
     from memcli.llama_backend import LlamaBackend
     from memcli.torch_backend import TorchBackend
 

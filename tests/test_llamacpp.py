@@ -38,9 +38,10 @@ def probe_env(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_gguf():
-    from memcli import export, models
+    from memcli import models
+    from memcli.gguf.base import base_gguf
 
-    return export.base_gguf(models.resolve("tiny"))
+    return base_gguf(models.resolve("tiny"))
 
 
 def test_probe_passes_on_a_working_build_and_keeps_the_fast_path(probe_env, tiny_gguf):

@@ -91,15 +91,15 @@ def test_rerun_with_other_settings_is_refused_and_force_retrains(tmp_path):
 def test_one_cells_failed_export_does_not_stop_the_sweep(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from memcli import export
+    from memcli.gguf import adapter as gguf_adapter
 
-    real = export.export_adapter
+    real = gguf_adapter.export_adapter
 
     def fails_for_rank1(src, out, *args, **kwargs):
         if Path(src).name == "rank1-l6":
             raise RuntimeError("no space left on device")
         return real(src, out, *args, **kwargs)
-    monkeypatch.setattr(export, "export_adapter", fails_for_rank1)
+    monkeypatch.setattr(gguf_adapter, "export_adapter", fails_for_rank1)
     result = run_cli(*_small_sweep(tmp_path, "--method", "sft"))
     assert result.exit_code == 0, result.output
     sweep = tmp_path / "sweep"

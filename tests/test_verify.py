@@ -158,7 +158,7 @@ def tiny_run(pb8, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_run, tmp_path_factory):
     """The run's adapter GGUF on its own (no run folder beside it)."""
-    from memcli.export import export_adapter
+    from memcli.gguf.adapter import export_adapter
 
     path = tmp_path_factory.mktemp("gguf") / "adapter.gguf"
     if (tiny_run / "adapter.gguf").exists():  # train writes it
@@ -187,7 +187,7 @@ def collect(backend, examples, batch_tokens):
 
 @pytest.fixture(scope="module")
 def llama(tiny_gguf):
-    from memcli.export import base_gguf
+    from memcli.gguf.base import base_gguf
     from memcli.llama_backend import LlamaBackend
 
     backend = LlamaBackend(base_gguf(models.resolve("tiny")), tiny_gguf, threads=1, kv_type="f32")

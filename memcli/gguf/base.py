@@ -1,0 +1,117 @@
+"""Base models as llama.cpp GGUFs: `export_base` writes an HF Llama-family model (memcli.models.ARCHITECTURES)
+with its hyperparameters, weights (q/k rows permuted for the Llama graph) and tokenizer (tokens, types, merges,
+the pre-tokenizer llama.cpp knows by name, special ids, add-BOS/EOS, chat template); `base_gguf` is the base
+GGUF llama.cpp loads for a model: the shipped GGUF, or an export built once into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from .. import models, runs
+from ..errors import UserError
+from . import reader
+from .hf import iter_hf_tensors, permute_rope_rows, read_base, rope_heads
+
+
+def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32",
+                name: str | None = None) -> dict:
+    """Write an HF Llama-family model (llama, mistral, qwen2) as a llama.cpp base GGUF. Returns a summary.
+    `hf_dir` may also be a memcli model name (its HF folder, built into the cache if needed, is exported)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    reader.check_outtype(outtype)
+    if not Path(hf_dir).is_dir() and str(hf_dir) in models.registry():
+        spec = models.resolve(str(hf_dir))
+        name, hf_dir = name or spec.name, models.hf_dir(spec)
+    hf, vocab, pairs = read_base(hf_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(hf.folder)
+    except Exception as e:
+        raise UserError(f"tokenizer of {hf.folder} cannot be loaded ({e})") from None
+    probe_plain = tok("a", add_special_tokens=False).input_ids
+    probe = tok("a").input_ids
+    add_bos = tok.bos_token_id is not None and len(probe) > len(probe_plain) and probe[0] == tok.bos_token_id
+    add_eos = tok.eos_token_id is not None and len(probe) > len(probe_plain) and probe[-1] == tok.eos_token_id
+    model_name = name or str(hf.config.get("_name_or_path") or hf.folder.name)
+    a = hf.arch
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(tmp, a)
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(model_name)
+        w.add_file_type(reader.file_type(outtype))
+        if outtype == "q8_0":
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_vocab_size(len(vocab.tokens))
+        w.add_context_length(hf.n_ctx)
+        w.add_embedding_length(hf.n_embd)
+        w.add_block_count(hf.n_layer)
+        w.add_feed_forward_length(hf.n_ff)
+        w.add_head_count(hf.n_head)
+        w.add_head_count_kv(hf.n_head_kv)
+        w.add_layer_norm_rms_eps(hf.rms_eps)
+        w.add_rope_freq_base(hf.rope_theta)
+        w.add_rope_dimension_count(hf.head_dim)
+        if hf.head_dim != hf.n_embd // hf.n_head:
+            w.add_key_length(hf.head_dim)
+            w.add_value_length(hf.head_dim)
+        if hf.rope_scaling is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(hf.rope_scaling[1])
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.types)
+        w.add_token_merges(vocab.merges)
+        for tid, setter in ((tok.bos_token_id, w.add_bos_token_id), (tok.eos_token_id, w.add_eos_token_id),
+                            (tok.unk_token_id, w.add_unk_token_id), (tok.pad_token_id, w.add_pad_token_id)):
+            if tid is not None:
+                setter(int(tid))
+        w.add_add_bos_token(bool(add_bos))
+        w.add_add_eos_token(bool(add_eos))
+        w.add_add_space_prefix(False)
+        if isinstance(getattr(tok, "chat_template", None), str):
+            w.add_chat_template(tok.chat_template)
+        w.add_string("memcli.source", str(hf.folder))
+        gnames = dict(pairs)
+        for hf_name, array in iter_hf_tensors(hf, [n for n, _ in pairs]):
+            gname = gnames[hf_name]
+            heads = rope_heads(hf, gname)
+            if heads is not None:
+                array = permute_rope_rows(array, heads)
+            data, raw = reader.encode(array, outtype)
+            w.add_tensor(gname, data, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    runs.atomic_write(out, write, example="base.gguf")
+    return {"out": str(out), "outtype": outtype, "arch": a, "name": model_name, "tensors": len(pairs),
+            "bytes": Path(out).stat().st_size, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def base_gguf(spec: models.ModelSpec) -> Path:
+    """The base GGUF llama.cpp loads for a model: the shipped GGUF, the given .gguf, or an F32 export of the HF
+    folder built once into the cache (next to the HF cache, under gguf/) and reused."""
+    if spec.gguf_path is not None:
+        return spec.gguf_path
+    folder = models.hf_dir(spec)
+    stamp = hashlib.sha256()
+    stamp.update(str(folder.resolve()).encode())
+    for part in ("config.json", "tokenizer.json", "model.safetensors", "model.safetensors.index.json"):
+        p = folder / part
+        if p.exists():
+            st = p.stat()
+            stamp.update(f"{part}:{st.st_size}:{st.st_mtime_ns}".encode())
+    out = models.cache_dir() / "gguf" / f"{folder.name}-{stamp.hexdigest()[:10]}.f32.gguf"
+    if not out.exists():
+        export_base(folder, out, "f32", name=spec.name)
+    return out
+

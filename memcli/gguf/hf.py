@@ -1,0 +1,267 @@
+"""What GGUF export needs from an HF model folder, read without building the torch model: config, tensor table,
+llama.cpp's name for every tensor, the RoPE row layout llama.cpp's Llama graph wants, and the tokenizer.
+
+RoPE layout: HF Llama rotates the two halves of each head (rotate_half); llama.cpp's Llama graph rotates adjacent
+pairs, so its base GGUFs hold q_proj/k_proj with the rows of every head reordered (permute_rope_rows), and an
+adapter's output rows (lora_b of q_proj/k_proj) get the same reordering, or it loads and is silently wrong.
+Which architectures want it: memcli.models.ARCHITECTURES.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import models
+from ..errors import UserError
+
+# The pre-tokenizer regexes of tokenizer.json files that llama.cpp implements under a name.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+# --- HF model folders ----------------------------------------------------------------------------------------
+
+@dataclass
+class HFModel:
+    """What export needs from an HF folder, read without building the torch model."""
+
+    folder: Path
+    config: dict
+    model_type: str
+    arch: str  # gguf architecture name
+    permute_qk: bool
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: tuple[str, float] | None  # ("linear", factor)
+    files: dict[str, Path]  # tensor name -> safetensors file
+    shapes: dict[str, tuple[int, ...]]  # tensor name -> torch shape
+    tied: bool  # the output layer is the token embedding
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        return _name_map(self.arch, self.n_layer).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
+_NAME_MAPS: dict = {}
+
+
+def _name_map(arch: str, n_layer: int):
+    import gguf
+
+    key = (arch, n_layer)
+    if key not in _NAME_MAPS:
+        arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+        _NAME_MAPS[key] = gguf.get_tensor_name_map(arch_enum, n_layer)
+    return _NAME_MAPS[key]
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} {path} is not a JSON object")
+    return value
+
+
+def read_hf(folder: str | os.PathLike) -> HFModel:
+    """Config and tensor table of an HF model folder; UserError for anything export cannot handle."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist")
+    config = read_json(folder / "config.json", "model config")
+    model_type = config.get("model_type")
+    if model_type not in models.ARCHITECTURES:
+        raise UserError(f"model {folder} is of type '{model_type}'; GGUF export supports "
+                        f"{', '.join(models.ARCHITECTURES)}")
+    arch, permute = models.ARCHITECTURES[model_type]
+    if config.get("hidden_act", "silu") != "silu":
+        raise UserError(f"model {folder}: activation '{config.get('hidden_act')}' is not supported (silu only)")
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        rope_scaling = None
+    elif rope_type == "linear":
+        rope_scaling = ("linear", float(rope["factor"]))
+    else:
+        raise UserError(f"model {folder}: RoPE scaling '{rope_type}' is not supported by GGUF export")
+    n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index, "safetensors index")["weight_map"]
+        file_names = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").exists():
+        file_names = ["model.safetensors"]
+    else:
+        raise UserError(f"model folder {folder} has no model.safetensors")
+    files, shapes = {}, {}
+    for file_name in file_names:
+        try:
+            with safe_open(folder / file_name, "pt") as f:
+                for name in f.keys():
+                    files[name] = folder / file_name
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise UserError(f"weights {folder / file_name} are corrupt or truncated ({e})") from None
+    tied = "lm_head.weight" not in shapes or bool(config.get("tie_word_embeddings", False))
+    return HFModel(
+        folder=folder, config=config, model_type=model_type, arch=arch, permute_qk=permute,
+        n_layer=int(config["num_hidden_layers"]), n_embd=n_embd, n_ff=int(config["intermediate_size"]),
+        n_head=n_head, n_head_kv=int(config.get("num_key_value_heads") or n_head),
+        head_dim=int(config.get("head_dim") or n_embd // n_head),
+        n_ctx=int(config.get("max_position_embeddings", 4096)), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta), rope_scaling=rope_scaling, files=files, shapes=shapes, tied=tied)
+
+
+def hf_tensors(hf: HFModel) -> list[tuple[str, str]]:
+    """(hf name, gguf name) of every tensor a base GGUF holds, in the HF file order."""
+    pairs = []
+    for name in hf.shapes:
+        if name == "lm_head.weight" and hf.tied:
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        gname = hf.gguf_name(name)
+        if gname is None:
+            raise UserError(f"model {hf.folder}: tensor '{name}' has no llama.cpp counterpart for {hf.arch}")
+        pairs.append((name, gname))
+    return pairs
+
+
+def iter_hf_tensors(hf: HFModel, names):
+    """(name, float32 array) for the given tensor names, opening each safetensors file once."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(hf.files[name], []).append(name)
+    for path, file_names in by_file.items():
+        with safe_open(path, "pt") as f:
+            for name in file_names:
+                yield name, f.get_tensor(name).float().numpy()
+
+
+def permute_rope_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotary layout -> llama.cpp's: inside each head, output row (half h, index i) moves to 2*i + h, so the
+    halves HF rotates together become adjacent pairs. Works on weights [out, in], lora_b [out, r], biases [out]."""
+    out = rows.shape[0]
+    head = out // n_head
+    if head * n_head != out or head % 2:
+        raise ValueError(f"{out} rows do not split into {n_head} heads of even size")
+    return rows.reshape(n_head, 2, head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def rope_heads(hf: HFModel, gguf_name: str) -> int | None:
+    """How many heads to permute by for a q or k tensor of a Llama-graph model; None for any other tensor."""
+    if not hf.permute_qk:
+        return None
+    if re.search(r"\.attn_q\.(weight|bias)$", gguf_name):
+        return hf.n_head
+    if re.search(r"\.attn_k\.(weight|bias)$", gguf_name):
+        return hf.n_head_kv
+    return None
+
+
+# --- the tokenizer -------------------------------------------------------------------------------------------
+
+@dataclass
+class Vocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    added: dict[int, dict]
+
+
+def _pre_tokenizer(tj: dict, where: Path) -> str:
+    """The llama.cpp pre-tokenizer name for a tokenizer.json whose splitting llama.cpp reproduces."""
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+
+    def describe(step):
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            return ("ByteLevel", bool(step.get("use_regex", True)), bool(step.get("add_prefix_space", False)))
+        if kind == "Digits":
+            return ("Digits", bool(step.get("individual_digits", False)))
+        if kind == "Split":
+            pattern = step.get("pattern", {})
+            return ("Split", pattern.get("Regex", pattern.get("String")), step.get("behavior"), step.get("invert"))
+        return (kind,)
+
+    shape = [describe(s) for s in steps]
+    known = {
+        (("ByteLevel", True, False),): "gpt-2",
+        (("Digits", True), ("ByteLevel", True, False)): "smollm",
+        (("Split", _QWEN2_SPLIT, "Isolated", False), ("ByteLevel", False, False)): "qwen2",
+        (("Split", _LLAMA3_SPLIT, "Isolated", False), ("ByteLevel", False, False)): "llama-bpe",
+    }
+    name = known.get(tuple(shape))
+    if name is None:
+        raise UserError(f"tokenizer {where}: its pre-tokenizer {[s[0] for s in shape]} has no llama.cpp "
+                        "equivalent that memcli knows (byte-level BPE of the GPT-2, SmolLM, Qwen2 or Llama 3 kind)")
+    return name
+
+
+def read_vocab(folder: Path, n_vocab: int) -> Vocab:
+    """Tokens (padded to the model's vocabulary size), types and merges from tokenizer.json."""
+    import gguf
+
+    where = folder / "tokenizer.json"
+    tj = read_json(where, "tokenizer")
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
+        raise UserError(f"tokenizer {where}: only byte-level BPE tokenizers can be exported to GGUF (this one is "
+                        f"{kind}, e.g. a SentencePiece-style Llama 2 / Mistral tokenizer)")
+    normalizer = tj.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        raise UserError(f"tokenizer {where}: normalizer {normalizer.get('type')} has no llama.cpp equivalent")
+    pre = _pre_tokenizer(tj, where)
+    vocab = model["vocab"]
+    added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
+    size = max(n_vocab, len(vocab), max(added, default=-1) + 1)
+    tokens: list[str | None] = [None] * size
+    for token, i in vocab.items():
+        tokens[i] = token
+    types = [int(gguf.TokenType.NORMAL)] * size
+    for i, a in added.items():
+        tokens[i] = a["content"]
+        types[i] = int(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+    for i, t in enumerate(tokens):
+        if t is None:
+            tokens[i] = f"[PAD{i}]"
+            types[i] = int(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return Vocab(tokens, types, merges, pre, added)
+
+
+def read_base(folder: str | os.PathLike) -> tuple[HFModel, Vocab, list[tuple[str, str]]]:
+    """Every check GGUF export makes of a base model, in one place (export_base, the fingerprint an adapter
+    records, and the `exportable` pre-check all go through it): architecture, activation and RoPE scaling
+    (read_hf), tokenizer kind, normalizer and pre-tokenizer (read_vocab), a llama.cpp name for every tensor.
+    Reads config.json, tokenizer.json and the safetensors headers, no weights. UserError naming the cause."""
+    hf = read_hf(folder)
+    vocab = read_vocab(hf.folder, int(hf.config.get("vocab_size") or 0))
+    return hf, vocab, hf_tensors(hf)
