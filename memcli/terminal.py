@@ -112,3 +112,91 @@ def print_plan(result: Plan, console: Console) -> None:
         console.print(escape(f"L_init {result.l_init:.3f} nats: {result.l_init_source}."))
     for note in result.extrapolation:
         console.print(f"[yellow]{escape(note)}[/yellow]")
+
+
+# --- verify --------------------------------------------------------------------------------------------------
+
+def verify_progress():
+    """(callback(done, total), close) for `memcli verify`: a Rich bar on a terminal, a plain line per ~10 %
+    otherwise."""
+    if console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       console=console, transient=True)
+        task = None
+
+        def update(done, total):
+            nonlocal task
+            if task is None:
+                bar.start()
+                task = bar.add_task("verify", total=total)
+            bar.update(task, completed=done)
+        return update, bar.stop
+    import sys
+
+    state = {"next": 0.0}
+
+    def update(done, total):
+        if done / total >= state["next"] or done == total:
+            print(f"verify: {done}/{total} entries", file=sys.stderr, flush=True)
+            state["next"] = done / total + 0.1
+    return update, lambda: None
+
+
+def verify_table(report: dict):
+    """The summary table of a verify report."""
+    from rich.table import Table
+
+    t = report["totals"]
+    n = t["entries"]
+    table = Table(title=f"memcli verify ({report['settings']['backend']})", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("entries / answer tokens", f"{n:,} / {t['answer_tokens']:,}")
+    table.add_row("exact match (greedy recall)", f"{t['exact']:,}  ({t['exact_match_rate']:.2%})")
+    table.add_row("certified (every p > 0.5)", f"{t['certified']:,}  ({t['certified_rate']:.2%})")
+    table.add_row("token accuracy (greedy)", f"{t['token_accuracy']:.2%}")
+    table.add_row("answer tokens with p > 0.5", f"{t['above_threshold']:.2%}")
+    table.add_row("mean answer CE (nats)", "-" if t["mean_ce"] is None else f"{t['mean_ce']:.4f}")
+    if t.get("non_finite_entries"):
+        table.add_row("entries with NaN/inf statistics", f"{t['non_finite_entries']:,}")
+    risk = report["settings"]["risk_margin"]
+    table.add_row(f"at risk (exact, margin < {risk:g} or p <= 0.5)", f"{t['at_risk']:,}")
+    table.add_row("smallest target p", "-" if t["min_p"] is None else f"{t['min_p']:.4f}")
+    tm = report["timings"]
+    if tm.get("entries_per_s"):
+        table.add_row("speed", f"{tm['entries_per_s']:,.1f} entries/s, {tm['answer_tokens_per_s']:,.0f} tokens/s")
+    if tm.get("overhead_vs_decode") is not None:
+        table.add_row("packing + scoring + report / decode", f"{tm['overhead_vs_decode']:.1%}")
+    gen = report.get("generation")
+    if gen:
+        extra = f" ({gen['ties']} ties, {gen['near_ties']} near ties)" if gen["disagreements"] else ""
+        table.add_row("greedy generation agrees", f"{gen['agree']}/{gen['entries']}{extra}")
+    check = report.get("tokenizer_check")
+    if check and check["mismatches"]:
+        table.add_row("llama.cpp tokenises differently", f"{check['mismatches']:,} entries")
+    return table
+
+
+def print_verify_report(report: dict, corpus, out) -> None:
+    """The table, the entries not recalled or at risk, generation's disagreements and PASS/FAIL, on stdout."""
+    out_console.print(verify_table(report))
+    t = report["totals"]
+    if t["failing_lines"]:
+        more = " ..." if t["entries"] - t["exact"] > len(t["failing_lines"]) else ""
+        out_console.print(f"not recalled: {corpus} lines {', '.join(map(str, t['failing_lines']))}{more}",
+                          highlight=False)
+    if t["at_risk_lines"]:
+        more = " ..." if t["at_risk"] > len(t["at_risk_lines"]) else ""
+        out_console.print(f"at risk: lines {', '.join(map(str, t['at_risk_lines']))}{more}", highlight=False)
+    for d in (report.get("generation") or {}).get("disagreements", []):
+        kind = "exact logit tie" if d["tie"] else "near tie" if d["near_tie"] else "NOT a tie"
+        out_console.print(f"generation disagrees at line {d['line']}: teacher-forced first failure "
+                          f"{d['teacher_forced_first_failure']}, generation {d['generated_first_divergence']}; at "
+                          f"position {d['position']} the margins are {d['teacher_forced_margin']} (teacher-forced) "
+                          f"and {d['generated_margin']} (generation): {kind}", highlight=False)
+    verdict = "PASS" if report["passed"] else "FAIL"
+    min_exact = report["settings"]["min_exact"]
+    out_console.print(f"[bold]{verdict}[/]: exact match {t['exact_match_rate']:.2%} (required {min_exact:.2%}). "
+                      f"Report: {out}/report.json, {out}/entries.jsonl", highlight=False)

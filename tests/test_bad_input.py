@@ -285,8 +285,8 @@ def test_corrupt_checkpoint_on_resume(finished_run, damage):
 
 def test_prompt_ids_outside_the_vocabulary_are_refused_by_both_backends(tiny_run):
     from memcli.gguf.base import base_gguf
-    from memcli.llama_backend import LlamaBackend
-    from memcli.torch_backend import TorchBackend
+    from memcli.verify.llama import LlamaBackend
+    from memcli.verify.torch import TorchBackend
 
     spec = models.resolve("tiny")
     n_vocab = 49152
@@ -345,7 +345,7 @@ def test_report_stays_valid_json_when_the_model_gives_nan(tiny_run, pb8, tmp_pat
 
 
 def test_report_json_writer_nulls_every_non_finite_float(tmp_path):
-    from memcli.verify import ReportWriter, json_safe
+    from memcli.verify.report import ReportWriter, json_safe
 
     writer = ReportWriter(tmp_path / "r")
     writer.entry({"a": math.inf, "b": [np.float32("nan"), 1.5]})

@@ -77,7 +77,7 @@ def test_the_fallback_really_loads_and_scores_with_extra_bufts_off(probe_env, ti
     never takes the repacked path)."""
     from memcli import llamacpp
     from memcli.corpus import Example
-    from memcli.llama_backend import LlamaBackend
+    from memcli.verify.llama import LlamaBackend
 
     install, _ = probe_env
     examples = [Example(prompt_ids=(1, 5, 9), target_ids=(20, 30, 40), line=1)]

@@ -8,14 +8,14 @@ import shutil
 
 import numpy as np
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from memcli import corpus, models
 from memcli.scoring import TokenStats, score_logits
-from memcli.verify import (Generated, Totals, VerifyOptions, compare_generation, entry_verdict, generation_sample,
-                           verdicts, verify)
-from memcli.verify_cli import register
+from memcli.verify.generation import compare_generation, generation_sample
+from memcli.verify.report import Totals
+from memcli.verify.run import VerifyOptions, verify
+from memcli.verify.verdicts import Generated, entry_verdict, verdicts
 
 
 def stats_of(prob, argmax, margin, logprob=None):
@@ -142,7 +142,8 @@ def tiny_run(pb8, tmp_path_factory):
     """A tiny run trained for a few steps on pb8: some entries recalled, some not (5 of 8 exact, 2 certified)."""
     import torch
 
-    from memcli.train import TrainConfig, Trainer
+    from memcli.config import TrainConfig
+    from memcli.train import Trainer
 
     run = tmp_path_factory.mktemp("verify") / "run"
     cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=40, lr=0.02, check_every=1000)
@@ -188,7 +189,7 @@ def collect(backend, examples, batch_tokens):
 @pytest.fixture(scope="module")
 def llama(tiny_gguf):
     from memcli.gguf.base import base_gguf
-    from memcli.llama_backend import LlamaBackend
+    from memcli.verify.llama import LlamaBackend
 
     backend = LlamaBackend(base_gguf(models.resolve("tiny")), tiny_gguf, threads=1, kv_type="f32")
     yield backend
@@ -197,7 +198,7 @@ def llama(tiny_gguf):
 
 @pytest.fixture(scope="module")
 def torch_backend(tiny_run):
-    from memcli.torch_backend import TorchBackend
+    from memcli.verify.torch import TorchBackend
 
     return TorchBackend(models.resolve("tiny"), tiny_run / "adapter", device="cpu", threads=1)
 
@@ -269,10 +270,7 @@ def test_backends_agree_on_a_trained_tiny_run(tiny_run, pb8, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli():
-    app = typer.Typer()
-    bench = typer.Typer()
-    app.add_typer(bench, name="bench")
-    register(app, bench)
+    from memcli.cli import app
 
     def invoke(*args):
         return CliRunner().invoke(app, ["verify", *map(str, args)], catch_exceptions=False)
@@ -322,7 +320,7 @@ def test_bad_input_exits_2_and_writes_nothing(cli, tiny_run, tiny_gguf, pb8, tmp
 
 
 def test_too_long_for_the_context_is_refused(tiny_gguf, tmp_path, tiny_tokenizer):
-    from memcli.corpus import generate_random_tokens
+    from memcli.datagen import generate_random_tokens
 
     long_value = generate_random_tokens(4200, 0, tiny_tokenizer)  # tiny's context is 4096
     path = tmp_path / "long.jsonl"
@@ -349,10 +347,8 @@ def test_a_bare_peft_folder_finds_its_base_model(tiny_run, pb8, tmp_path):
 
 def test_bench_verify_runs_side_by_side(cli, tiny_run, pb8, tmp_path):
     """A smoke test of `memcli bench verify` (its numbers are the benchmark's business, not a test's)."""
-    app = typer.Typer()
-    bench = typer.Typer()
-    app.add_typer(bench, name="bench")
-    register(app, bench)
+    from memcli.cli import app
+
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "verify", str(pb8), "--lora", str(tiny_run), "--threads", "1",
                                       "--baseline-entries", "2", "--skip", "kernel,memory", "--out", str(out)],

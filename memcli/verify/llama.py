@@ -26,36 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from . import llamacpp
-from .scoring import TokenStats, default_threads, score_logits
-from .verify import Generated, ScoredBatch
+from .. import llamacpp
+from ..errors import UserError
+from ..forward import plan_batches
+from ..scoring import TokenStats, default_threads, score_logits
+from .checks import check_vocabulary
+from .verdicts import Generated, ScoredBatch
 
 GGML_TYPE = {"f32": 0, "f16": 1}
-
-
-def plan_batches(lengths: np.ndarray, batch_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
-    """Consecutive [start, end) groups of entries: each group's tokens fit in batch_tokens (an entry longer
-    than that is a group of its own, decoded in chunks) and it has at most max_seqs entries."""
-    groups, start, used = [], 0, 0
-    for i, n in enumerate(lengths.tolist()):
-        if i > start and (used + n > batch_tokens or i - start >= max_seqs):
-            groups.append((start, i))
-            start, used = i, 0
-        used += n
-    if len(lengths):
-        groups.append((start, len(lengths)))
-    return groups
-
-
-def _margins(rows: np.ndarray, targets: list[int]) -> np.ndarray:
-    """Target logit minus the best other logit, per row (float64)."""
-    r = np.arange(len(targets))
-    t = np.asarray(targets)
-    target = rows[r, t].astype(np.float64)
-    others = rows.copy()
-    others[r, t] = -np.inf
-    return target - others.max(axis=1).astype(np.float64)
 
 
 class LlamaBackend:
@@ -93,12 +71,10 @@ class LlamaBackend:
         if self.ctx:
             L.llama_free(self.ctx)
             self.ctx = None
-        from .verify import check_vocabulary
-
         check_vocabulary(examples, self.n_vocab, str(self.base))  # every input id, the prompt's included
         lengths = np.array([len(ex) for ex in examples], dtype=np.int64)
         self.max_seqs = max(1, min(256, int(L.llama_max_parallel_sequences())))
-        self.plan = plan_batches(lengths, batch_tokens, self.max_seqs)
+        self.plan = plan_batches(lengths, batch_tokens, max_seqs=self.max_seqs)  # packed sequences
         n_seq = max(e - s for s, e in self.plan)
         longest = int(lengths.max())
         self.n_batch = min(batch_tokens, max(int(lengths[s:e].sum()) for s, e in self.plan))
@@ -227,7 +203,7 @@ class LlamaBackend:
         target. Sequences run side by side, as many as the context holds."""
         results = []
         lengths = np.array([len(examples[i]) for i in indices], dtype=np.int64)
-        for s, e in plan_batches(lengths, self.n_batch, self.n_seq_max):
+        for s, e in plan_batches(lengths, self.n_batch, max_seqs=self.n_seq_max):
             results.extend(self._generate_group([examples[i] for i in indices[s:e]], indices[s:e]))
         return results
 
@@ -242,7 +218,8 @@ class LlamaBackend:
         active = list(range(k))
         while active:
             next_ids = rows.argmax(axis=1)  # top-1; the first (lowest) id on a tie
-            step_margin = _margins(rows, [group[j].target_ids[len(generated[j])] for j in active])
+            targets = np.array([group[j].target_ids[len(generated[j])] for j in active], dtype=np.int64)
+            step_margin = score_logits(rows, targets, threads=self.threads).margin  # target - best other
             feed = []
             for j, tok, m in zip(active, next_ids.tolist(), step_margin.tolist()):
                 t = len(generated[j])

@@ -1,6 +1,7 @@
 """The PyTorch backend of `memcli verify`: the same per-token statistics from the HF weights with the PEFT
-adapter, in right-padded batches (`lora.collate` / `lora.answer_logits`: the output layer runs only at the
-positions that predict answer tokens). It cross-checks the llama.cpp backend, and serves GPU users whose
+adapter, in right-padded batches (`memcli.forward`: `plan_batches(..., padded=True)`, `collate`,
+`answer_logits`: the output layer runs only at the positions that predict answer tokens), reduced by the same
+kernel (`memcli.scoring.score_logits`). It cross-checks the llama.cpp backend, and serves GPU users whose
 llama.cpp build lacks GPU support.
 """
 
@@ -11,23 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .scoring import default_threads, score_logits
-from .verify import Generated, ScoredBatch, check_base, check_vocabulary
-
-
-def plan_padded(lengths: list[int], batch_tokens: int) -> list[tuple[int, int]]:
-    """Consecutive [start, end) groups whose padded size (entries x longest) stays within batch_tokens
-    (an entry longer than that is a group of its own)."""
-    groups, start, width = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and (i - start + 1) * max(width, n) > batch_tokens:
-            groups.append((start, i))
-            start, width = i, 0
-        width = max(width, n)
-    if lengths:
-        groups.append((start, len(lengths)))
-    return groups
+from ..errors import UserError
+from ..forward import answer_logits, collate, plan_batches
+from ..scoring import default_threads, score_logits
+from .checks import check_base, check_vocabulary
+from .verdicts import Generated, ScoredBatch
 
 
 class TorchBackend:
@@ -36,11 +25,11 @@ class TorchBackend:
     def __init__(self, spec, peft_dir: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
                  dtype: str = "float32", expect_base=None):
         """expect_base: (fingerprint, model name) of the base the adapter was trained for
-        (`memcli.verify.recorded_base`); another base is refused, as llama.cpp's path refuses it."""
+        (`memcli.verify.sources.recorded_base`); another base is refused, as llama.cpp's path refuses it."""
         import torch
 
-        from . import models
-        from .train import pick_device
+        from .. import models
+        from ..models import pick_device
 
         check_base(expect_base, spec, peft_dir)
         self.device = pick_device(device)
@@ -69,12 +58,10 @@ class TorchBackend:
         vocab = min(self.model.get_input_embeddings().weight.shape[0],
                     self.model.get_output_embeddings().weight.shape[0])
         check_vocabulary(examples, vocab, self.spec.name)
-        self.plan = plan_padded([len(ex) for ex in examples], batch_tokens)
+        self.plan = plan_batches([len(ex) for ex in examples], batch_tokens, padded=True)
 
     def score(self, examples, batch_tokens: int = 2048):
         import torch
-
-        from .lora import answer_logits, collate
 
         threads = self.threads or default_threads()
         for start, end in self.plan:
@@ -101,6 +88,7 @@ class TorchBackend:
         token by token with the target."""
         import torch
 
+        threads = self.threads or default_threads()
         results = []
         for i in indices:
             ex = examples[i]
@@ -112,11 +100,8 @@ class TorchBackend:
                                           return_dict_in_generate=True)
             tokens = out.sequences[0, len(ex.prompt_ids):].tolist()
             logits = torch.cat(out.logits).float().cpu().numpy()  # [steps, V], the raw logits of each step
-            targets = list(ex.target_ids[: len(logits)])
-            rows = np.arange(len(targets))
-            target_logit = logits[rows, targets].astype(np.float64)
-            logits[rows, targets] = -np.inf
-            margins = (target_logit - logits[rows].max(axis=1)).tolist()
+            targets = np.asarray(ex.target_ids[: len(logits)], dtype=np.int64)
+            margins = score_logits(logits[: len(targets)], targets, threads=threads).margin.tolist()
             divergence = next((t for t, (a, b) in enumerate(zip(tokens, ex.target_ids)) if a != b), None)
             if divergence is None and len(tokens) < len(ex.target_ids):
                 divergence = len(tokens)  # generation stopped early (EOS)
