@@ -78,30 +78,74 @@ def test_ties_on_hand_built_logits_follow_the_lowest_id(impl):
     assert entry_verdict(up, [0]).certified
 
 
-def test_block_verdicts_equal_per_entry_verdicts_and_nan_rows_fail():
-    rng = np.random.default_rng(0)
-    lengths = [1, 4, 3, 7, 1]
-    vocab = 11
-    logits = rng.standard_normal((sum(lengths), vocab)).astype(np.float32) * 3
-    targets = rng.integers(0, vocab, sum(lengths))
-    targets[:5] = logits[:5].argmax(1)  # some exact entries
-    logits[9, 3] = np.nan  # an invalid row in the fourth entry
-    stats = score_logits(logits, targets, impl="numpy")
-    block = verdicts(stats, targets, lengths, indices=[10, 11, 12, 13, 14])
-    start = 0
-    for k, n in enumerate(lengths):
-        sl = slice(start, start + n)
-        one = entry_verdict(TokenStats(**{f: getattr(stats, f)[sl] for f in stats.__dataclass_fields__}),
-                            targets[sl])
-        assert block[k].index == 10 + k
-        for field in ("exact", "certified", "at_risk", "first_failure", "sub_threshold", "wrong_argmax", "low_margin",
-                      "min_p_position", "min_margin_position", "predicted"):
-            assert getattr(block[k], field) == getattr(one, field), field
-        start += n
-    assert block[0].exact and block[1].exact
-    nan_entry = block[3]
-    assert not nan_entry.exact and not nan_entry.certified and 9 - 8 in nan_entry.sub_threshold
-    assert math.isnan(nan_entry.min_p) and nan_entry.min_p_position == 1
+def test_block_verdicts_match_hand_computed_expectations():
+    """Five entries in one block, every statistic chosen by hand and every expectation worked out by hand from
+    the rules of docs/method.md §2 (not from another function of memcli)."""
+    nan = math.nan
+    # entry:      A      B                          C                 D (no distribution)   E (tie at 0)
+    prob = [0.9, 0.8, 0.3, 0.6, 0.2, 0.7, 0.95, 0.7, nan, 0.99, 0.5, 0.99]
+    margin = [2.5, 1.5, 0.2, -0.3, -2.0, 0.5, 3.0, 0.5, nan, 4.0, 0.0, 3.0]
+    targets = [11, 21, 22, 23, 24, 31, 32, 33, 41, 42, 51, 52]
+    argmax = [11, 21, 22, 7, 8, 31, 32, 33, -1, 42, 51, 52]
+    lengths = [1, 4, 3, 2, 2]
+    logprob = [math.log(0.9), math.log(0.8), math.log(0.3), math.log(0.6), math.log(0.2), math.log(0.7),
+               math.log(0.95), math.log(0.7), nan, math.log(0.99), math.log(0.5), math.log(0.99)]
+    stats = stats_of(prob, argmax, margin, logprob)
+    got = verdicts(stats, targets, lengths, indices=[10, 11, 12, 13, 14])
+    fields = ("index", "answer_tokens", "exact", "certified", "at_risk", "first_failure", "token_accuracy",
+              "min_p_position", "min_margin_position", "sub_threshold", "wrong_argmax", "low_margin", "predicted")
+    expected = [
+        # A: one token, p 0.9, margin 2.5 >= 1: exact, certified, safe
+        (10, 1, True, True, False, None, 1.0, 0, 0, [], [], [], None),
+        # B: argmax wrong from position 2 (greedy emits 7 there); p <= 0.5 at 1 and 3; margins < 1 at 1, 2, 3
+        (11, 4, False, False, False, 2, 0.5, 3, 3, [1, 3], [2, 3], [1, 2, 3], 7),
+        # C: all right and p > 0.5, but margins 0.5 < 1 at 0 and 2: at risk; the first of tied minima is named
+        (12, 3, True, True, True, None, 1.0, 0, 0, [], [], [0, 2], None),
+        # D: a row with NaN logits counts as wrong and sub-threshold; no greedy token (-1)
+        (13, 2, False, False, False, 0, 0.0, 0, 0, [0], [0], [0], -1),
+        # E: target tied for the argmax at position 0 (lowest id is the target): exact, p = 0.5 not certified
+        (14, 2, True, False, True, None, 1.0, 0, 0, [0], [], [0], None),
+    ]
+    assert len(got) == 5
+    for v, want in zip(got, expected):
+        assert tuple(getattr(v, f) for f in fields) == want, v.index
+    assert [v.min_p for v in got[:3]] == [0.9, 0.2, 0.7] and got[4].min_p == 0.5
+    assert [v.min_margin for v in got[:3]] == [2.5, -2.0, 0.5] and got[4].min_margin == 0.0
+    assert math.isnan(got[3].min_p) and math.isnan(got[3].min_margin) and math.isnan(got[3].ce)
+    assert got[0].ce == pytest.approx(-math.log(0.9))
+    assert got[1].ce == pytest.approx(-math.log(0.8 * 0.3 * 0.6 * 0.2) / 4)
+    assert got[4].ce == pytest.approx(-math.log(0.5 * 0.99) / 2)
+    assert [v.greedy_correct for v in got] == [1, 2, 3, 0, 2]
+    # a smaller risk margin: C's margins of 0.5 are safe, E's tie (margin 0, p = 0.5) is not
+    loose = verdicts(stats, targets, lengths, risk_margin=0.4)
+    assert [v.at_risk for v in loose] == [False, False, False, False, True]
+    assert [v.low_margin for v in loose] == [[], [1, 2, 3], [], [0], [0]]
+    assert [v.index for v in loose] == [0, 1, 2, 3, 4]  # without indices: positions in the block
+    with pytest.raises(ValueError):
+        verdicts(stats, targets, [1, 4, 3, 2, 1])  # lengths that do not cover the rows
+    with pytest.raises(ValueError):
+        verdicts(stats, targets, [1, 4, 3, 4, 0])  # an entry without answer tokens
+
+
+def test_a_nan_logit_row_from_the_kernel_fails_its_entry():
+    """Logits holding NaN have no distribution (memcli.scoring): the entry is neither exact nor certified."""
+    logits = np.array([[3.0, 0.0, 0.0], [0.0, np.nan, 1.0], [0.0, 0.0, 5.0]], dtype=np.float32)
+    v = verdicts(score_logits(logits, np.array([0, 2, 2]), impl="numpy"), [0, 2, 2], [1, 2])
+    assert v[0].exact and v[0].certified
+    assert (v[1].exact, v[1].certified, v[1].first_failure, v[1].sub_threshold) == (False, False, 0, [0])
+    assert math.isnan(v[1].min_p) and v[1].min_p_position == 0
+
+
+@pytest.mark.parametrize("padded, budget, max_seqs, groups", [
+    (False, 8, None, [(0, 2), (2, 3), (3, 5)]),  # llama: packed tokens 3+5 | 2 (2+7 > 8) | 7+1
+    (False, 100, 2, [(0, 2), (2, 4), (4, 5)]),  # llama: llama.cpp's limit of parallel sequences
+    (False, 4, None, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]),  # an entry over budget is a group of its own
+    (True, 10, None, [(0, 2), (2, 3), (3, 4), (4, 5)]),  # torch: 2 x 5 = 10 fits, 3 x 5 and 2 x 7 do not
+])
+def test_batch_groups_of_the_backends(padded, budget, max_seqs, groups):
+    from memcli.forward import plan_batches
+
+    assert plan_batches([3, 5, 2, 7, 1], budget, padded=padded, max_seqs=max_seqs) == groups
 
 
 def test_totals_and_generation_comparison():
