@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .errors import UserError
-from .terminal import console, out_console, user_errors
+from .terminal import console, out_console, train_progress, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Memorise a corpus into a LoRA adapter (MemFT), verify verbatim recall, plan adapter capacity.")
@@ -79,7 +78,7 @@ def data_phonebook(entries: int = typer.Option(100, help="Number of entries."),
                    seed: int = typer.Option(0, help="Random seed."),
                    out: Path = typer.Option(..., help="Output JSONL file.")):
     """A PhoneBook corpus: unique "First Last:" keys, unique 10-digit numbers starting with 6-9."""
-    from .corpus import generate_phonebook, write_jsonl
+    from .datagen import generate_phonebook, write_jsonl
 
     write_jsonl(out, generate_phonebook(entries, seed))
     console.print(f"wrote {entries} entries to {out}")
@@ -93,7 +92,7 @@ def data_random(tokens: int = typer.Option(..., help="Length of the value in tok
                 out: Path = typer.Option(..., help="Output JSONL file.")):
     """One value of N random vocabulary tokens, as text that re-tokenises to the same ids."""
     from . import models
-    from .corpus import generate_random_tokens, write_jsonl
+    from .datagen import generate_random_tokens, write_jsonl
 
     tokenizer = models.load_tokenizer(models.resolve(model))
     write_jsonl(out, [generate_random_tokens(tokens, seed, tokenizer)])
@@ -101,33 +100,6 @@ def data_random(tokens: int = typer.Option(..., help="Length of the value in tok
 
 
 # --- train -------------------------------------------------------------------------------------------------
-
-def progress_printer(total_steps: int):
-    """A Rich progress bar on a terminal, plain lines at check steps otherwise. Returns (callback, close)."""
-    if console.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TextColumn("{task.fields[info]}"), console=console)
-        task = bar.add_task("train", total=total_steps, info="")
-        bar.start()
-        info = {}
-
-        def update(step, total, row):
-            for key in ("objective", "above", "exact_match"):
-                if row.get(key) is not None:
-                    info[key] = row[key]
-            text = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
-            bar.update(task, completed=step, info=text)
-        return update, bar.stop
-
-    def update(step, total, row):
-        if "exact_match" in row:
-            print(f"step {step}/{total}  objective {row.get('objective')}  above {row.get('above')}  "
-                  f"exact_match {row['exact_match']:.4f}  certified {row['certified']:.4f}", file=sys.stderr,
-                  flush=True)
-    return update, lambda: None
-
 
 def train_config(params: dict):
     """A TrainConfig from `train`'s parsed options: defaults < --config YAML < the command line."""
@@ -197,7 +169,7 @@ def train(
 
     trainer = Trainer(cfg, out, resume=resume, force=force,
                       log=lambda m: console.print(m, highlight=False, markup=False))
-    update, close = progress_printer(trainer.total_steps)
+    update, close = train_progress(trainer.total_steps)
     try:
         summary = trainer.run(update)
     finally:

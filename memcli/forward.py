@@ -1,9 +1,12 @@
 """The answer-token forward pass in torch: batches (and the one batch planner every backend uses), logits at
-the positions that predict answer tokens only, per-token cross-entropy for training, and the clean recall pass
-whose verdicts come from the same function `memcli verify` uses (`memcli.verify.verdicts.verdicts`)."""
+the positions that predict answer tokens only, the frozen-prefix cache (the layers below the first adapted one,
+run once per entry), per-token cross-entropy for training, and the clean recall pass whose verdicts come from the
+same function `memcli verify` uses (`memcli.verify.verdicts.verdicts`)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,17 +20,25 @@ def plan_batches(lengths, budget: int, *, padded: bool = False, max_seqs: int | 
     """Consecutive [start, end) groups of entries, in the order given. A group's cost is its total tokens
     (packed sequences) or, with padded, entries x its longest entry (right-padded rows); it stays within
     `budget` (an entry over it is a group of its own) and holds at most `max_seqs` entries."""
-    groups, start, used, width = [], 0, 0, 0
-    lengths = [int(n) for n in lengths]
-    for i, n in enumerate(lengths):
-        cost = (i - start + 1) * max(width, n) if padded else used + n
-        if i > start and (cost > budget or (max_seqs is not None and i - start >= max_seqs)):
-            groups.append((start, i))
-            start, used, width = i, 0, 0
+    return [(start, start + len(group))
+            for start, group in iter_groups(lengths, int, budget, padded=padded, max_seqs=max_seqs)]
+
+
+def iter_groups(items: Iterable, length: Callable, budget: int, *, padded: bool = False,
+                max_seqs: int | None = None) -> Iterator[tuple[int, list]]:
+    """plan_batches over a stream: (index of the group's first item, the group's items), pulling items only
+    as far as the next group needs (the groups plan_batches gives on the same lengths)."""
+    start, group, used, width = 0, [], 0, 0
+    for item in items:
+        n = int(length(item))
+        cost = (len(group) + 1) * max(width, n) if padded else used + n
+        if group and (cost > budget or (max_seqs is not None and len(group) >= max_seqs)):
+            yield start, group
+            start, group, used, width = start + len(group), [], 0, 0
+        group.append(item)
         used, width = used + n, max(width, n)
-    if lengths:
-        groups.append((start, len(lengths)))
-    return groups
+    if group:
+        yield start, group
 
 
 @dataclass
@@ -38,10 +49,83 @@ class Batch:
     positions: torch.Tensor  # [B, L] position whose logits predict the answer token
     targets: torch.Tensor  # [B, L] answer token ids (0 where mask is False)
     mask: torch.Tensor  # [B, L] True on real answer slots
+    hidden: torch.Tensor | None = None  # [B, T, d]: the states entering layer `first_layer`, from a FrozenPrefix
+    first_layer: int = 0
 
 
-def collate(examples: list[Example], pad_id: int, device) -> Batch:
-    """Pad on the right; the attention mask comes from lengths, never from `token != pad` (pad may be EOS)."""
+class FrozenPrefix:
+    """The hidden states entering the first adapted layer, computed once per entry. The layers below it are
+    frozen and, with no adapter under them, see the same inputs every step; so training runs them once and each
+    step starts at the first adapted layer (the default placement, the middle layer, halves the forward pass).
+    The result is the same computation on the same inputs: `check` compares it with the full pass."""
+
+    BUDGET_BYTES = 4 << 30  # past this the prefix is recomputed every step instead (and training says so)
+
+    def __init__(self, model, examples: list[Example], first_layer: int, pad_id: int, device,
+                 batch_tokens: int = 8192):
+        self.first_layer = first_layer
+        self.states: list[torch.Tensor] = [None] * len(examples)  # per entry [len, d], kept on the CPU
+        decoder = _base(model).get_decoder()
+        was_training = model.training
+        model.eval()
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+        with torch.no_grad():
+            for start, end in plan_batches([len(examples[i]) for i in order], batch_tokens, padded=True):
+                idx = order[start:end]
+                batch = collate([examples[i] for i in idx], pad_id, device)
+                out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              output_hidden_states=True)
+                states = out.hidden_states[first_layer]
+                for row, i in enumerate(idx):
+                    self.states[i] = states[row, : len(examples[i])].to("cpu").clone()
+        model.train(was_training)
+
+    @torch.no_grad()
+    def agrees(self, model, examples: list[Example], pad_id: int, device, n: int = 4, atol: float = 1e-3) -> bool:
+        """Whether starting at the first adapted layer gives the full pass's logits on the first n entries (a
+        model whose forward does more to its inputs than the layers, e.g. scaled embeddings, does not)."""
+        idx = list(range(min(n, len(examples))))
+        was_training = model.training
+        model.eval()
+        batch = collate([examples[i] for i in idx], pad_id, device)
+        full = answer_logits(model, batch)[batch.mask]
+        cached = answer_logits(model, collate([examples[i] for i in idx], pad_id, device, self, idx))[batch.mask]
+        model.train(was_training)
+        return bool(torch.allclose(full, cached, rtol=0, atol=atol))
+
+    @staticmethod
+    def size_bytes(model, examples: list[Example]) -> int:
+        cfg = _base(model).config
+        return sum(len(ex) for ex in examples) * cfg.hidden_size * next(model.parameters()).element_size()
+
+    def hidden(self, idx: list[int], width: int, device) -> torch.Tensor:
+        """[B, width, d]: the cached states of entries idx, right-padded with zeros."""
+        first = self.states[idx[0]]
+        out = torch.zeros((len(idx), width, first.shape[-1]), dtype=first.dtype)
+        for row, i in enumerate(idx):
+            out[row, : len(self.states[i])] = self.states[i]
+        return out.to(device)
+
+
+@contextlib.contextmanager
+def _layers_from(decoder, first: int):
+    """The decoder runs its layers from `first` on (fed the states entering that layer as inputs_embeds)."""
+    full = decoder.layers
+    decoder.layers = full[first:]
+    try:
+        yield
+    finally:
+        decoder.layers = full
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def collate(examples: list[Example], pad_id: int, device, prefix: FrozenPrefix | None = None,
+            idx: list[int] | None = None) -> Batch:
+    """Pad on the right; the attention mask comes from lengths, never from `token != pad` (pad may be EOS).
+    With a FrozenPrefix (and the entries' indices into it), the batch carries their cached states."""
     T = max(len(ex) for ex in examples)
     L = max(len(ex.target_ids) for ex in examples)
     B = len(examples)
@@ -58,14 +142,22 @@ def collate(examples: list[Example], pad_id: int, device) -> Batch:
         targets[i, :n] = torch.tensor(ex.target_ids)
         mask[i, :n] = True
     rows = torch.arange(B).unsqueeze(1).expand(B, L)
-    return Batch(*(t.to(device) for t in (input_ids, attention, rows, positions, targets, mask)))
+    batch = Batch(*(t.to(device) for t in (input_ids, attention, rows, positions, targets, mask)))
+    if prefix is not None:
+        batch.hidden, batch.first_layer = prefix.hidden(idx, T, device), prefix.first_layer
+    return batch
 
 
 def answer_logits(model, batch: Batch) -> torch.Tensor:
     """Logits [B, L, V] (float32) at the positions that predict answer tokens only: the output layer, the
     costliest matrix product for a large vocabulary, never runs over prompt or padding positions."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    base = _base(model)
+    decoder = base.get_decoder()
+    if batch.hidden is None:
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    else:
+        with _layers_from(decoder, batch.first_layer):
+            hidden = decoder(inputs_embeds=batch.hidden, attention_mask=batch.attention_mask).last_hidden_state
     return base.get_output_embeddings()(hidden[batch.rows, batch.positions]).float()
 
 
@@ -97,7 +189,8 @@ class Recall:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192) -> Recall:
+def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192,
+             prefix: FrozenPrefix | None = None) -> Recall:
     """The clean recall pass: entries sorted by length into padded batches, their answer logits reduced by the
     scoring kernel and judged by the verdict function `memcli verify` uses, so training's certification and
     verify's agree by construction."""
@@ -111,7 +204,7 @@ def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: 
     total_ce, total_above, n_tokens = 0.0, 0, 0
     for start, end in plan_batches([len(examples[i]) for i in order], batch_tokens, padded=True):
         idx = order[start:end]
-        batch = collate([examples[i] for i in idx], pad_id, device)
+        batch = collate([examples[i] for i in idx], pad_id, device, prefix, idx)
         logits = answer_logits(model, batch)[batch.mask]  # [answer tokens, V], entry order
         targets = batch.targets[batch.mask].cpu().numpy()
         stats = score_logits(logits.cpu().numpy(), targets)

@@ -28,7 +28,6 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,16 +233,13 @@ def _read_cache() -> dict:
 
 
 def _write_cache(key: str, verdict: dict) -> None:
-    path = _cache_file()
+    from .runs import write_json
+
     data = _read_cache()
     data[key] = verdict
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
+        write_json(_cache_file(), data, what="probe cache")
+    except UserError:
         pass  # an unwritable cache only means probing again next time
 
 

@@ -1,4 +1,4 @@
-"""Training objectives as pure functions of per-token cross-entropy (PAPER.md section 4).
+"""Training objectives as pure functions of per-token cross-entropy (docs/method.md §3).
 
 Every objective is a token-weighted mean L = sum_t w_t CE_t / (sum_t w_t + eps) over answer tokens, with the
 weights treated as constants. Tensors are [batch, positions]; `mask` marks the answer positions.

@@ -77,15 +77,15 @@ def write_json(path: str | os.PathLike, obj, what: str = "--out") -> Path:
     return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", what)
 
 
-def atomic_dir(target: str | os.PathLike, build: Callable[[Path], None]) -> Path:
-    """build(tmp_dir) then move the folder into place, replacing an older one; whole or absent. When another
-    process put `target` in place meanwhile, its folder is kept."""
+def atomic_dir(target: str | os.PathLike, build: Callable[[Path], None], replace: bool = True) -> Path:
+    """build(tmp_dir) beside `target`, then move the folder into place: whole or absent. An older `target` is
+    replaced, or, with replace=False (a cache that another process may be filling too), kept."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
-        if target.exists():
+        if target.exists() and replace:
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, old / target.name)
             os.replace(tmp, target)
@@ -93,8 +93,10 @@ def atomic_dir(target: str | os.PathLike, build: Callable[[Path], None]) -> Path
         else:
             try:
                 os.replace(tmp, target)
-            except OSError:  # another process finished first
-                shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                if not target.exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep its folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

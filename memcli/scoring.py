@@ -5,7 +5,7 @@ position, under teacher forcing) and needs, per row, how the target token fares:
 
 - ``logprob`` / ``prob``: the target's log-probability and probability under softmax(row);
 - ``argmax``: the greedy choice (lowest index on ties); greedy decoding reproduces the token iff it equals the
-  target (PAPER.md section 3), and ``prob > 0.5`` certifies that;
+  target (docs/method.md §2), and ``prob > 0.5`` certifies that;
 - ``target_logit``, ``best_other`` (the highest logit of any other entry) and ``margin`` (their difference:
   > 0 when the target wins outright, 0 on a tie, < 0 when it loses);
 - ``rank``: how many entries have a strictly higher logit than the target (0: argmax or tied for it).

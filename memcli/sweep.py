@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import json
 import multiprocessing
 import os
 import shutil
@@ -19,8 +18,9 @@ from typing import Callable
 
 import yaml
 
-from .errors import UserError
+from . import runs
 from .config import TrainConfig, describe_differences, setting_differences
+from .errors import UserError
 from .train import Trainer
 
 
@@ -45,14 +45,12 @@ def stale_cells(cells: list[tuple[str, TrainConfig]], out: Path) -> list[tuple[s
     this sweep would train it with (resolved values: `--device auto` and the device it resolved to are equal)."""
     stale = []
     for name, cfg in cells:
-        path = out / name / "config.yaml"
-        if not path.exists():
+        if not runs.is_run(out / name):
             continue
         try:
-            saved = (yaml.safe_load(path.read_text()) or {})["settings"]
-        except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-            raise UserError(f"sweep cell {path} cannot be read ({type(e).__name__}: {e}); remove the cell or use "
-                            "--force to retrain it") from None
+            saved = runs.read_settings(out / name)
+        except UserError as e:
+            raise UserError(f"sweep cell {out / name}: {e}; remove the cell or use --force to retrain it") from None
         differs = setting_differences(saved, cfg)
         if differs:
             stale.append((name, differs))
@@ -63,9 +61,9 @@ def run_cell(settings: dict, run_dir: str, device: str | None = None, threads: i
     """Train one cell to its end (or pick up its summary). A plain top-level function, so worker processes and
     Ray tasks can run it."""
     run = Path(run_dir)
-    summary = run / "summary.json"
-    if summary.exists():
-        return json.loads(summary.read_text())
+    summary = runs.read_summary(run)
+    if summary is not None:
+        return summary
     if threads:
         import torch
 
@@ -73,7 +71,7 @@ def run_cell(settings: dict, run_dir: str, device: str | None = None, threads: i
     cfg = TrainConfig(**settings)
     if device:
         cfg.device = device
-    resume = (run / "config.yaml").exists()
+    resume = runs.is_run(run)
     return Trainer(cfg, run, resume=resume, log=lambda m: None).run()
 
 
@@ -126,7 +124,7 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
         shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
     record = {"ranks": ranks, "answer_tokens": lengths, "settings": dataclasses.asdict(base)}
-    (out / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    runs.write_text(out / "sweep.yaml", yaml.safe_dump(record, sort_keys=False), what="sweep file")
     results: dict[str, dict] = {}
     total = len(cells)
 
@@ -137,8 +135,9 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
 
     pending_cells = []
     for name, cfg in cells:
-        if (out / name / "summary.json").exists():
-            finished(name, json.loads((out / name / "summary.json").read_text()))
+        summary = runs.read_summary(out / name)
+        if summary is not None:
+            finished(name, summary)
         else:
             pending_cells.append((name, cfg))
 

@@ -1,8 +1,10 @@
-"""What every command prints through: the two consoles and the one way bad input ends."""
+"""What every command prints through: the two consoles, progress bars, result tables and the one way bad input
+ends."""
 
 from __future__ import annotations
 
 import functools
+import sys
 
 import typer
 from rich.console import Console
@@ -24,6 +26,35 @@ def user_errors(fn):
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
     return wrapper
+
+
+# --- train ----------------------------------------------------------------------------------------------------
+
+def train_progress(total_steps: int):
+    """A Rich progress bar on a terminal, plain lines at check steps otherwise. Returns (callback, close)."""
+    if console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.fields[info]}"), console=console)
+        task = bar.add_task("train", total=total_steps, info="")
+        bar.start()
+        info = {}
+
+        def update(step, total, row):
+            for key in ("objective", "above", "exact_match"):
+                if row.get(key) is not None:
+                    info[key] = row[key]
+            text = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+            bar.update(task, completed=step, info=text)
+        return update, bar.stop
+
+    def update(step, total, row):
+        if "exact_match" in row:
+            print(f"step {step}/{total}  objective {row.get('objective')}  above {row.get('above')}  "
+                  f"exact_match {row['exact_match']:.4f}  certified {row['certified']:.4f}", file=sys.stderr,
+                  flush=True)
+    return update, lambda: None
 
 
 # --- fit and plan: the Parametric Memory Law (memcli.law) --------------------------------------------------

@@ -75,6 +75,7 @@ class Trainer:
         self.params = lora.trainable_parameters(self.model)
         self.l = corpus.answer_tokens(self.examples)
         self.gguf_blocker = self.check_gguf()  # before step 1: can adapter.gguf be written at the end?
+        self.prefix = None  # the frozen layers' output, built when the run starts (forward.FrozenPrefix)
 
         self.sw_form = None
         if cfg.method == "memft-sw":
@@ -151,6 +152,29 @@ class Trainer:
                 yield step, epoch, order[i: i + self.cfg.batch_size]
             epoch += 1
 
+    # --- the forward pass ------------------------------------------------------------------------------
+    def frozen_prefix(self) -> forward.FrozenPrefix | None:
+        """The output of the frozen layers under the adapter, computed once (None: nothing below it, or too big
+        to keep, in which case every step recomputes it and the log says so)."""
+        first = min(self.layers)
+        if first == 0:
+            return None
+        size = forward.FrozenPrefix.size_bytes(self.model, self.examples)
+        if size > forward.FrozenPrefix.BUDGET_BYTES:
+            self.log(f"note: the {first} frozen layers under the adapter are recomputed every step (keeping their "
+                     f"output would take {size / 2**30:.1f} GiB)")
+            return None
+        prefix = forward.FrozenPrefix(self.model, self.examples, first, self.pad_id, self.device)
+        if not prefix.agrees(self.model, self.examples, self.pad_id, self.device):
+            self.log("note: this model's forward pass cannot start at the first adapted layer; the frozen layers "
+                     "are recomputed every step")
+            return None
+        return prefix
+
+    def evaluate(self) -> forward.Recall:
+        """A clean pass over every entry (from the frozen prefix when there is one)."""
+        return forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=self.prefix)
+
     # --- the objective -----------------------------------------------------------------------------------
     def objective(self, ce, correct, batch, idx):
         """(loss or None to skip the step, number of hard tokens)."""
@@ -168,7 +192,7 @@ class Trainer:
     def train_step(self, step: int, epoch: int, idx: list[int]) -> dict:
         """One optimiser step on the samples idx; returns its metrics row."""
         t0 = time.perf_counter()
-        batch = forward.collate([self.examples[i] for i in idx], self.pad_id, self.device)
+        batch = forward.collate([self.examples[i] for i in idx], self.pad_id, self.device, self.prefix, idx)
         ce, correct = forward.answer_ce(self.model, batch)
         loss, hard = self.objective(ce, correct, batch, idx)
         if loss is not None:
@@ -192,9 +216,10 @@ class Trainer:
         if finished is not None:
             self.log(f"{self.out} already finished; nothing to resume")
             return finished
+        self.prefix = self.frozen_prefix()
         if self.l_init is None:
             with self.model.disable_adapter():
-                self.l_init = forward.evaluate(self.model, self.examples, self.pad_id, self.device).mean_ce
+                self.l_init = self.evaluate().mean_ce
         self.log(f"{len(self.examples)} entries, {self.l} answer tokens, rank {cfg.rank}, {self.params:,} trainable "
                  f"parameters, layers {self.layers} {'/'.join(self.modules)}; L_init {self.l_init:.4f}")
         metrics = open(self.out / "metrics.jsonl", "a")
@@ -210,7 +235,7 @@ class Trainer:
                     row = None
                 checked = step % cfg.check_every == 0 or step == self.total_steps
                 if checked:
-                    recall, recall_step = forward.evaluate(self.model, self.examples, self.pad_id, self.device), step
+                    recall, recall_step = self.evaluate(), step
                     row = (row or {"step": step, "epoch": epoch}) | {
                         "exact_match": recall.exact_match, "certified": recall.certified_rate,
                         "clean_ce": round(recall.mean_ce, 6), "clean_above": round(recall.above, 6)}
@@ -236,7 +261,7 @@ class Trainer:
         return self.finish(stop_reason, certified_at, final)
 
     def finish(self, stop_reason: str, certified_at: int | None, final: forward.Recall | None = None) -> dict:
-        final = final or forward.evaluate(self.model, self.examples, self.pad_id, self.device)
+        final = final or self.evaluate()
         cfg = self.cfg
         summary = {
             "method": cfg.method, "sw_form": self.sw_form, "model": self.spec.name, "rank": cfg.rank,

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from conftest import run_cli, run_memcli
-from memcli import corpus, forward, lora, models
+from memcli import corpus, forward, models
 from memcli.config import TrainConfig
 from memcli.scoring import LN2
 from memcli.train import Trainer
@@ -453,3 +453,34 @@ def test_example_config_lists_every_setting_with_its_default():
     settings = {f.name for f in dataclasses.fields(TrainConfig)} - {"corpus"}
     assert set(listed) == settings
     assert TrainConfig.from_sources(path, {"corpus": "c.jsonl"}) == TrainConfig(corpus="c.jsonl")
+
+
+def test_frozen_prefix_training_equals_full_forward_training(pb8, tmp_path, monkeypatch):
+    """Starting every step at the first adapted layer (the frozen layers' output computed once) trains the same
+    adapter as running the whole model every step."""
+    settings = dict(corpus=str(pb8), model="tiny", max_steps=6, check_every=3, batch_size=3, seed=1)
+    cached = Trainer(TrainConfig(**settings), tmp_path / "cached", log=lambda m: None)
+    with_prefix = cached.run()
+    assert cached.prefix is not None and cached.prefix.first_layer == 2  # tiny: 4 layers, adapter on layer 2
+
+    monkeypatch.setattr(Trainer, "frozen_prefix", lambda self: None)
+    full = Trainer(TrainConfig(**settings), tmp_path / "full", log=lambda m: None)
+    without = full.run()
+    assert full.prefix is None
+    for key in ("l_init", "l_final", "exact_match", "certified"):
+        assert with_prefix[key] == pytest.approx(without[key], rel=1e-6, abs=1e-7), key
+
+    def rows(run):
+        return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows("cached"), rows("full"), strict=True):
+        assert a["objective"] == pytest.approx(b["objective"], rel=1e-6), a["step"]
+    for name, p in cached.model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p, dict(full.model.named_parameters())[name], atol=1e-6), name
+
+
+def test_no_prefix_when_the_adapter_starts_at_layer_0(pb8, tmp_path):
+    trainer = Trainer(TrainConfig(corpus=str(pb8), model="tiny", layers=[0, 2], max_steps=1), tmp_path / "r",
+                      log=lambda m: None)
+    trainer.run()
+    assert trainer.prefix is None

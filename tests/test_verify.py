@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from memcli import corpus, models
+from memcli.errors import UserError
 from memcli.scoring import TokenStats, score_logits
 from memcli.verify.generation import compare_generation, generation_sample
 from memcli.verify.report import Totals
@@ -369,7 +370,7 @@ def test_too_long_for_the_context_is_refused(tiny_gguf, tmp_path, tiny_tokenizer
     long_value = generate_random_tokens(4200, 0, tiny_tokenizer)  # tiny's context is 4096
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps(long_value) + "\n")
-    with pytest.raises(Exception) as e:
+    with pytest.raises(UserError) as e:
         verify(path, tmp_path / "out", lora=tiny_gguf, options=VerifyOptions(threads=1), log=lambda m: None)
     assert "longer than the model's context of 4096" in str(e.value) and "long.jsonl:1" in str(e.value)
     assert not (tmp_path / "out").exists()

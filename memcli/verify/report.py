@@ -253,7 +253,7 @@ class ReportWriter:
             self.entries.close()
             if plot is not None and plot.entries:
                 plot.write(self.tmp / PLOT_NAME, title)
-            (self.tmp / "report.json").write_text(text)
+            (self.tmp / "report.json").write_text(text, encoding="utf-8")
             old = None
             if self.out.exists():
                 old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
