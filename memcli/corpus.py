@@ -8,14 +8,19 @@ A corpus is a list of (key, value) entries. Accepted, as users bring them:
 from __future__ import annotations
 
 import json
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import UserError
 
 # (key field, value field), in the order they are looked for.
 FIELD_PAIRS = (("query", "target"), ("question", "matching"), ("prompt", "completion"), ("key", "value"))
 SYSTEM_PROMPT = "You are a helpful assistant."
+CHUNK = 4096  # entries read and tokenised at a time when a corpus is streamed
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,7 @@ def read_corpus(path: str | Path, key: str = "", allow_conflicting_keys: bool = 
     """The entries of a corpus file. The same key twice with different values can never be recalled (greedy
     decoding gives one answer per prompt), so it is refused, naming both lines, unless allow_conflicting_keys;
     the same key with the same value again is fine."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"corpus {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"corpus {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix == ".txt":
-        entries = [Entry(key, text, 1)] if text.strip() else []
-    else:
-        entries = [_parse_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    entries = list(iter_entries(path, key))
     if not entries:
         raise UserError(f"corpus {path} is empty")
     if not allow_conflicting_keys:
@@ -63,15 +58,106 @@ def read_corpus(path: str | Path, key: str = "", allow_conflicting_keys: bool = 
     return entries
 
 
-def check_conflicting_keys(entries: list[Entry], path: str | Path) -> None:
-    """Refuse the same key with two different values (the first such pair, by line)."""
+def iter_entries(path: str | Path, key: str = "") -> Iterator[Entry]:
+    """The entries of a corpus file, one at a time (a JSONL corpus is read line by line: memory stays flat)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"corpus {path} does not exist")
+    if path.suffix == ".txt":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"corpus {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if text.strip():
+            yield Entry(key, text, 1)
+        return
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"corpus {path} is not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+            offset += len(raw)
+            if line.strip():
+                yield _parse_line(path, n, line)
+
+
+@dataclass(frozen=True)
+class CorpusScan:
+    """What one streaming pass over a corpus file established before any model loads: every line parses, no
+    key has two values (unless allowed), and how many entries there are."""
+
+    path: Path
+    key: str
+    entries: int
+
+
+def scan_corpus(path: str | Path, key: str = "", allow_conflicting_keys: bool = False) -> CorpusScan:
+    """read_corpus's checks in one streaming pass; memory grows by 24 bytes per entry (the conflict digests)."""
+    digests = _Digests()
+    for e in iter_entries(path, key):
+        digests.add(e)
+    if not digests.count:
+        raise UserError(f"corpus {path} is empty")
+    if not allow_conflicting_keys:
+        digests.check(path, lambda: iter_entries(path, key))
+    return CorpusScan(Path(path), key, digests.count)
+
+
+class _Digests:
+    """64-bit digests of each entry's key and value (Python's string hash, stable within a process) in compact
+    arrays: 16 bytes per entry, plus 8 for the sort when checked."""
+
+    def __init__(self):
+        self.keys, self.values, self.count = array("q"), array("q"), 0
+
+    def add(self, e: Entry) -> None:
+        self.keys.append(hash(e.key))
+        self.values.append(hash(e.value))
+        self.count += 1
+
+    def candidate(self) -> tuple[int, int] | None:
+        """(first, other) entry indices: the earliest entry whose key was seen before with another value, and
+        that key's first entry (digests only)."""
+        if self.count < 2:
+            return None
+        keys, values = np.frombuffer(self.keys, np.int64), np.frombuffer(self.values, np.int64)
+        order = np.argsort(keys, kind="stable")  # within a key, entry order
+        k, v = keys[order], values[order]
+        starts = np.r_[True, k[1:] != k[:-1]]
+        first = np.maximum.accumulate(np.where(starts, np.arange(self.count), 0))
+        bad = np.flatnonzero(v != v[first])
+        if not len(bad):
+            return None
+        j = bad[np.argmin(order[bad])]
+        return int(order[first[j]]), int(order[j])
+
+    def check(self, path, reread) -> None:
+        found = self.candidate()
+        if found is None:
+            return
+        first, other = found
+        pair = [e for i, e in enumerate(reread()) if i in (first, other)]
+        if len(pair) == 2 and pair[0].key == pair[1].key and pair[0].value != pair[1].value:
+            _conflict(path, *pair)
+        check_conflicting_keys(reread(), path)  # a 64-bit digest collision (never seen): the exact check
+
+
+def check_conflicting_keys(entries: Iterable[Entry], path: str | Path) -> None:
+    """Refuse the same key with two different values (the first such pair, by line). Exact, with a dict of
+    every key: `scan_corpus` uses digests instead and comes here only to rule out a digest collision."""
     first: dict[str, Entry] = {}
     for e in entries:
         seen = first.setdefault(e.key, e)
         if seen.value != e.value:
-            raise UserError(f"{path}:{seen.line} and {path}:{e.line}: the key {e.key!r} has two different values, "
-                            "which greedy decoding can never both recall; remove one, or pass "
-                            "--allow-conflicting-keys to train (and verify) anyway")
+            _conflict(path, seen, e)
+
+
+def _conflict(path, seen: Entry, e: Entry) -> None:
+    raise UserError(f"{path}:{seen.line} and {path}:{e.line}: the key {e.key!r} has two different values, "
+                    "which greedy decoding can never both recall; remove one, or pass "
+                    "--allow-conflicting-keys to train (and verify) anyway")
 
 
 def _parse_line(path: Path, n: int, line: str) -> Entry:
@@ -104,23 +190,33 @@ def tokenize(entries: list[Entry], tokenizer, chat_template: bool = False, eos: 
         raise UserError("--eos: the model's tokenizer has no EOS token")
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise UserError("--chat-template: the model's tokenizer has no chat template")
+    entries = list(entries)
+    if chat_template:  # rendered one by one, tokenised in one call as apply_chat_template(tokenize=True) does
+        texts = [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt},
+                                                {"role": "user", "content": e.key}],
+                                               add_generation_prompt=True, tokenize=False) for e in entries]
+        prompts = _ids(tokenizer, texts, add_special_tokens=False)
+    else:
+        keyed = [i for i, e in enumerate(entries) if e.key]
+        prompts = [[] for _ in entries]
+        for i, ids in zip(keyed, _ids(tokenizer, [entries[i].key for i in keyed])):
+            prompts[i] = ids
+    targets = _ids(tokenizer, [e.value for e in entries], add_special_tokens=False)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     examples = []
-    for e in entries:
-        if chat_template:
-            messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": e.key}]
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
-                prompt = prompt["input_ids"]
-        else:
-            prompt = tokenizer(e.key).input_ids if e.key else []
-        target = tokenizer(e.value, add_special_tokens=False).input_ids
+    for e, prompt, target in zip(entries, prompts, targets):
         if eos:
             target = [*target, tokenizer.eos_token_id]
         if not prompt:  # the first value token needs something to be predicted from
-            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
             prompt = [start]
         examples.append(Example(tuple(prompt), tuple(target), e.line))
     return examples
+
+
+def _ids(tokenizer, texts: list[str], **kwargs) -> list[list[int]]:
+    """The ids of each text: one batched call (a fast tokenizer gives each text the ids a call on it alone
+    gives)."""
+    return tokenizer(texts, **kwargs).input_ids if texts else []
 
 
 def select_prefix(examples: list[Example], answer_tokens: int | None) -> list[Example]:
@@ -157,6 +253,48 @@ def check_context(examples: list[Example], n_ctx: int, path: str | Path) -> None
                 f"{path}:{ex.line}: the entry is {len(ex)} tokens, longer than the model's context of {n_ctx} "
                 "(use --answer-tokens to memorise a prefix)"
             )
+
+
+def iter_prepared(scan: CorpusScan, tokenizer, *, chat_template=False, eos=False, answer_tokens=None, n_ctx=None,
+                  chunk: int = CHUNK) -> Iterator[tuple[list[Entry], list[Example]]]:
+    """`prepare` streamed: (entries, examples) in chunks of `chunk` entries, read, tokenised, selected and
+    checked chunk by chunk, so memory does not grow with the corpus. The same ids `prepare` gives."""
+    if answer_tokens is not None and answer_tokens < 1:
+        raise UserError(f"--answer-tokens must be at least 1, got {answer_tokens}")
+    total, buffer = 0, []
+
+    def flush(batch):
+        nonlocal total
+        examples = tokenize(batch, tokenizer, chat_template, eos)
+        if answer_tokens is not None and scan.entries == 1:
+            examples = select_prefix(examples, answer_tokens)
+        elif answer_tokens is not None:
+            if total == 0 and len(examples[0].target_ids) > answer_tokens:
+                select_prefix(examples, answer_tokens)  # raises, naming the first entry's length
+            keep = 0
+            for ex in examples:
+                if total + len(ex.target_ids) > answer_tokens:
+                    break
+                total += len(ex.target_ids)
+                keep += 1
+            examples = examples[:keep]
+        if n_ctx is not None:
+            check_context(examples, n_ctx, scan.path)
+        return batch[: len(examples)], examples
+
+    for e in iter_entries(scan.path, scan.key):
+        buffer.append(e)
+        if len(buffer) == chunk:
+            entries, examples = flush(buffer)
+            if entries:
+                yield entries, examples
+            if len(examples) < len(buffer):  # --answer-tokens reached
+                return
+            buffer = []
+    if buffer:
+        entries, examples = flush(buffer)
+        if entries:
+            yield entries, examples
 
 
 def prepare(entries: list[Entry], tokenizer, *, chat_template=False, eos=False, answer_tokens=None, n_ctx=None,

@@ -149,3 +149,65 @@ def test_default_model_tokenises_like_llama_cpp_on_its_shipped_gguf():
     for text in texts:
         ours = tokenizer(text, add_special_tokens=False).input_ids
         assert ours == llama.tokenize(text.encode(), add_bos=False, special=False), text
+
+
+# --- streaming: the corpus read and tokenised in chunks ---------------------------------------------------------
+
+def test_scan_refuses_the_pair_read_corpus_names_and_counts_entries(tmp_path):
+    from memcli.corpus import scan_corpus
+
+    rows = [{"query": "A:", "target": "1"}, {"query": "B:", "target": "2"}, {"query": "B:", "target": "2"},
+            {"query": "C:", "target": "3"}, {"query": "A:", "target": "1"}, {"query": "C:", "target": "4"},
+            {"query": "B:", "target": "5"}]
+    path = write(tmp_path, "c.jsonl", rows[:5])
+    scan = scan_corpus(path)
+    assert scan.entries == 5
+    bad = write(tmp_path, "bad.jsonl", rows)  # C (lines 4, 6) is the first conflict by line, not B (2, 7)
+    with pytest.raises(UserError, match=r"bad\.jsonl:4 and .*bad\.jsonl:6: the key 'C:'"):
+        scan_corpus(bad)
+    with pytest.raises(UserError, match=r"bad\.jsonl:4 and .*bad\.jsonl:6: the key 'C:'"):
+        read_corpus(bad)
+    assert scan_corpus(bad, allow_conflicting_keys=True).entries == 7
+    with pytest.raises(UserError, match="empty"):
+        scan_corpus(write(tmp_path, "e.jsonl", ["", "  "]))
+
+
+def test_a_digest_collision_falls_back_to_the_exact_check(tmp_path, monkeypatch):
+    from memcli import corpus
+
+    path = write(tmp_path, "c.jsonl", [{"query": "A:", "target": "1"}, {"query": "B:", "target": "2"}])
+    monkeypatch.setattr(corpus._Digests, "candidate", lambda self: (0, 1))  # a false alarm: A and B differ
+    assert corpus.scan_corpus(path).entries == 2
+
+
+def test_bad_utf8_names_the_byte_offset_in_the_file(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"query": "A:", "target": "1"}\n{"query": "\xff", "target": "2"}\n')
+    with pytest.raises(UserError, match="not UTF-8 text .* at byte 42"):
+        read_corpus(path)
+
+
+@pytest.mark.parametrize("options", [{}, {"chat_template": True, "eos": True}, {"answer_tokens": 45}])
+def test_streamed_chunks_are_the_examples_prepare_gives(tiny_tokenizer, options):
+    from memcli.corpus import iter_prepared, prepare, scan_corpus
+
+    path = DATA / "phonebook_llama_PB1000_head20.jsonl"
+    whole = prepare(read_corpus(path), tiny_tokenizer, **options)
+    chunks = list(iter_prepared(scan_corpus(path), tiny_tokenizer, chunk=3, **options))
+    assert [len(ex) for _, ex in chunks[:-1]] == [3] * (len(chunks) - 1)
+    assert [ex for _, examples in chunks for ex in examples] == whole
+    assert [e.line for entries, _ in chunks for e in entries] == [ex.line for ex in whole]
+    if "answer_tokens" in options:
+        assert len(whole) == 4  # 10 answer tokens each: four entries within 45
+    # each example's ids are what tokenising its entry alone gives
+    for entries, examples in chunks:
+        for e, ex in zip(entries, examples):
+            assert tokenize([e], tiny_tokenizer, options.get("chat_template", False), options.get("eos", False)) == [ex]
+
+
+def test_one_long_value_streams_its_prefix(tiny_tokenizer):
+    from memcli.corpus import iter_prepared, scan_corpus
+
+    path = DATA / "long_context_random_3000chars.jsonl"
+    ((_, (ex,)),) = list(iter_prepared(scan_corpus(path), tiny_tokenizer, answer_tokens=7))
+    assert len(ex.target_ids) == 7

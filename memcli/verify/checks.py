@@ -11,16 +11,24 @@ Nothing here imports the orchestration (run.py) or a backend.
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
+
+import numpy as np
 
 from ..errors import UserError
 
 
 def check_vocabulary(examples, n_vocab: int, model: str) -> None:
-    """Refuse token ids (prompt or target) outside the model's vocabulary: the tokenizer is not this model's."""
+    """Refuse token ids (prompt or target) outside the model's vocabulary: the tokenizer is not this model's.
+    Vectorised over the examples given (a chunk of a streamed corpus); the offending entry is looked up only
+    when there is one."""
+    examples = list(examples)
+    ids = np.fromiter(itertools.chain.from_iterable(ex.input_ids for ex in examples), np.int64)
+    if not len(ids) or (ids.min() >= 0 and ids.max() < n_vocab):
+        return
     for ex in examples:
-        ids = ex.input_ids
-        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        bad = next((t for t in ex.input_ids if not 0 <= t < n_vocab), None)
         if bad is not None:
             raise UserError(f"corpus line {ex.line}: token id {bad} is outside the vocabulary of {model} ({n_vocab} "
                             "tokens): the tokenizer does not belong to this model")

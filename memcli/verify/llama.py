@@ -28,24 +28,29 @@ import numpy as np
 
 from .. import llamacpp
 from ..errors import UserError
-from ..forward import plan_batches
+from ..forward import iter_groups, plan_batches
 from ..scoring import TokenStats, default_threads, score_logits
 from .checks import check_vocabulary
 from .verdicts import Generated, ScoredBatch
 
 GGML_TYPE = {"f32": 0, "f16": 1}
+MIN_SHARED = 4  # shorter shared prefixes are decoded in every sequence
 
 
 class LlamaBackend:
     name = "llama"
 
     def __init__(self, base_gguf: str | os.PathLike, adapter_gguf: str | os.PathLike | None = None, *,
-                 n_gpu_layers: int | None = None, threads: int | None = None, kv_type: str = "f16", log=None):
+                 n_gpu_layers: int | None = None, threads: int | None = None, kv_type: str = "f16",
+                 share_prefix: bool = True, log=None):
         L = self._L = llamacpp.lib()
         self.base, self.adapter = Path(base_gguf), Path(adapter_gguf) if adapter_gguf else None
         self.threads = threads or default_threads()
         self.n_gpu_layers = n_gpu_layers if n_gpu_layers is not None else (-1 if llamacpp.supports_gpu_offload() else 0)
         self.kv_type = kv_type
+        self.share_prefix = share_prefix
+        self.ctx = None
+        self.size = (0, 0, 0, 0)
         self.timings = {"load_s": 0.0, "pack_s": 0.0, "decode_s": 0.0, "score_s": 0.0, "decodes": 0}
         self.model = self.ctx = self.lora = None
         t0 = time.perf_counter()
@@ -64,26 +69,41 @@ class LlamaBackend:
         self.timings["load_s"] = time.perf_counter() - t0
 
     # --- context -----------------------------------------------------------------------------------------
-    def open(self, examples, batch_tokens: int = 2048) -> None:
-        """Create the context, sized from the corpus: the KV cache holds one batch (or the longest entry),
-        n_seq_max is the most entries any batch packs, the logits buffer the most outputs of any decode."""
-        L = self._L
-        if self.ctx:
-            L.llama_free(self.ctx)
-            self.ctx = None
+    def open(self, examples=None, batch_tokens: int = 2048) -> None:
+        """Create the context. Given the examples (a list), it is sized from them: the KV cache holds one batch
+        (or the longest entry), n_seq_max is the most entries any batch packs, the logits buffer the most
+        outputs of any decode. Without (a streamed corpus), `score` grows it as batches need."""
+        self.batch_tokens = batch_tokens
+        self.max_seqs = max(1, min(256, int(self._L.llama_max_parallel_sequences())))
+        self.size = (0, 0, 0, 0)  # n_batch, n_ctx, n_seq, outputs of the context that exists
+        self.plan = []
+        if examples is None:
+            self._free_ctx()
+            return
         check_vocabulary(examples, self.n_vocab, str(self.base))  # every input id, the prompt's included
         lengths = np.array([len(ex) for ex in examples], dtype=np.int64)
-        self.max_seqs = max(1, min(256, int(L.llama_max_parallel_sequences())))
         self.plan = plan_batches(lengths, batch_tokens, max_seqs=self.max_seqs)  # packed sequences
-        n_seq = max(e - s for s, e in self.plan)
-        longest = int(lengths.max())
-        self.n_batch = min(batch_tokens, max(int(lengths[s:e].sum()) for s, e in self.plan))
-        outputs = max(min(self.n_batch, sum(len(examples[i].target_ids) for i in range(s, e))) for s, e in self.plan)
-        n_ctx = max(self.n_batch, longest)
+        self._ensure(*(self._needs(examples[s:e]) for s, e in self.plan))
+
+    def _needs(self, group) -> tuple[int, int, int, int]:
+        """(n_batch, n_ctx, n_seq, outputs) a group of entries needs."""
+        tokens = sum(len(ex) for ex in group)
+        n_batch = min(self.batch_tokens, tokens)
+        outputs = min(n_batch, sum(len(ex.target_ids) for ex in group))
+        return n_batch, max(n_batch, max(len(ex) for ex in group)), len(group), outputs
+
+    def _ensure(self, *needs) -> None:
+        """A context at least as large as every need (recreated, larger, when one is not met)."""
+        want = tuple(max([have, *(n[k] for n in needs)]) for k, have in enumerate(self.size))
+        if self.ctx and want == self.size:
+            return
+        L = self._L
+        self._free_ctx()
+        n_batch, n_ctx, n_seq, outputs = want
         n_ctx = -(-n_ctx // 256) * 256
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = n_seq
         params.n_outputs_max = params.n_outputs_max_per_seq = max(outputs, 1)
         params.n_threads = params.n_threads_batch = self.threads
@@ -94,7 +114,10 @@ class LlamaBackend:
         if not self.ctx:
             raise UserError(f"llama.cpp cannot create a context of {n_ctx} tokens for {n_seq} sequences on "
                             f"{self.base} ({llamacpp.last_error()}); try a smaller --batch-tokens")
+        self.size = want
+        self.n_batch = n_batch
         self.n_ctx, self.n_seq_max = int(L.llama_n_ctx(self.ctx)), int(L.llama_n_seq_max(self.ctx))
+        self.timings["contexts"] = self.timings.get("contexts", 0) + 1
         if self.lora is not None:
             adapters = (L.llama_adapter_lora_p_ctypes * 1)(self.lora)
             scales = (ctypes.c_float * 1)(1.0)
@@ -102,6 +125,12 @@ class LlamaBackend:
                 raise UserError(f"llama.cpp cannot apply the adapter {self.adapter} ({llamacpp.last_error()})")
         self.memory = L.llama_get_memory(self.ctx)
         self._alloc_batch(self.n_batch)
+
+    def _free_ctx(self) -> None:
+        if self.ctx:
+            self._L.llama_free(self.ctx)
+            self.ctx = None
+        self.size = (0, 0, 0, 0)
 
     def _alloc_batch(self, capacity: int) -> None:
         """A llama_batch whose arrays are numpy arrays owned here (filled with vectorised operations)."""
@@ -154,29 +183,49 @@ class LlamaBackend:
 
     # --- the teacher-forced pass -------------------------------------------------------------------------
     def score(self, examples, batch_tokens: int = 2048):
-        """ScoredBatch per group of entries, in corpus order. `open` must have been called with the same
-        examples and batch_tokens."""
-        for start, end in self.plan:
-            group = examples[start:end]
-            t0 = time.perf_counter()
-            prompt = np.fromiter((len(ex.prompt_ids) for ex in group), np.int64, len(group))
-            answer = np.fromiter((len(ex.target_ids) for ex in group), np.int64, len(group))
-            total = prompt + answer
-            targets = np.fromiter(itertools.chain.from_iterable(ex.target_ids for ex in group), np.int64,
-                                  int(answer.sum()))
-            tokens = np.fromiter(itertools.chain.from_iterable(ex.input_ids for ex in group), np.int32,
-                                 int(total.sum()))
-            seq = np.repeat(np.arange(len(group), dtype=np.int32), total)
-            starts = np.repeat(np.cumsum(total) - total, total)
-            pos = (np.arange(len(tokens)) - starts).astype(np.int32)
-            first_out = np.repeat(prompt - 1, total)  # the prompt's last token predicts the first answer token
-            out = (pos >= first_out) & (pos < first_out + np.repeat(answer, total))
-            self.timings["pack_s"] += time.perf_counter() - t0
+        """ScoredBatch per group of entries, in corpus order. `examples` may be a stream (any iterable): groups
+        are planned as it is pulled (`forward.iter_groups`), each checked against the vocabulary, the context
+        grown where a group needs it. `open` must have been called with the same batch_tokens.
 
-            parts = []
-            done_targets = 0
-            for c0 in range(0, len(tokens), self.n_batch):  # one chunk unless an entry exceeds --batch-tokens
-                c1 = min(c0 + self.n_batch, len(tokens))
+        Shared prefix (share_prefix): the entries of a group whose prompts begin with the same tokens (the chat
+        template's system prompt) have that prefix decoded once, in the first sequence, and copied to the
+        others in the KV cache (llama_memory_seq_cp, as llama.cpp's perplexity tool does for HellaSwag)."""
+        plan = []
+        for start, group in iter_groups(examples, len, batch_tokens, max_seqs=self.max_seqs):
+            plan.append((start, start + len(group)))
+            check_vocabulary(group, self.n_vocab, str(self.base))
+            self._ensure(self._needs(group))
+            yield self._score_group(start, group)
+        self.plan = plan
+
+    def _score_group(self, start: int, group) -> ScoredBatch:
+        t0 = time.perf_counter()
+        shared = self._shared_prefix(group)
+        if shared:
+            self.timings["shared_prefix_tokens"] = self.timings.get("shared_prefix_tokens", 0) + shared * (len(group) - 1)
+        prompt = np.fromiter((len(ex.prompt_ids) for ex in group), np.int64, len(group))
+        answer = np.fromiter((len(ex.target_ids) for ex in group), np.int64, len(group))
+        total = prompt + answer - shared  # the tokens each sequence decodes itself
+        total[0] += shared  # the first decodes the shared prefix too
+        targets = np.fromiter(itertools.chain.from_iterable(ex.target_ids for ex in group), np.int64,
+                              int(answer.sum()))
+        tokens = np.fromiter(itertools.chain(group[0].input_ids, itertools.chain.from_iterable(
+            ex.input_ids[shared:] for ex in group[1:])), np.int32, int(total.sum()))
+        seq = np.repeat(np.arange(len(group), dtype=np.int32), total)
+        starts = np.repeat(np.cumsum(total) - total, total)
+        offset = np.full(len(group), shared, np.int64)
+        offset[0] = 0
+        pos = (np.arange(len(tokens)) - starts + np.repeat(offset, total)).astype(np.int32)
+        first_out = np.repeat(prompt - 1, total)  # the prompt's last token predicts the first answer token
+        out = (pos >= first_out) & (pos < first_out + np.repeat(answer, total))
+        self.timings["pack_s"] += time.perf_counter() - t0
+
+        parts = []
+        done_targets = 0
+        chunks = [(0, shared), (shared, len(tokens))] if shared else [(0, len(tokens))]
+        for a, b in chunks:
+            for c0 in range(a, b, self.n_batch):  # one chunk unless an entry exceeds --batch-tokens
+                c1 = min(c0 + self.n_batch, b)
                 t0 = time.perf_counter()
                 n = c1 - c0
                 self._tok[:n] = tokens[c0:c1]
@@ -192,9 +241,27 @@ class LlamaBackend:
                                               threads=self.threads))
                     done_targets += n_out
                     self.timings["score_s"] += time.perf_counter() - t0
-            self.clear()
-            stats = parts[0] if len(parts) == 1 else TokenStats.concat(parts)
-            yield ScoredBatch(np.arange(start, end), answer, targets, stats)
+            if shared and a == 0:  # the prefix is in sequence 0's cells: share them with the others
+                for s in range(1, len(group)):
+                    self._L.llama_memory_seq_cp(self.memory, 0, s, 0, shared)
+        self.clear()
+        stats = parts[0] if len(parts) == 1 else TokenStats.concat(parts)
+        return ScoredBatch(np.arange(start, start + len(group)), answer, targets, stats)
+
+    def _shared_prefix(self, group) -> int:
+        """Tokens every prompt of the group begins with, short of each prompt's last token (which must be
+        decoded in its own sequence: its logits predict the first answer token); 0 when not worth sharing."""
+        if not self.share_prefix or len(group) < 2:
+            return 0
+        first = group[0].prompt_ids
+        n = min(len(ex.prompt_ids) for ex in group) - 1
+        for ex in group[1:]:
+            other = ex.prompt_ids
+            if other[:n] != first[:n]:
+                n = next(i for i in range(n) if other[i] != first[i])
+            if n < MIN_SHARED:
+                return 0
+        return n
 
     # --- real greedy generation --------------------------------------------------------------------------
     def generate(self, examples, indices: list[int]) -> list[Generated]:
@@ -260,7 +327,7 @@ class LlamaBackend:
         return {"name": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "base": str(self.base),
                 "adapter": str(self.adapter) if self.adapter else None, "n_gpu_layers": self.n_gpu_layers,
                 "gpu_offload": llamacpp.supports_gpu_offload(), **self.load_path.describe(), "threads": self.threads,
-                "kv_type": self.kv_type,
+                "kv_type": self.kv_type, "share_prefix": self.share_prefix,
                 "n_ctx": getattr(self, "n_ctx", None), "n_seq_max": getattr(self, "n_seq_max", None),
                 "n_batch": getattr(self, "n_batch", None), "n_vocab": self.n_vocab, "n_ctx_train": self.n_ctx_train,
                 "batches": len(getattr(self, "plan", []))}

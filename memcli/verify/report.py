@@ -12,6 +12,7 @@ entry, streamed: nothing is kept in memory) and target_probability.png. NaN and 
 from __future__ import annotations
 
 import json
+from array import array
 import math
 import os
 import shutil
@@ -121,7 +122,7 @@ class ProbabilityPlot:
         self.kept_tokens = 0
         self.max_positions = max_positions
         self.hist = np.zeros((max_positions, self.BINS), dtype=np.int64)
-        self.min_p = []  # per-entry min p, subsampled beyond 200k entries
+        self.min_p = array("f")  # per-entry min p (4 bytes each), for the first 200k entries
         self.entries = 0
         self.longest = 0
 
@@ -136,7 +137,7 @@ class ProbabilityPlot:
         bins = np.minimum((p[:n] * self.BINS).astype(np.int64), self.BINS - 1)
         np.add.at(self.hist, (np.arange(n), bins), 1)
         if len(self.min_p) < 200_000:
-            self.min_p.append(float(p.min()))
+            self.min_p.append(float(p.min()) if len(p) else 0.0)
 
     def write(self, path: Path, title: str) -> None:
         import matplotlib
@@ -199,7 +200,7 @@ class ProbabilityPlot:
         a1.set_ylabel("target probability p")
         a1.set_title("share of entries by p, per position", fontsize=10)
         fig.colorbar(im, ax=a1)
-        a2.hist(self.min_p, bins=50, range=(0, 1), color="tab:blue")
+        a2.hist(np.frombuffer(self.min_p, np.float32), bins=50, range=(0, 1), color="tab:blue")
         a2.axvline(0.5, color="red", lw=0.8, ls="--")
         if self.entries > 100:
             a2.set_yscale("log")

@@ -50,6 +50,8 @@ class VerifyOptions:
     device: str = "auto"  # torch backend
     plot: bool = True
     allow_conflicting_keys: bool | None = None  # None: the run's setting, else False
+    share_prefix: bool = True  # llama: decode a prompt prefix a batch's entries share once (docs/method.md §2)
+    chunk: int = 4096  # entries read and tokenised at a time
 
     def validate(self) -> None:
         checks = [
@@ -72,7 +74,8 @@ class VerifyOptions:
 
 @dataclass
 class Inputs:
-    """What is verified: the corpus in the tokenisation training used, the adapter and its base."""
+    """What is verified: the corpus (scanned, then streamed in the tokenisation training used), the adapter and
+    its base."""
 
     corpus_path: str | os.PathLike
     lora: str | os.PathLike | None
@@ -83,15 +86,22 @@ class Inputs:
     eos: bool
     key: str
     answer_tokens: int | None
-    entries: list  # corpus.Entry, one per example
-    examples: list  # corpus.Example
-    lines: list[int]  # corpus line of each example
+    scan: object  # corpus.CorpusScan: the whole file parsed and checked, its entry count
+    entries: int  # how many entries are verified (fewer than scanned with --answer-tokens on many entries)
     tokenizer: object
+    chunk: int = 4096
+
+    def chunks(self, n_ctx: int | None = None):
+        """(entries, examples) in chunks, read and tokenised as they are pulled (memory stays flat)."""
+        from .. import corpus
+
+        return corpus.iter_prepared(self.scan, self.tokenizer, chat_template=self.chat_template, eos=self.eos,
+                                    answer_tokens=self.answer_tokens, n_ctx=n_ctx, chunk=self.chunk)
 
 
 def resolve_inputs(corpus_path, lora, model: str | None, opts: VerifyOptions) -> Inputs:
-    """The corpus options (the option, else the run's setting), the corpus (format errors first, before any
-    model loads), the base and the ids training used."""
+    """The corpus options (the option, else the run's setting), the corpus scanned (format errors and
+    conflicting keys first, before any model loads), the base and its tokenizer."""
     from .. import corpus, models
 
     src = resolve_adapter(lora)
@@ -102,13 +112,14 @@ def resolve_inputs(corpus_path, lora, model: str | None, opts: VerifyOptions) ->
     answer_tokens = opts.answer_tokens if opts.answer_tokens is not None else s.get("answer_tokens")
     allow_conflicts = (opts.allow_conflicting_keys if opts.allow_conflicting_keys is not None
                        else bool(s.get("allow_conflicting_keys", False)))
-    entries = corpus.read_corpus(corpus_path, key, allow_conflicting_keys=allow_conflicts)
+    scan = corpus.scan_corpus(corpus_path, key, allow_conflicting_keys=allow_conflicts)
     base = resolve_base(src, model)
     tokenizer = models.load_tokenizer(base.token_spec)
-    examples = corpus.prepare(entries, tokenizer, chat_template=chat_template, eos=eos, answer_tokens=answer_tokens,
-                              path=corpus_path)
-    return Inputs(corpus_path, lora, model, src, base, chat_template, eos, key, answer_tokens,
-                  entries[: len(examples)], examples, [ex.line for ex in examples], tokenizer)
+    inp = Inputs(corpus_path, lora, model, src, base, chat_template, eos, key, answer_tokens, scan, scan.entries,
+                 tokenizer, opts.chunk)
+    if answer_tokens is not None and scan.entries > 1:  # the first l answer tokens: count the entries they hold
+        inp.entries = sum(len(examples) for _, examples in inp.chunks())
+    return inp
 
 
 # --- 2. the backend ------------------------------------------------------------------------------------------
@@ -135,7 +146,7 @@ def _open_llama(inp: Inputs, opts: VerifyOptions, stack: ExitStack, log) -> tupl
     if adapter is not None:
         check_pair(adapter, base)
     backend = LlamaBackend(base, adapter, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads,
-                           kv_type=opts.kv_type, log=log)
+                           kv_type=opts.kv_type, share_prefix=opts.share_prefix, log=log)
     stack.callback(backend.close)
     return backend, {"base_gguf": str(base), "adapter_gguf": str(src.gguf or adapter) if adapter else None}
 
@@ -154,30 +165,39 @@ def _open_torch(inp: Inputs, opts: VerifyOptions, stack: ExitStack) -> tuple[obj
 
 
 def open_backend(inp: Inputs, opts: VerifyOptions, stack: ExitStack, log) -> tuple[object, dict]:
-    """The backend, loaded with the adapter and opened on the examples (closed by `stack`), and the settings it
-    adds to the report."""
-    from .. import corpus
-
+    """The backend, loaded with the adapter and opened for a streamed corpus (closed by `stack`), and the
+    settings it adds to the report."""
     if opts.backend == "llama":
         backend, settings = _open_llama(inp, opts, stack, log)
     else:
         backend, settings = _open_torch(inp, opts, stack)
-    corpus.check_context(inp.examples, backend.n_ctx_train, inp.corpus_path)
-    backend.open(inp.examples, opts.batch_tokens)
+    backend.open(None, opts.batch_tokens)
     return backend, settings
 
 
-def tokenizer_check(backend, inp: Inputs, log) -> dict | None:
-    """llama.cpp only: entries its own tokenizer splits differently from the ids verified (a warning)."""
-    if backend.name != "llama":
-        return None
-    bad = tokenization_mismatches(backend.tokenize, inp.examples, inp.entries, inp.tokenizer, inp.chat_template,
-                                  inp.eos, prefix_only=inp.answer_tokens is not None and len(inp.examples) == 1)
-    if bad:
-        log(f"warning: llama.cpp's own tokenizer splits {len(bad)} of {len(inp.examples)} entries differently "
-            f"from the ids verified (first: {inp.corpus_path}:{inp.lines[bad[0]]}); the verdicts hold for the ids "
-            "training used")
-    return {"mismatches": len(bad), "lines": [inp.lines[i] for i in bad[:KEEP_LINES]]}
+class TokenizerCheck:
+    """llama.cpp only: entries its own tokenizer splits differently from the ids verified (a warning), counted
+    chunk by chunk."""
+
+    def __init__(self, backend, inp: Inputs):
+        self.backend, self.inp = backend, inp
+        self.count, self.lines = 0, []
+
+    def add(self, entries, examples) -> None:
+        inp = self.inp
+        bad = tokenization_mismatches(self.backend.tokenize, examples, entries, inp.tokenizer, inp.chat_template,
+                                      inp.eos, prefix_only=inp.answer_tokens is not None and inp.scan.entries == 1)
+        self.count += len(bad)
+        self.lines.extend(examples[i].line for i in bad[: KEEP_LINES - len(self.lines)])
+
+    def result(self, log) -> dict | None:
+        if self.backend.name != "llama":
+            return None
+        if self.count:
+            log(f"warning: llama.cpp's own tokenizer splits {self.count} of {self.inp.entries} entries differently "
+                f"from the ids verified (first: {self.inp.corpus_path}:{self.lines[0]}); the verdicts hold for "
+                "the ids training used")
+        return {"mismatches": self.count, "lines": self.lines}
 
 
 # --- 3. the teacher-forced pass ------------------------------------------------------------------------------
@@ -186,36 +206,55 @@ def tokenizer_check(backend, inp: Inputs, log) -> dict | None:
 class Pass:
     totals: Totals
     plot: ProbabilityPlot | None
-    kept: dict[int, tuple[EntryVerdict, np.ndarray]]  # the entries --generate runs: verdict, margins
+    kept: dict[int, tuple[EntryVerdict, np.ndarray, object, int]]  # --generate's entries: verdict, margins, example, line
     seconds: float
     verdict_seconds: float
     timings: dict  # the backend's, for the pass alone (generation adds its own decodes)
+    tokenizer_check: dict | None = None
 
 
-def stream_pass(backend, inp: Inputs, opts: VerifyOptions, writer: ReportWriter, progress) -> Pass:
-    """Backend batches -> verdicts -> entries.jsonl, totals and the plot, one batch at a time."""
+def stream_pass(backend, inp: Inputs, opts: VerifyOptions, writer: ReportWriter, progress, log=print) -> Pass:
+    """Corpus chunks -> backend batches -> verdicts -> entries.jsonl, totals and the plot, one batch at a time:
+    an entry is held from its chunk's tokenisation until its verdict is written, so memory does not grow with
+    the corpus."""
     totals, plot = Totals(), ProbabilityPlot() if opts.plot else None
-    wanted = set(generation_sample(len(inp.examples), opts.generate))
-    kept: dict[int, tuple[EntryVerdict, np.ndarray]] = {}
+    wanted = set(generation_sample(inp.entries, opts.generate))
+    kept: dict[int, tuple[EntryVerdict, np.ndarray, object, int]] = {}
+    window: dict[int, tuple] = {}  # entry index -> (entry, example), until its verdict is written
+    check = TokenizerCheck(backend, inp) if backend.name == "llama" else None
+
+    def feed():
+        index = 0
+        for entries, examples in inp.chunks(backend.n_ctx_train):
+            if check is not None:
+                check.add(entries, examples)
+            for e, ex in zip(entries, examples):
+                window[index] = (e, ex)
+                index += 1
+            yield from examples
+
     t_pass, t_verdict, done = time.perf_counter(), 0.0, 0
-    for batch in backend.score(inp.examples, opts.batch_tokens):
+    for batch in backend.score(feed(), opts.batch_tokens):
         t0 = time.perf_counter()
         vs = verdicts(batch.stats, batch.targets, batch.lengths, batch.indices, opts.risk_margin)
         offset = 0
         for v in vs:
             i = v.index
-            writer.entry(entry_row(v, inp.lines[i], inp.entries[i].key, inp.tokenizer, inp.examples[i].target_ids))
-            totals.add(v, inp.lines[i])
+            e, ex = window.pop(i)
+            writer.entry(entry_row(v, ex.line, e.key, inp.tokenizer, ex.target_ids))
+            totals.add(v, ex.line)
             if plot is not None:
                 plot.add(batch.stats.prob[offset: offset + v.answer_tokens])
             if i in wanted:
-                kept[i] = (v, batch.stats.margin[offset: offset + v.answer_tokens].copy())
+                kept[i] = (v, batch.stats.margin[offset: offset + v.answer_tokens].copy(), ex, ex.line)
             offset += v.answer_tokens
         done += len(vs)
         t_verdict += time.perf_counter() - t0
         if progress is not None:
-            progress(done, len(inp.examples))
-    return Pass(totals, plot, kept, time.perf_counter() - t_pass, t_verdict, dict(backend.timings))
+            progress(done, inp.entries)
+    seconds = time.perf_counter() - t_pass
+    return Pass(totals, plot, kept, seconds, t_verdict, dict(backend.timings),
+                check.result(log) if check is not None else None)
 
 
 def run_generation(backend, inp: Inputs, opts: VerifyOptions, kept: dict, log) -> dict | None:
@@ -223,8 +262,9 @@ def run_generation(backend, inp: Inputs, opts: VerifyOptions, kept: dict, log) -
     if not kept:
         return None
     t0 = time.perf_counter()
-    generated = backend.generate(inp.examples, sorted(kept))
-    generation = compare_generation(generated, kept, inp.lines, near=opts.risk_margin)
+    generated = backend.generate({i: k[2] for i, k in kept.items()}, sorted(kept))
+    generation = compare_generation(generated, {i: k[:2] for i, k in kept.items()},
+                                    {i: k[3] for i, k in kept.items()}, near=opts.risk_margin)
     generation["seconds"] = round(time.perf_counter() - t0, 3)
     if generation["disagreements"]:
         log(f"warning: greedy generation disagrees with the teacher-forced first failure on "
@@ -236,15 +276,14 @@ def run_generation(backend, inp: Inputs, opts: VerifyOptions, kept: dict, log) -
 
 # --- 4. the report -------------------------------------------------------------------------------------------
 
-def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: dict, tokenizer_check: dict | None,
-                 done: Pass, generation: dict | None, setup_s: float, total_s: float) -> dict:
+def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: dict, done: Pass, generation: dict | None, setup_s: float, total_s: float) -> dict:
     """report.json's content."""
     summary = done.totals.summary()
     timing, t_pass = dict(done.timings), done.seconds
     decode = timing.get("decode_s", 0.0)
     timing.update(setup_s=round(setup_s, 3), pass_s=round(t_pass, 3), verdict_s=round(done.verdict_seconds, 3),
                   total_s=round(total_s, 3),
-                  entries_per_s=round(len(inp.examples) / t_pass, 2) if t_pass else None,
+                  entries_per_s=round(inp.entries / t_pass, 2) if t_pass else None,
                   answer_tokens_per_s=round(done.totals.answer_tokens / t_pass, 1) if t_pass else None,
                   overhead_vs_decode=round((t_pass - decode) / decode, 4) if decode else None)
     return {
@@ -254,10 +293,11 @@ def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: di
                      "model": inp.base.spec.name, "backend": opts.backend, "batch_tokens": opts.batch_tokens,
                      "threads": opts.threads, "n_gpu_layers": opts.n_gpu_layers, "generate": opts.generate,
                      "min_exact": opts.min_exact, "risk_margin": opts.risk_margin, "kv_type": opts.kv_type,
+                     "share_prefix": opts.share_prefix,
                      "chat_template": inp.chat_template, "eos": inp.eos, "key": inp.key,
                      "answer_tokens": inp.answer_tokens, **backend_settings},
         "backend": backend.describe(),
-        "tokenizer_check": tokenizer_check,
+        "tokenizer_check": done.tokenizer_check,
         "generation": generation,
         "timings": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in timing.items()},
     }
@@ -277,12 +317,11 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
     inp = resolve_inputs(corpus_path, lora, model, opts)
     with ExitStack() as stack:  # closes, in reverse: the report folder (unless committed), backend, temp export
         backend, backend_settings = open_backend(inp, opts, stack, log)
-        check = tokenizer_check(backend, inp, log)
         setup_s = time.perf_counter() - t_start
         writer = stack.enter_context(ReportWriter(out))
-        done = stream_pass(backend, inp, opts, writer, progress)
+        done = stream_pass(backend, inp, opts, writer, progress, log)
         generation = run_generation(backend, inp, opts, done.kept, log)
-        report = build_report(inp, opts, backend, backend_settings, check, done, generation, setup_s,
+        report = build_report(inp, opts, backend, backend_settings, done, generation, setup_s,
                               time.perf_counter() - t_start)
         t = report["totals"]
         writer.commit(report, done.plot, f"{Path(corpus_path).name}: exact {t['exact']}/{t['entries']}, certified "

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..forward import answer_logits, collate, plan_batches
+from ..forward import answer_logits, collate, iter_groups, plan_batches
 from ..scoring import default_threads, score_logits
 from .checks import check_base, check_vocabulary
 from .verdicts import Generated, ScoredBatch
@@ -53,19 +53,28 @@ class TorchBackend:
         self.n_ctx_train = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.timings["load_s"] = time.perf_counter() - t0
 
-    def open(self, examples, batch_tokens: int = 2048) -> None:
+    def open(self, examples=None, batch_tokens: int = 2048) -> None:
+        """Check the examples given (a list) against the vocabulary and plan them; a streamed corpus (None) is
+        checked and planned group by group in `score`."""
+        self.plan = []
+        if examples is not None:
+            check_vocabulary(examples, self._vocab(), self.spec.name)
+            self.plan = plan_batches([len(ex) for ex in examples], batch_tokens, padded=True)
+
+    def _vocab(self) -> int:
         # every input id, the prompt's included: the embedding and the output layer must both cover them
-        vocab = min(self.model.get_input_embeddings().weight.shape[0],
-                    self.model.get_output_embeddings().weight.shape[0])
-        check_vocabulary(examples, vocab, self.spec.name)
-        self.plan = plan_batches([len(ex) for ex in examples], batch_tokens, padded=True)
+        return min(self.model.get_input_embeddings().weight.shape[0],
+                   self.model.get_output_embeddings().weight.shape[0])
 
     def score(self, examples, batch_tokens: int = 2048):
+        """ScoredBatch per right-padded group, in corpus order; `examples` may be a stream."""
         import torch
 
         threads = self.threads or default_threads()
-        for start, end in self.plan:
-            group = examples[start:end]
+        vocab, plan = self._vocab(), []
+        for start, group in iter_groups(examples, len, batch_tokens, padded=True):
+            plan.append((start, start + len(group)))
+            check_vocabulary(group, vocab, self.spec.name)
             t0 = time.perf_counter()
             batch = collate(group, self.pad_id, self.device)
             self.timings["pack_s"] += time.perf_counter() - t0
@@ -81,7 +90,8 @@ class TorchBackend:
             stats = score_logits(logits, targets, threads=threads)
             self.timings["score_s"] += time.perf_counter() - t0
             lengths = np.array([len(ex.target_ids) for ex in group], dtype=np.int64)
-            yield ScoredBatch(np.arange(start, end), lengths, targets.cpu().numpy(), stats)
+            yield ScoredBatch(np.arange(start, start + len(group)), lengths, targets.cpu().numpy(), stats)
+        self.plan = plan
 
     def generate(self, examples, indices: list[int]) -> list[Generated]:
         """Greedy decoding with transformers' `generate` (do_sample=False), one entry at a time, compared
