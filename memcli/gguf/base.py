@@ -14,12 +14,12 @@ from pathlib import Path
 from .. import models, runs
 from ..errors import UserError
 from . import reader
-from .hf import iter_hf_tensors, permute_rope_rows, read_base, rope_heads
+from .hf import HFModel, iter_hf_tensors, llama3_rope_factors, permute_rope_rows, read_base, rope_heads
 
 
 def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32",
                 name: str | None = None) -> dict:
-    """Write an HF Llama-family model (llama, mistral, qwen2) as a llama.cpp base GGUF. Returns a summary.
+    """Write an HF Llama-family model (memcli.models.ARCHITECTURES) as a llama.cpp base GGUF. Returns a summary.
     `hf_dir` may also be a memcli model name (its HF folder, built into the cache if needed, is exported)."""
     import gguf
     from transformers import AutoTokenizer
@@ -58,12 +58,9 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
         w.add_layer_norm_rms_eps(hf.rms_eps)
         w.add_rope_freq_base(hf.rope_theta)
         w.add_rope_dimension_count(hf.head_dim)
-        if hf.head_dim != hf.n_embd // hf.n_head:
-            w.add_key_length(hf.head_dim)
-            w.add_value_length(hf.head_dim)
-        if hf.rope_scaling is not None:
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(hf.rope_scaling[1])
+        w.add_key_length(hf.head_dim)  # as llama.cpp's converter does; required where head_dim != n_embd / n_head
+        w.add_value_length(hf.head_dim)
+        _write_rope_scaling(w, hf)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
@@ -80,6 +77,8 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
             w.add_chat_template(tok.chat_template)
         w.add_string("memcli.source", str(hf.folder))
         gnames = dict(pairs)
+        if hf.rope_scaling is not None and hf.rope_scaling[0] == "llama3":  # per-frequency factors, kept in F32
+            w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(hf))
         for hf_name, array in iter_hf_tensors(hf, [n for n, _ in pairs]):
             gname = gnames[hf_name]
             heads = rope_heads(hf, gname)
@@ -95,6 +94,27 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
     runs.atomic_write(out, write, example="base.gguf")
     return {"out": str(out), "outtype": outtype, "arch": a, "name": model_name, "tensors": len(pairs),
             "bytes": Path(out).stat().st_size, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _write_rope_scaling(w, hf: HFModel) -> None:
+    """RoPE scaling as llama.cpp reads it: linear (factor), yarn (factor, original context, betas, attention
+    factor), llama3 (no key: the rope_freqs tensor carries it)."""
+    import gguf
+
+    if hf.rope_scaling is None or hf.rope_scaling[0] == "llama3":
+        return
+    kind, factor = hf.rope_scaling
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(factor)
+    if kind == "yarn":
+        w.add_rope_scaling_orig_ctx_len(int(hf.rope["original_max_position_embeddings"]))
+        for key, setter in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                            ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if hf.rope.get(key) is not None:
+                setter(float(hf.rope[key]))
+        attention = hf.rope.get("attention_factor", hf.rope.get("attn_factor"))
+        if attention is not None:
+            w.add_rope_scaling_yarn_attn_factor(float(attention))
 
 
 def base_gguf(spec: models.ModelSpec) -> Path:

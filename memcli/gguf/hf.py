@@ -27,6 +27,9 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
 # --- HF model folders ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -47,7 +50,8 @@ class HFModel:
     n_ctx: int
     rms_eps: float
     rope_theta: float
-    rope_scaling: tuple[str, float] | None  # ("linear", factor)
+    rope_scaling: tuple[str, float] | None  # (rope type, factor): linear, llama3 or yarn; None: plain RoPE
+    rope: dict  # the config's RoPE parameters (factor, original_max_position_embeddings, beta_fast, ...)
     files: dict[str, Path]  # tensor name -> safetensors file
     shapes: dict[str, tuple[int, ...]]  # tensor name -> torch shape
     tied: bool  # the output layer is the token embedding
@@ -99,12 +103,14 @@ def read_hf(folder: str | os.PathLike) -> HFModel:
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "default":
-        rope_scaling = None
-    elif rope_type == "linear":
-        rope_scaling = ("linear", float(rope["factor"]))
-    else:
-        raise UserError(f"model {folder}: RoPE scaling '{rope_type}' is not supported by GGUF export")
+    if rope_type not in ROPE_TYPES:
+        raise UserError(f"model {folder}: RoPE scaling '{rope_type}' is not supported by GGUF export "
+                        f"(supported: {', '.join(ROPE_TYPES)})")
+    if rope_type == "llama3" and not permute:
+        raise UserError(f"model {folder}: RoPE scaling 'llama3' is supported on the Llama graph only")
+    if rope_type == "yarn" and "original_max_position_embeddings" not in rope:
+        rope = {**rope, "original_max_position_embeddings": config.get("max_position_embeddings", 4096)}
+    rope_scaling = None if rope_type == "default" else (rope_type, float(rope.get("factor", 1.0)))
     n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
 
     index = folder / "model.safetensors.index.json"
@@ -131,7 +137,7 @@ def read_hf(folder: str | os.PathLike) -> HFModel:
         n_head=n_head, n_head_kv=int(config.get("num_key_value_heads") or n_head),
         head_dim=int(config.get("head_dim") or n_embd // n_head),
         n_ctx=int(config.get("max_position_embeddings", 4096)), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta), rope_scaling=rope_scaling, files=files, shapes=shapes, tied=tied)
+        rope_theta=float(rope_theta), rope_scaling=rope_scaling, rope=rope, files=files, shapes=shapes, tied=tied)
 
 
 def hf_tensors(hf: HFModel) -> list[tuple[str, str]]:
@@ -160,6 +166,19 @@ def iter_hf_tensors(hf: HFModel, names):
         with safe_open(path, "pt") as f:
             for name in file_names:
                 yield name, f.get_tensor(name).float().numpy()
+
+
+def llama3_rope_factors(hf: HFModel) -> np.ndarray:
+    """llama.cpp's `rope_freqs` tensor for Llama 3.x RoPE scaling: the factor each rotary frequency is divided by,
+    taken from transformers' own llama3 frequencies (default inv_freq / llama3 inv_freq)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dim = hf.head_dim
+    default = 1.0 / (hf.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    config = AutoConfig.from_pretrained(hf.folder)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (default / scaled.double().numpy()).astype(np.float32)
 
 
 def permute_rope_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -224,6 +243,19 @@ def _pre_tokenizer(tj: dict, where: Path) -> str:
     return name
 
 
+def _loaded_pre_tokenizer(folder: Path, tj: dict):
+    """The pre-tokenizer transformers really applies: it may replace tokenizer.json's by the model type's own
+    (transformers 5 loads a qwen2 folder with Qwen2Tokenizer, which splits with Qwen2's regex whatever the file
+    says). Falls back to tokenizer.json's when the tokenizer does not load."""
+    try:
+        from transformers import AutoTokenizer
+
+        backend = AutoTokenizer.from_pretrained(folder).backend_tokenizer
+        return json.loads(backend.to_str()).get("pre_tokenizer")
+    except Exception:
+        return tj.get("pre_tokenizer")
+
+
 def read_vocab(folder: Path, n_vocab: int) -> Vocab:
     """Tokens (padded to the model's vocabulary size), types and merges from tokenizer.json."""
     import gguf
@@ -238,7 +270,7 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
     normalizer = tj.get("normalizer")
     if normalizer is not None and normalizer.get("type") != "NFC":
         raise UserError(f"tokenizer {where}: normalizer {normalizer.get('type')} has no llama.cpp equivalent")
-    pre = _pre_tokenizer(tj, where)
+    pre = _pre_tokenizer({"pre_tokenizer": _loaded_pre_tokenizer(folder, tj)}, where)
     vocab = model["vocab"]
     added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
     size = max(n_vocab, len(vocab), max(added, default=-1) + 1)

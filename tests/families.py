@@ -1,0 +1,142 @@
+"""Small random models of every supported family, and llama.cpp's own converters as the independent reference.
+
+`build_model(case, folder)` writes a seeded 2-layer HF model folder (hidden 64, GQA 4/2) of the case's
+architecture, RoPE kind, embedding tying and tokenizer. `Reference` runs llama.cpp's `convert_hf_to_gguf.py` and
+`convert_lora_to_gguf.py` from the llama-cpp-python sdist (the version installed here), fetched once with pip into
+$MEMCLI_CACHE/reference and run in a subprocess with the sdist's gguf-py on PYTHONPATH. Nothing of the converters is
+copied into memcli.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from memcli import models
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model_type: str  # HF model_type
+    rope: dict | None = None  # rope_scaling / rope_parameters beyond rope_theta
+    tied: bool = False
+    tokenizer: str = "smollm"  # smollm: SmolLM2's byte-level BPE (pre-tokenizer "smollm"); spm: SentencePiece
+    extra: dict = field(default_factory=dict)
+    permuted: bool = True  # llama.cpp's graph wants the q/k rows permuted (the Llama graph)
+
+
+CASES = [
+    Case("llama", "llama"),
+    Case("llama-linear", "llama", rope={"rope_type": "linear", "factor": 2.0}),
+    Case("llama3-rope", "llama", tied=True, rope={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    Case("llama-yarn", "llama", rope={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    Case("mistral", "mistral"),
+    Case("qwen2", "qwen2", tied=True, permuted=False),
+    Case("qwen3", "qwen3", extra={"head_dim": 32}, permuted=False),
+]
+BY_NAME = {c.name: c for c in CASES}
+
+
+def smollm_tokenizer():
+    return models.load_tokenizer(models.resolve("tiny"))
+
+
+def build_model(case: Case, folder: Path, **sizes) -> Path:
+    """A seeded random model of the case (2 layers, hidden 64, 4 query / 2 key-value heads) saved with its
+    tokenizer to `folder`."""
+    import transformers
+
+    tokenizer = smollm_tokenizer()
+    config_cls = getattr(transformers, {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                                        "qwen3": "Qwen3Config"}[case.model_type])
+    rope = {"rope_theta": 10000.0, "rope_type": "default", **(case.rope or {})}
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "initializer_range": 0.3, **sizes}
+    config = config_cls(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=case.tied,
+                        rope_parameters=rope, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **shape, **case.extra)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(zlib.crc32(case.name.encode()))  # every case its own weights
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):  # norms that are not all ones, so that a wrong pairing shows
+                    p.uniform_(0.5, 1.5)
+                elif name.endswith(".bias"):  # qwen2's q/k/v biases count
+                    p.normal_(0, 0.5)
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- llama.cpp's converters
+
+
+class Reference:
+    """llama.cpp's converter scripts from the llama-cpp-python sdist of the installed version."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def fetch(cls) -> "Reference":
+        """The sdist's llama.cpp folder, downloaded with pip once into $MEMCLI_CACHE/reference."""
+        import llama_cpp
+        import pytest
+
+        version = llama_cpp.__version__
+        target = models.cache_dir() / "reference" / f"llama_cpp_python-{version}"
+        root = target / "vendor" / "llama.cpp"
+        if (root / "convert_hf_to_gguf.py").exists():
+            return cls(root)
+        download = target.parent / f"download-{os.getpid()}"
+        download.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                               f"llama-cpp-python=={version}", "-d", str(download), "-q"],
+                              capture_output=True, text=True)
+        sdists = list(download.glob("llama_cpp_python-*.tar.gz"))
+        if done.returncode != 0 or not sdists:
+            pytest.skip(f"no package index: pip could not download the llama-cpp-python {version} sdist, which "
+                        f"carries llama.cpp's converters ({done.stderr.strip().splitlines()[-1:]})")
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "gguf-py/", "conversion/")
+        staging = target.parent / f"staging-{os.getpid()}"
+        with tarfile.open(sdists[0]) as tar:
+            members = [m for m in tar.getmembers()
+                       if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
+            tar.extractall(staging, members=members, filter="data")
+        try:
+            os.replace(staging / f"llama_cpp_python-{version}", target)
+        except OSError:  # another session finished first
+            pass
+        for f in sdists:
+            f.unlink()
+        download.rmdir()
+        return cls(root)
+
+    def run(self, script: str, *args) -> None:
+        env = dict(os.environ, PYTHONPATH=str(self.root / "gguf-py"), NO_LOCAL_GGUF="1")
+        done = subprocess.run([sys.executable, str(self.root / script), *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=600)
+        if done.returncode != 0:
+            raise AssertionError(f"{script} failed:\n{done.stderr[-3000:]}")
+
+    def convert_base(self, hf_folder: Path, out: Path, outtype: str = "f32") -> Path:
+        self.run("convert_hf_to_gguf.py", hf_folder, "--outfile", out, "--outtype", outtype)
+        return out
+
+    def convert_lora(self, peft_folder: Path, hf_folder: Path, out: Path) -> Path:
+        self.run("convert_lora_to_gguf.py", peft_folder, "--base", hf_folder, "--outfile", out, "--outtype", "f32")
+        return out
