@@ -335,6 +335,9 @@ def verify_cmd(
     risk_margin: float = typer.Option(1.0, help="An exact entry whose smallest logit margin is below this "
                                       "(or with some p <= 0.5) is reported at risk."),
     kv_type: str = typer.Option("f16", help="llama: KV cache type, f16 (llama.cpp's default) or f32."),
+    base: str = typer.Option("auto", help="llama, a model shipped quantised (the default model): auto = training "
+                             "(an F16 GGUF of the dequantised weights training used) | shipped (the quantised GGUF "
+                             "as deployed)."),
     device: str = typer.Option("auto", help="torch: auto | cpu | cuda[:i]."),
     allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys", help="Verify a "
                                                           "corpus that gives one key two different values "
@@ -351,7 +354,7 @@ def verify_cmd(
     options = VerifyOptions(backend=backend, n_gpu_layers=n_gpu_layers, threads=threads, batch_tokens=batch_tokens,
                             generate=generate, min_exact=min_exact, answer_tokens=answer_tokens,
                             chat_template=chat_template, eos=eos, key=key, risk_margin=risk_margin, kv_type=kv_type,
-                            device=device, allow_conflicting_keys=allow_conflicting_keys)
+                            device=device, allow_conflicting_keys=allow_conflicting_keys, base=base)
     update, close = verify_progress()
     try:
         report = verify(corpus, out, lora=lora, model=model, options=options, progress=update,

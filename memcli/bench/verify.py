@@ -63,9 +63,9 @@ def _context(corpus, lora, model):
 
 def _gguf_pair(src, spec, tmp: Path):
     from ..gguf.adapter import export_adapter
-    from ..gguf.base import base_gguf
+    from ..verify.sources import verify_base
 
-    base = spec.gguf_path if spec.gguf_path is not None else base_gguf(spec)
+    base, _ = verify_base(spec)  # the base (a) verifies on
     adapter = src.gguf
     if src.given is not None and adapter is None:
         adapter = tmp / "adapter.gguf"

@@ -27,7 +27,8 @@ from ..errors import UserError
 from .checks import check_base, tokenization_mismatches
 from .generation import compare_generation, generation_sample
 from .report import KEEP_LINES, ProbabilityPlot, ReportWriter, Totals, check_out_dir, entry_row, json_safe
-from .sources import AdapterSource, Base, gguf_is_stale, recorded_base, resolve_adapter, resolve_base
+from .sources import (BASE_CHOICES, AdapterSource, Base, gguf_is_stale, recorded_base, resolve_adapter, resolve_base,
+                      verify_base)
 from .verdicts import DEFAULT_RISK_MARGIN, EntryVerdict, verdicts
 
 BACKENDS = ("llama", "torch")
@@ -52,6 +53,7 @@ class VerifyOptions:
     allow_conflicting_keys: bool | None = None  # None: the run's setting, else False
     share_prefix: bool = True  # llama: decode a prompt prefix a batch's entries share once (docs/method.md §2)
     chunk: int = 4096  # entries read and tokenised at a time
+    base: str = "auto"  # llama, a model shipped quantised: auto/training (F16 of training's weights) or shipped
 
     def validate(self) -> None:
         checks = [
@@ -61,6 +63,7 @@ class VerifyOptions:
             (0.0 <= self.min_exact <= 1.0, f"--min-exact must be between 0 and 1, got {self.min_exact}"),
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.risk_margin >= 0, f"--risk-margin must be >= 0, got {self.risk_margin}"),
+            (self.base in BASE_CHOICES, f"--base must be one of {', '.join(BASE_CHOICES)}, got '{self.base}'"),
             (self.kv_type in ("f16", "f32"), f"--kv-type must be f16 or f32, got '{self.kv_type}'"),
             (self.answer_tokens is None or self.answer_tokens >= 1,
              f"--answer-tokens must be at least 1, got {self.answer_tokens}"),
@@ -126,14 +129,15 @@ def resolve_inputs(corpus_path, lora, model: str | None, opts: VerifyOptions) ->
 
 def _open_llama(inp: Inputs, opts: VerifyOptions, stack: ExitStack, log) -> tuple[object, dict]:
     from ..gguf.adapter import check_pair, export_adapter
-    from ..gguf.base import base_gguf
     from .llama import LlamaBackend
 
     src, spec = inp.src, inp.base.spec
     if src.given is not None and src.gguf is None and src.run_dir is None:
         # a bare PEFT folder is exported onto this base, so check_pair below cannot tell: check here
         check_base(recorded_base(src, inp.base.peft_base, spec), spec, src.given)
-    base = spec.gguf_path if spec.gguf_path is not None else base_gguf(spec)
+    base, base_info = verify_base(spec, opts.base)
+    if base_info["kind"] in ("training-f16", "shipped"):
+        log(f"base: {base.name} ({base_info['why']})")
     adapter = src.gguf
     if src.given is not None and (adapter is None or gguf_is_stale(src)):
         temp_dir = tempfile.mkdtemp(prefix="memcli-verify-")
@@ -148,7 +152,8 @@ def _open_llama(inp: Inputs, opts: VerifyOptions, stack: ExitStack, log) -> tupl
     backend = LlamaBackend(base, adapter, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads,
                            kv_type=opts.kv_type, share_prefix=opts.share_prefix, log=log)
     stack.callback(backend.close)
-    return backend, {"base_gguf": str(base), "adapter_gguf": str(src.gguf or adapter) if adapter else None}
+    return backend, {"base_gguf": str(base), "base": base_info,
+                     "adapter_gguf": str(src.gguf or adapter) if adapter else None}
 
 
 def _open_torch(inp: Inputs, opts: VerifyOptions, stack: ExitStack) -> tuple[object, dict]:

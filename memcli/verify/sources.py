@@ -166,3 +166,34 @@ def recorded_base(src: AdapterSource, peft_base: str | None, spec):
     if trained.name == spec.name:
         return None
     return base_fingerprint(trained), name
+
+
+BASE_CHOICES = ("auto", "training", "shipped")
+
+
+def verify_base(spec: ModelSpec, choice: str = "auto") -> tuple[Path, dict]:
+    """The base GGUF llama.cpp verifies on, and why (report.json's `base`).
+
+    A model that ships as a quantised GGUF (the default model) is trained on its dequantised weights. `auto` and
+    `training` decode an F16 export of exactly those weights (built once into the cache): measured on this
+    machine it is faster than the shipped Q4_1 (llama.cpp's batched matrix product has no fast path for Q4_1)
+    and its verdicts are those of the weights training saw. `shipped` decodes the shipped GGUF: the deployment
+    check (the quantised model users run), whose activations llama.cpp quantises too, so close calls can flip.
+    A .gguf given with --model is used as given; an HF model is exported once to F32."""
+    from ..gguf.base import base_gguf, export_base
+    from .. import models
+
+    if spec.gguf_path is None:
+        return base_gguf(spec), {"kind": "hf-f32", "why": "an F32 export of the HF weights the adapter was trained on"}
+    if spec.kind != "wheel":
+        return spec.gguf_path, {"kind": "given", "why": "the .gguf given with --model"}
+    if choice == "shipped":
+        return spec.gguf_path, {"kind": "shipped", "why": "--base shipped: the quantised GGUF as deployed (activations "
+                                "quantised by llama.cpp too: close calls can differ from the weights training saw)"}
+    folder = models.hf_dir(spec)
+    out = models.cache_dir() / "gguf" / f"{folder.name}-dequantised.f16.gguf"
+    if not out.exists():
+        export_base(folder, out, "f16", name=spec.name)
+    return out, {"kind": "training-f16", "why": "the dequantised weights training used, in F16: faster than the "
+                 "shipped Q4_1 in llama.cpp and faithful to training's weights (--base shipped checks the "
+                 "deployed file)"}
