@@ -42,6 +42,8 @@ CASES = [
     Case("mistral", "mistral"),
     Case("qwen2", "qwen2", tied=True, permuted=False),
     Case("qwen3", "qwen3", extra={"head_dim": 32}, permuted=False),
+    Case("llama-spm", "llama", tokenizer="spm"),  # Llama 2 style: SentencePiece BPE with byte fallback
+    Case("mistral-spm", "mistral", tied=True, tokenizer="spm"),  # Mistral v0.1 style
 ]
 BY_NAME = {c.name: c for c in CASES}
 
@@ -50,12 +52,40 @@ def smollm_tokenizer():
     return models.load_tokenizer(models.resolve("tiny"))
 
 
+def sentencepiece_tokenizer(folder: Path):
+    """A Llama 2 style tokenizer folder: a SentencePiece BPE model with byte fallback (<unk> 0, <s> 1, </s> 2),
+    trained in a second on generated PhoneBook text, and tokenizer_config.json."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from memcli.datagen import generate_phonebook
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "text.txt"
+    rows = generate_phonebook(300, seed=5)
+    text.write_text("".join(f"{r['query']} {r['target']}\n" for r in rows) +
+                    "The quick brown fox jumps over the lazy dog; naïve café, it's 0123456789.\n" * 5)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "sp"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0,
+                                   bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)  # as Llama 2
+    (folder / "sp.model").rename(folder / "tokenizer.model")
+    for leftover in (text, folder / "sp.vocab"):
+        leftover.unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def build_model(case: Case, folder: Path, **sizes) -> Path:
     """A seeded random model of the case (2 layers, hidden 64, 4 query / 2 key-value heads) saved with its
     tokenizer to `folder`."""
     import transformers
 
-    tokenizer = smollm_tokenizer()
+    tokenizer = sentencepiece_tokenizer(folder) if case.tokenizer == "spm" else smollm_tokenizer()
     config_cls = getattr(transformers, {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                                         "qwen3": "Qwen3Config"}[case.model_type])
     rope = {"rope_theta": 10000.0, "rope_type": "default", **(case.rope or {})}
@@ -77,7 +107,8 @@ def build_model(case: Case, folder: Path, **sizes) -> Path:
     finally:
         torch.random.set_rng_state(state)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if case.tokenizer != "spm":  # the SentencePiece folder holds tokenizer.model and its config already
+        tokenizer.save_pretrained(folder)
     return folder
 
 

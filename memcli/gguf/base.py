@@ -61,18 +61,21 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
         w.add_key_length(hf.head_dim)  # as llama.cpp's converter does; required where head_dim != n_embd / n_head
         w.add_value_length(hf.head_dim)
         _write_rope_scaling(w, hf)
-        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_model(vocab.model)
         w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
         w.add_token_types(vocab.types)
-        w.add_token_merges(vocab.merges)
+        if vocab.scores is not None:
+            w.add_token_scores(vocab.scores)
+        if vocab.merges:
+            w.add_token_merges(vocab.merges)
         for tid, setter in ((tok.bos_token_id, w.add_bos_token_id), (tok.eos_token_id, w.add_eos_token_id),
                             (tok.unk_token_id, w.add_unk_token_id), (tok.pad_token_id, w.add_pad_token_id)):
             if tid is not None:
                 setter(int(tid))
         w.add_add_bos_token(bool(add_bos))
         w.add_add_eos_token(bool(add_eos))
-        w.add_add_space_prefix(False)
+        w.add_add_space_prefix(vocab.add_space_prefix)
         if isinstance(getattr(tok, "chat_template", None), str):
             w.add_chat_template(tok.chat_template)
         w.add_string("memcli.source", str(hf.folder))

@@ -211,6 +211,9 @@ class Vocab:
     merges: list[str]
     pre: str
     added: dict[int, dict]
+    model: str = "gpt2"  # tokenizer.ggml.model: gpt2 (byte-level BPE) or llama (SentencePiece)
+    scores: list[float] | None = None  # SentencePiece piece scores
+    add_space_prefix: bool = False  # SentencePiece's dummy prefix ("▁" before the text)
 
 
 def _pre_tokenizer(tj: dict, where: Path) -> str:
@@ -261,12 +264,14 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
     import gguf
 
     where = folder / "tokenizer.json"
+    if (folder / "tokenizer.model").exists() and (not where.exists() or _is_sentencepiece(read_json(where, "tokenizer"))):
+        return read_sentencepiece(folder, n_vocab)
     tj = read_json(where, "tokenizer")
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
-        raise UserError(f"tokenizer {where}: only byte-level BPE tokenizers can be exported to GGUF (this one is "
-                        f"{kind}, e.g. a SentencePiece-style Llama 2 / Mistral tokenizer)")
+        raise UserError(f"tokenizer {where}: a {kind} tokenizer exports to GGUF only from its SentencePiece model "
+                        f"(tokenizer.model, which {folder} lacks); otherwise byte-level BPE only")
     normalizer = tj.get("normalizer")
     if normalizer is not None and normalizer.get("type") != "NFC":
         raise UserError(f"tokenizer {where}: normalizer {normalizer.get('type')} has no llama.cpp equivalent")
@@ -287,6 +292,46 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
             types[i] = int(gguf.TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return Vocab(tokens, types, merges, pre, added)
+
+
+def _is_sentencepiece(tj: dict) -> bool:
+    model = tj.get("model") or {}
+    return model.get("type") == "Unigram" or bool(model.get("byte_fallback"))
+
+
+def read_sentencepiece(folder: Path, n_vocab: int) -> Vocab:
+    """Pieces, scores and types from a SentencePiece model (tokenizer.model: BPE or unigram, byte fallback), as
+    llama.cpp's SentencePiece tokenizer (tokenizer.ggml.model = llama) reads them; tokens added on top of it
+    (tokenizer.json's added_tokens) follow, padded to the model's vocabulary size."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2
+
+    where = folder / "tokenizer.model"
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(where.read_bytes())
+    except Exception as e:
+        raise UserError(f"tokenizer {where} is not a SentencePiece model ({e})") from None
+    if not proto.pieces:
+        raise UserError(f"tokenizer {where} is not a SentencePiece model (no pieces)")
+    kinds = {1: gguf.TokenType.NORMAL, 2: gguf.TokenType.UNKNOWN, 3: gguf.TokenType.CONTROL,
+             4: gguf.TokenType.USER_DEFINED, 5: gguf.TokenType.UNUSED, 6: gguf.TokenType.BYTE}
+    tokens = [p.piece for p in proto.pieces]
+    scores = [float(p.score) for p in proto.pieces]
+    types = [int(kinds.get(int(p.type), gguf.TokenType.NORMAL)) for p in proto.pieces]
+    tj = read_json(folder / "tokenizer.json", "tokenizer") if (folder / "tokenizer.json").exists() else {}
+    added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
+    size = max(n_vocab, len(tokens), max(added, default=-1) + 1)
+    for i in range(len(tokens), size):
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+    for i, a in added.items():
+        if i >= len(proto.pieces) or tokens[i] != a["content"]:
+            tokens[i] = a["content"]
+            types[i] = int(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+    return Vocab(tokens, types, [], "default", added, model="llama", scores=scores,
+                 add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix))
 
 
 def read_base(folder: str | os.PathLike) -> tuple[HFModel, Vocab, list[tuple[str, str]]]:
