@@ -28,7 +28,7 @@ class Case:
     model_type: str  # HF model_type
     rope: dict | None = None  # rope_scaling / rope_parameters beyond rope_theta
     tied: bool = False
-    tokenizer: str = "smollm"  # smollm: SmolLM2's byte-level BPE (pre-tokenizer "smollm"); spm: SentencePiece
+    tokenizer: str = "smollm"  # smollm: SmolLM2's byte-level BPE (pre-tokenizer smollm); spm[-unigram]: SentencePiece
     extra: dict = field(default_factory=dict)
     permuted: bool = True  # llama.cpp's graph wants the q/k rows permuted (the Llama graph)
 
@@ -44,6 +44,7 @@ CASES = [
     Case("qwen3", "qwen3", extra={"head_dim": 32}, permuted=False),
     Case("llama-spm", "llama", tokenizer="spm"),  # Llama 2 style: SentencePiece BPE with byte fallback
     Case("mistral-spm", "mistral", tied=True, tokenizer="spm"),  # Mistral v0.1 style
+    Case("llama-unigram", "llama", tokenizer="spm-unigram"),  # SentencePiece unigram with byte fallback
 ]
 BY_NAME = {c.name: c for c in CASES}
 
@@ -52,8 +53,8 @@ def smollm_tokenizer():
     return models.load_tokenizer(models.resolve("tiny"))
 
 
-def sentencepiece_tokenizer(folder: Path):
-    """A Llama 2 style tokenizer folder: a SentencePiece BPE model with byte fallback (<unk> 0, <s> 1, </s> 2),
+def sentencepiece_tokenizer(folder: Path, model_type: str = "bpe"):
+    """A Llama 2 style tokenizer folder: a SentencePiece model (BPE or unigram) with byte fallback (<unk> 0, <s> 1, </s> 2),
     trained in a second on generated PhoneBook text, and tokenizer_config.json."""
     import json
 
@@ -68,7 +69,7 @@ def sentencepiece_tokenizer(folder: Path):
     text.write_text("".join(f"{r['query']} {r['target']}\n" for r in rows) +
                     "The quick brown fox jumps over the lazy dog; naïve café, it's 0123456789.\n" * 5)
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "sp"), vocab_size=400,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0,
+                                   model_type=model_type, byte_fallback=True, character_coverage=1.0, unk_id=0,
                                    bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False)  # as Llama 2
     (folder / "sp.model").rename(folder / "tokenizer.model")
@@ -85,7 +86,8 @@ def build_model(case: Case, folder: Path, **sizes) -> Path:
     tokenizer to `folder`."""
     import transformers
 
-    tokenizer = sentencepiece_tokenizer(folder) if case.tokenizer == "spm" else smollm_tokenizer()
+    tokenizer = (sentencepiece_tokenizer(folder, case.tokenizer.partition("-")[2] or "bpe")
+                 if case.tokenizer.startswith("spm") else smollm_tokenizer())
     config_cls = getattr(transformers, {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                                         "qwen3": "Qwen3Config"}[case.model_type])
     rope = {"rope_theta": 10000.0, "rope_type": "default", **(case.rope or {})}
@@ -107,7 +109,7 @@ def build_model(case: Case, folder: Path, **sizes) -> Path:
     finally:
         torch.random.set_rng_state(state)
     model.save_pretrained(folder)
-    if case.tokenizer != "spm":  # the SentencePiece folder holds tokenizer.model and its config already
+    if not case.tokenizer.startswith("spm"):  # the SentencePiece folder holds tokenizer.model and its config already
         tokenizer.save_pretrained(folder)
     return folder
 

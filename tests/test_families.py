@@ -73,7 +73,7 @@ def built(name: str, root: Path, reference: Reference, pb8: Path) -> dict:
     export_base(folder, ours)
     theirs = ours if name in NO_CONVERTER else reference.convert_base(folder, where / "converter.f32.gguf")
     corpus = pb8
-    if case.tokenizer == "spm":
+    if case.tokenizer.startswith("spm"):
         corpus = where / "pb8-spaced.jsonl"
         corpus.write_text(spaced(pb8.read_text().splitlines()))
     run = where / "run"
@@ -179,7 +179,7 @@ def test_tokenisation_equals_transformers(family):
     llm = Llama(model_path=str(family["ours"]), vocab_only=True, verbose=False)
     texts = [json.loads(line)["query"] + json.loads(line)["target"] for line in family["corpus"].read_text().splitlines()]
     texts += ["digits 123 4567  17 spaces  here\n\n x", "it's they'll I'M", "naïve café ÄÖÜ 日本語", "a\r\n\tb"]
-    if family["case"].tokenizer != "spm":
+    if not family["case"].tokenizer.startswith("spm"):
         # SentencePiece: llama.cpp puts its "▁" before any text, transformers 5 not before one that starts with
         # a space (nor after a special token): not a difference of the GGUF (llama.cpp's converter writes the same)
         texts += ["  leading spaces", "<|im_start|>user\nhi<|im_end|>"]
@@ -322,7 +322,7 @@ def test_verify_verdicts_equal_greedy_generation(family, pb8, tmp_path):
     corpus = tmp_path / "pb8+4.jsonl"  # the 8 trained entries and 4 the adapter never saw
     unseen = [json.dumps(r) for r in generate_phonebook(4, seed=1)]
     corpus.write_text(family["corpus"].read_text() +
-                      (spaced(unseen) if family["case"].tokenizer == "spm" else "".join(u + "\n" for u in unseen)))
+                      (spaced(unseen) if family["case"].tokenizer.startswith("spm") else "".join(u + "\n" for u in unseen)))
     result = run_cli("verify", corpus, "--lora", run, "--out", tmp_path / "v", "--min-exact", "0", "--threads", "1",
                      "--kv-type", "f32")
     assert result.exit_code == 0, result.output
