@@ -13,15 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
+from .runs import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 # The one architecture table: HF model_type -> (gguf architecture, whether llama.cpp's graph for it wants the q/k
@@ -40,6 +39,23 @@ def cache_dir() -> Path:
     """Where built and dequantised weights live: $MEMCLI_CACHE, else ~/.cache/memcli."""
     root = os.environ.get("MEMCLI_CACHE") or Path.home() / ".cache" / "memcli"
     return Path(root)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_device(device: str) -> str:
+    """`--device auto|cpu|cuda[:i]` -> the torch device to use; auto takes CUDA when there is one."""
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device.startswith("cuda") and not cuda_available():
+        raise UserError(f"--device {device}: this torch has no CUDA device")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device must be auto, cpu or cuda[:i], got '{device}'")
+    return device
 
 
 def registry() -> dict[str, dict]:
@@ -121,21 +137,10 @@ def _fingerprint(path: Path) -> str:
 
 
 def _atomic_build(target: Path, build) -> Path:
-    """Run build(tmp_dir) and move the result into place, so a cache entry is whole or absent."""
+    """A cache entry built once, whole or absent (a concurrent builder's finished entry is kept)."""
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return atomic_dir(target, build, replace=False)
 
 
 def hf_dir(spec: ModelSpec) -> Path:
