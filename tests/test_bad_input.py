@@ -18,7 +18,7 @@ from conftest import run_cli, run_memcli
 from memcli import models
 from memcli.corpus import Example, read_corpus
 from memcli.errors import UserError
-from memcli.train import TrainConfig
+from memcli.config import TrainConfig
 
 NOWHERE = "/proc/memcli-cannot-create"  # a folder nobody, root included, can create
 
