@@ -9,6 +9,7 @@ copied into memcli.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -160,16 +161,38 @@ class Reference:
         return cls(root)
 
     def run(self, script: str, *args) -> None:
+        self.run_many([(script, *args)])
+
+    def run_many(self, jobs) -> None:
+        """Run converter scripts (script, *args) one after the other in one subprocess, as `python script args`
+        would (runpy, as __main__), so that torch and the converter are imported once for all of them."""
+        driver = ("import json, runpy, sys\n"
+                  "for script, *args in json.loads(sys.argv[1]):\n"
+                  "    sys.argv = [script, *args]\n"
+                  "    try:\n"
+                  "        runpy.run_path(script, run_name='__main__')\n"
+                  "    except SystemExit as e:\n"
+                  "        if e.code not in (None, 0):\n"
+                  "            raise\n")
+        jobs = [[str(self.root / script), *map(str, args)] for script, *args in jobs]
         env = dict(os.environ, PYTHONPATH=str(self.root / "gguf-py"), NO_LOCAL_GGUF="1")
-        done = subprocess.run([sys.executable, str(self.root / script), *map(str, args)], capture_output=True,
-                              text=True, env=env, timeout=600)
+        done = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True,
+                              env=env, timeout=1200, cwd=self.root)
         if done.returncode != 0:
-            raise AssertionError(f"{script} failed:\n{done.stderr[-3000:]}")
+            raise AssertionError(f"llama.cpp's converter failed:\n{done.stderr[-3000:]}")
+
+    @staticmethod
+    def base_job(hf_folder: Path, out: Path, outtype: str = "f32"):
+        return ("convert_hf_to_gguf.py", hf_folder, "--outfile", out, "--outtype", outtype)
+
+    @staticmethod
+    def lora_job(peft_folder: Path, hf_folder: Path, out: Path):
+        return ("convert_lora_to_gguf.py", peft_folder, "--base", hf_folder, "--outfile", out, "--outtype", "f32")
 
     def convert_base(self, hf_folder: Path, out: Path, outtype: str = "f32") -> Path:
-        self.run("convert_hf_to_gguf.py", hf_folder, "--outfile", out, "--outtype", outtype)
+        self.run(*self.base_job(hf_folder, out, outtype))
         return out
 
     def convert_lora(self, peft_folder: Path, hf_folder: Path, out: Path) -> Path:
-        self.run("convert_lora_to_gguf.py", peft_folder, "--base", hf_folder, "--outfile", out, "--outtype", "f32")
+        self.run(*self.lora_job(peft_folder, hf_folder, out))
         return out

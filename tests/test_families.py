@@ -59,29 +59,41 @@ _BUILT: dict = {}
 
 
 def built(name: str, root: Path, reference: Reference, pb8: Path) -> dict:
-    """The case's HF folder, memcli's base, the converter's base, a trained run: built once per session."""
-    if name in _BUILT:
-        return _BUILT[name]
+    """The case's HF folder, memcli's base, the converter's base and adapter, a trained run. The first call builds
+    every case, and runs llama.cpp's converters for all of them in one subprocess (torch imported once)."""
+    if not _BUILT:
+        build_all(root, reference, pb8)
+    return _BUILT[name]
+
+
+def build_all(root: Path, reference: Reference, pb8: Path) -> None:
     from memcli.config import TrainConfig
     from memcli.train import Trainer
 
-    case = BY_NAME[name]
-    where = root / name
-    where.mkdir()
-    folder = build_model(case, where / "hf")
-    ours = where / "memcli.f32.gguf"
-    export_base(folder, ours)
-    theirs = ours if name in NO_CONVERTER else reference.convert_base(folder, where / "converter.f32.gguf")
-    corpus = pb8
-    if case.tokenizer.startswith("spm"):
-        corpus = where / "pb8-spaced.jsonl"
-        corpus.write_text(spaced(pb8.read_text().splitlines()))
-    run = where / "run"
-    Trainer(TrainConfig(corpus=str(corpus), model=str(folder), modules=["all-linear"], layers=[0, 1], rank=4,
-                        max_steps=40, lr=0.03, dropout=0.0, check_every=1000, device="cpu", dtype="float32"),
-            run, log=lambda m: None).run()
-    _BUILT[name] = {"case": case, "folder": folder, "ours": ours, "theirs": theirs, "run": run, "corpus": corpus}
-    return _BUILT[name]
+    jobs, built_cases = [], {}
+    for case in CASES:
+        where = root / case.name
+        where.mkdir()
+        folder = build_model(case, where / "hf")
+        ours = where / "memcli.f32.gguf"
+        export_base(folder, ours)
+        corpus = pb8
+        if case.tokenizer.startswith("spm"):
+            corpus = where / "pb8-spaced.jsonl"
+            corpus.write_text(spaced(pb8.read_text().splitlines()))
+        run = where / "run"
+        Trainer(TrainConfig(corpus=str(corpus), model=str(folder), modules=["all-linear"], layers=[0, 1], rank=4,
+                            max_steps=40, lr=0.03, dropout=0.0, check_every=1000, device="cpu", dtype="float32"),
+                run, log=lambda m: None).run()
+        item = {"case": case, "folder": folder, "ours": ours, "theirs": ours, "run": run, "corpus": corpus,
+                "converter_adapter": None}
+        if case.name not in NO_CONVERTER:
+            item["theirs"], item["converter_adapter"] = where / "converter.f32.gguf", run / "converter-adapter.gguf"
+            jobs += [Reference.base_job(folder, item["theirs"]),
+                     Reference.lora_job(run / "adapter", folder, item["converter_adapter"])]
+        built_cases[case.name] = item
+    reference.run_many(jobs)
+    _BUILT.update(built_cases)
 
 
 def spaced(lines) -> str:
@@ -210,8 +222,7 @@ def test_trained_adapter_on_the_converter_base_matches_torch(family, pb8, refere
     if family["case"].name in NO_CONVERTER:
         return
     # llama.cpp's own adapter converter, from the same PEFT folder: the same logits
-    converted = reference.convert_lora(run / "adapter", folder, run / "converter-adapter.gguf")
-    theirs_adapter = llama_logits(theirs, seqs, converted, n_threads=1)
+    theirs_adapter = llama_logits(theirs, seqs, family["converter_adapter"], n_threads=1)
     gaps = (max_diff(theirs_adapter, adapted, seqs), max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs_adapter)))
     print(f"MEASURED adapter {family['case'].name}: converter adapter vs torch+PEFT {gaps[0]:.2e}, "
           f"memcli vs converter adapter logits {gaps[1]:.2e}")
@@ -242,11 +253,10 @@ def quantise(src: Path, out: Path, ftype: str) -> Path:
     return out
 
 
-def same_as_converter_adapter(base: Path, ours: Path, peft: Path, folder: Path, reference: Reference, seqs):
-    """On a quantised base, memcli's adapter and the one llama.cpp's converter makes from the same PEFT folder
-    give the same logits (both see the same quantised base); returns the gap to torch + PEFT, which the quantised
-    base widens."""
-    theirs = reference.convert_lora(peft, folder, ours.with_name(ours.stem + "-converter.gguf"))
+def same_as_converter_adapter(base: Path, ours: Path, theirs: Path, peft: Path, folder: Path, seqs):
+    """On a quantised base, memcli's adapter and the one llama.cpp's converter made from the same PEFT folder
+    (`theirs`) give the same logits (both see the same quantised base); returns the gap to torch + PEFT, which the
+    quantised base widens."""
     a, b = llama_logits(base, seqs, ours, n_threads=1), llama_logits(base, seqs, theirs, n_threads=1)
     assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < 1e-3
     return max_diff(a, torch_logprobs(folder, seqs, peft), seqs)
@@ -263,13 +273,7 @@ def test_quantised_bases_pair(family_root, reference, pb8, tmp_path):
     from memcli.gguf.adapter import export_adapter
 
     qwen3 = built("qwen3", family_root, reference, pb8)
-    q8 = reference.convert_base(qwen3["folder"], tmp_path / "q8_0.gguf", "q8_0")
-    assert read_gguf(q8).tensors["blk.0.ffn_up.weight"].type == 8  # Q8_0
-    check_pair(qwen3["run"] / "adapter.gguf", q8)
-    seqs = sequences(qwen3["folder"], qwen3["corpus"])
-    assert same_as_converter_adapter(q8, qwen3["run"] / "adapter.gguf", qwen3["run"] / "adapter", qwen3["folder"],
-                                     reference, seqs) < 1.0  # measured: 0.51 (0.24 without the adapter)
-
+    q8 = tmp_path / "q8_0.gguf"
     folder = build_model(BY_NAME["llama"], tmp_path / "wide", hidden_size=256, intermediate_size=256)
     f32 = export_base(folder, tmp_path / "wide.f32.gguf")["out"]
     q4 = quantise(f32, tmp_path / "wide.q4_k_m.gguf", "Q4_K_M")
@@ -283,12 +287,22 @@ def test_quantised_bases_pair(family_root, reference, pb8, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     model.save_pretrained(tmp_path / "wide-peft")
     export_adapter(tmp_path / "wide-peft", tmp_path / "wide-adapter.gguf")
+    reference.run_many([Reference.base_job(qwen3["folder"], q8, "q8_0"),
+                        Reference.lora_job(tmp_path / "wide-peft", folder, tmp_path / "wide-converter.gguf")])
+
+    assert read_gguf(q8).tensors["blk.0.ffn_up.weight"].type == 8  # Q8_0
+    check_pair(qwen3["run"] / "adapter.gguf", q8)
+    seqs = sequences(qwen3["folder"], qwen3["corpus"])
+    assert same_as_converter_adapter(q8, qwen3["run"] / "adapter.gguf", qwen3["converter_adapter"],
+                                     qwen3["run"] / "adapter", qwen3["folder"], seqs) < 1.0  # measured: 0.51
+
     check_pair(tmp_path / "wide-adapter.gguf", q4)
     with pytest.raises(UserError, match="was trained for"):
         check_pair(tmp_path / "wide-adapter.gguf", q8)
     # 4-bit weights of a random model are far from torch (measured: 10.9), so only the converter's adapter is
     # the reference here
-    same_as_converter_adapter(q4, tmp_path / "wide-adapter.gguf", tmp_path / "wide-peft", folder, reference, seqs)
+    same_as_converter_adapter(q4, tmp_path / "wide-adapter.gguf", tmp_path / "wide-converter.gguf",
+                              tmp_path / "wide-peft", folder, seqs)
 
 
 # ----------------------------------------------------------------------------- verify against generation
