@@ -46,7 +46,20 @@ CASES = [
     Case("llama-spm", "llama", tokenizer="spm"),  # Llama 2 style: SentencePiece BPE with byte fallback
     Case("mistral-spm", "mistral", tied=True, tokenizer="spm"),  # Mistral v0.1 style
     Case("llama-unigram", "llama", tokenizer="spm-unigram"),  # SentencePiece unigram with byte fallback
+    Case("llama-bpe3", "llama", tokenizer="llama3"),  # Llama 3's split regex, then byte-level BPE
+    Case("mistral-gpt2", "mistral", tokenizer="gpt2"),  # GPT-2's byte-level pre-tokenizer alone
 ]
+# The pre-tokenizers of Llama 3's and GPT-2's tokenizer.json, as Hugging Face ships them; put on SmolLM2's
+# vocabulary (llama.cpp's converter knows tokenizers by a hash of their output, so it refuses these pairs).
+PRE_TOKENIZERS = {
+    "llama3": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+                                               "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
+                                               "\\s+(?!\\S)|\\s+"},
+         "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+    "gpt2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+}
 BY_NAME = {c.name: c for c in CASES}
 
 
@@ -112,6 +125,10 @@ def build_model(case: Case, folder: Path, **sizes) -> Path:
     model.save_pretrained(folder)
     if not case.tokenizer.startswith("spm"):  # the SentencePiece folder holds tokenizer.model and its config already
         tokenizer.save_pretrained(folder)
+    if case.tokenizer in PRE_TOKENIZERS:
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        spec["pre_tokenizer"] = PRE_TOKENIZERS[case.tokenizer]
+        (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     return folder
 
 

@@ -34,7 +34,7 @@ IDS = [c.name for c in CASES]
 # Where llama.cpp's converter cannot take the case: the qwen2 test model carries SmolLM2's vocabulary, which
 # transformers splits with Qwen2's regex for a qwen2 folder: a (vocabulary, pre-tokenizer) pair the converter does
 # not know by its hash, so it refuses it ("BPE pre-tokenizer was not recognized"). memcli's own base stands in.
-NO_CONVERTER = {"qwen2"}
+NO_CONVERTER = {"qwen2", "llama-bpe3", "mistral-gpt2"}
 
 
 @pytest.fixture(scope="module", autouse=True)
