@@ -304,8 +304,12 @@ def read_sentencepiece(folder: Path, n_vocab: int) -> Vocab:
     llama.cpp's SentencePiece tokenizer (tokenizer.ggml.model = llama) reads them; tokens added on top of it
     (tokenizer.json's added_tokens) follow, padded to the model's vocabulary size."""
     import gguf
-    from sentencepiece import sentencepiece_model_pb2
 
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        raise UserError(f"{folder} has a SentencePiece tokenizer; reading it needs: pip install 'memcli[sentencepiece]'"
+                        ) from None
     where = folder / "tokenizer.model"
     proto = sentencepiece_model_pb2.ModelProto()
     try:
