@@ -291,18 +291,12 @@ def plan(
         raise UserError("plan needs either a CORPUS or --tokens L (not both)")
     source = None
     if corpus is not None:
-        from . import models
-        from .corpus import answer_tokens as count, load_examples
-        from .forward import evaluate
+        from .forward import base_loss
 
-        base, tokenizer = models.load_model(models.resolve(model))
-        examples = load_examples(corpus, tokenizer, key=key, chat_template=chat_template, eos=eos,
-                                 n_ctx=base.config.max_position_embeddings,
-                                 allow_conflicting_keys=allow_conflicting_keys)
-        tokens = count(examples)
+        tokens, measured, name = base_loss(corpus, model, key=key, chat_template=chat_template, eos=eos,
+                                           allow_conflicting_keys=allow_conflicting_keys)
         if l_init is None:
-            l_init = evaluate(base, examples, tokenizer.pad_token_id or 0, "cpu").mean_ce
-            source = f"measured on {corpus} with {model or models.DEFAULT_MODEL}"
+            l_init, source = measured, f"measured on {corpus} with {name}"
     print_plan(plan_from_file(law, tokens, l_init, margin, l_init_source=source), out_console)
 
 

@@ -38,6 +38,22 @@ def test_sweep_fits_end_to_end_and_resumes(tmp_path):
     result = run_cli("plan", "--law", law, "--tokens", "24", "--l-init", "13.5")
     assert result.exit_code == 0, result.output
 
+    # plan CORPUS: l counted and L_init measured on the corpus with the plain base model.
+    import torch
+
+    from memcli import corpus as corpus_mod, forward, models
+
+    base, tok = models.load_model(models.resolve("tiny"))
+    examples = corpus_mod.load_examples(corpus, tok)
+    batch = forward.collate(examples, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        ce, _ = forward.answer_ce(base, batch)
+    l_init = (ce.sum() / batch.mask.sum()).item()
+    result = run_cli("plan", corpus, "--law", law, "--model", "tiny")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert f"for 48 answer tokens starting from L_init {l_init:.3f}" in text, (l_init, text)
+
 
 def test_sweep_bad_grid_and_missing_ray(tmp_path, pb8):
     result = run_cli("sweep", pb8, "--ranks", "0,2", "--answer-tokens", "20", "--out", tmp_path / "s",
