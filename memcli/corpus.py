@@ -195,13 +195,21 @@ def tokenize(entries: list[Entry], tokenizer, chat_template: bool = False, eos: 
         texts = [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt},
                                                 {"role": "user", "content": e.key}],
                                                add_generation_prompt=True, tokenize=False) for e in entries]
-        prompts = _ids(tokenizer, texts, add_special_tokens=False)
+        keyed, special = list(range(len(entries))), {"add_special_tokens": False}
     else:
-        keyed = [i for i, e in enumerate(entries) if e.key]
-        prompts = [[] for _ in entries]
-        for i, ids in zip(keyed, _ids(tokenizer, [entries[i].key for i in keyed])):
-            prompts[i] = ids
+        keyed, special = [i for i, e in enumerate(entries) if e.key], {}
+        texts = [e.key for e in entries]
+    prompts = [[] for _ in entries]
+    for i, ids in zip(keyed, _ids(tokenizer, [texts[i] for i in keyed], **special)):
+        prompts[i] = ids
     targets = _ids(tokenizer, [e.value for e in entries], add_special_tokens=False)
+    # A value's ids are those it has after its prompt in the text a runtime tokenises (prompt text + value):
+    # a SentencePiece tokenizer starts a value tokenised alone with a "▁" that the joined text lacks. Where the
+    # joined ids begin with the prompt's ids, the rest are the value's; otherwise the value's own ids stand.
+    for i, joined in zip(keyed, _ids(tokenizer, [texts[i] + entries[i].value for i in keyed], **special)):
+        n = len(prompts[i])
+        if len(joined) > n and joined[:n] == prompts[i]:
+            targets[i] = joined[n:]
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     examples = []
     for e, prompt, target in zip(entries, prompts, targets):

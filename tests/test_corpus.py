@@ -211,3 +211,19 @@ def test_one_long_value_streams_its_prefix(tiny_tokenizer):
     path = DATA / "long_context_random_3000chars.jsonl"
     ((_, (ex,)),) = list(iter_prepared(scan_corpus(path), tiny_tokenizer, answer_tokens=7))
     assert len(ex.target_ids) == 7
+
+
+def test_a_value_gets_the_ids_it_has_after_its_prompt_with_a_sentencepiece_tokenizer(tmp_path):
+    """SentencePiece gives a text tokenised alone a leading "▁"; the value's ids must be the ones it has in the
+    joined text that a runtime tokenises (key + value), so that greedy decoding after the key emits them."""
+    from families import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer(tmp_path / "spm")
+    key, value = "Jerry Becerra:", "9100672710"
+    (ex,) = tokenize([Entry(key, value, 1)], tok)
+    joined = tok(key + value).input_ids  # the tokenizer's own ids of the text as a whole
+    alone = tok(value, add_special_tokens=False).input_ids
+    assert list(ex.prompt_ids) == tok(key).input_ids
+    assert list(ex.prompt_ids) + list(ex.target_ids) == joined
+    assert list(ex.target_ids) != alone  # the case this is about: alone, the value starts with "▁"
+    assert tok.decode(list(ex.target_ids)) == value

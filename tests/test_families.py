@@ -77,10 +77,7 @@ def build_all(root: Path, reference: Reference, pb8: Path) -> None:
         folder = build_model(case, where / "hf")
         ours = where / "memcli.f32.gguf"
         export_base(folder, ours)
-        corpus = pb8
-        if case.tokenizer.startswith("spm"):
-            corpus = where / "pb8-spaced.jsonl"
-            corpus.write_text(spaced(pb8.read_text().splitlines()))
+        corpus = pb8  # values without a leading space: SentencePiece cases too (memcli.corpus.tokenize)
         run = where / "run"
         Trainer(TrainConfig(corpus=str(corpus), model=str(folder), modules=["all-linear"], layers=[0, 1], rank=4,
                             max_steps=40, lr=0.03, dropout=0.0, check_every=1000, device="cpu", dtype="float32"),
@@ -94,14 +91,6 @@ def build_all(root: Path, reference: Reference, pb8: Path) -> None:
         built_cases[case.name] = item
     reference.run_many(jobs)
     _BUILT.update(built_cases)
-
-
-def spaced(lines) -> str:
-    """PhoneBook lines whose values start with a space. A SentencePiece tokenizer puts its "▁" prefix before a
-    value tokenised on its own, as training does, so the ids equal llama.cpp's split of key + value only when the
-    value text starts with a space (README: Supported models)."""
-    rows = [json.loads(line) for line in lines]
-    return "".join(json.dumps({**r, "target": " " + r["target"]}) + "\n" for r in rows)
 
 
 @pytest.fixture(params=IDS)
@@ -335,8 +324,7 @@ def test_verify_verdicts_equal_greedy_generation(family, pb8, tmp_path):
     run, folder = family["run"], family["folder"]
     corpus = tmp_path / "pb8+4.jsonl"  # the 8 trained entries and 4 the adapter never saw
     unseen = [json.dumps(r) for r in generate_phonebook(4, seed=1)]
-    corpus.write_text(family["corpus"].read_text() +
-                      (spaced(unseen) if family["case"].tokenizer.startswith("spm") else "".join(u + "\n" for u in unseen)))
+    corpus.write_text(family["corpus"].read_text() + "".join(u + "\n" for u in unseen))
     result = run_cli("verify", corpus, "--lora", run, "--out", tmp_path / "v", "--min-exact", "0", "--threads", "1",
                      "--kv-type", "f32")
     assert result.exit_code == 0, result.output
