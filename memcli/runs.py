@@ -12,12 +12,15 @@ atomic writer every output of memcli goes through (a file is whole or absent, ne
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from .errors import UserError
 
@@ -70,6 +73,20 @@ def _new_temp(path: Path) -> Path:
 
 def write_text(path: str | os.PathLike, text: str, what: str = "--out") -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what)
+
+
+def json_safe(obj):
+    """obj with every NaN or infinite float replaced by None and numpy scalars made Python ones, so that it is
+    strict JSON."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def write_json(path: str | os.PathLike, obj, what: str = "--out") -> Path:

@@ -345,7 +345,8 @@ def test_report_stays_valid_json_when_the_model_gives_nan(tiny_run, pb8, tmp_pat
 
 
 def test_report_json_writer_nulls_every_non_finite_float(tmp_path):
-    from memcli.verify.report import ReportWriter, json_safe
+    from memcli.runs import json_safe
+    from memcli.verify.report import ReportWriter
 
     writer = ReportWriter(tmp_path / "r")
     writer.entry({"a": math.inf, "b": [np.float32("nan"), 1.5]})

@@ -130,7 +130,7 @@ class LawFit:
     def to_json(self) -> str:
         """Indented JSON, with one line per bootstrap sample and per run so the file stays readable."""
         fields = []
-        for key, value in finite_or_none(asdict(self)).items():
+        for key, value in runs.json_safe(asdict(self)).items():
             if key in ("bootstrap", "used", "dropped") and value:
                 rows = ",\n    ".join(json.dumps(row, allow_nan=False) for row in value)
                 text = f"[\n    {rows}\n  ]"
@@ -155,19 +155,6 @@ class LawFit:
         except (TypeError, KeyError, ValueError) as exc:
             raise LawError(f"{source}: malformed law file ({exc})") from None
         return law
-
-
-def finite_or_none(value):
-    """value with NaN and infinities turned into None (and numpy scalars into Python ones), for strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, np.generic):
-        return finite_or_none(value.item())
-    return value
 
 
 def _row_order(point: Point) -> tuple:

@@ -12,8 +12,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..runs import json_safe
 from ..scoring import LN2
-from .fit import LawFit, finite_or_none, load_law
+from .fit import LawFit, load_law
 from .points import LawError, law_value
 
 
@@ -45,7 +46,7 @@ class Plan:
     params_per_rank: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return finite_or_none(asdict(self))
+        return json_safe(asdict(self))
 
 
 def _required_x(need: float, length: float, coefficients: Sequence[float], x_min: float) -> float:

@@ -6,7 +6,7 @@ tokens), mean answer CE, at-risk count, in constant memory. The report folder (`
 hidden temporary name beside --out and renamed into place when complete, replacing an earlier report (which is
 put back if the rename fails): report.json (totals, settings, backend, timings), entries.jsonl (one line per
 entry, streamed: nothing is kept in memory) and target_probability.png. NaN and infinities become null
-(`json_safe`), so both files are strict JSON.
+(`memcli.runs.json_safe`), so both files are strict JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import UserError
+from ..runs import json_safe
 from .verdicts import EntryVerdict
 
 PLOT_NAME = "target_probability.png"
@@ -89,17 +90,6 @@ class Totals:
 
 def _finite(x: float):
     return None if x is None or not math.isfinite(x) else x
-
-
-def json_safe(obj):
-    """obj with every NaN or infinite float (numpy's too) replaced by None, so that it is valid JSON."""
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def rounded(x: float, digits: int = 6):

@@ -26,7 +26,8 @@ import numpy as np
 from ..errors import UserError
 from .checks import check_base, tokenization_mismatches
 from .generation import compare_generation, generation_sample
-from .report import KEEP_LINES, ProbabilityPlot, ReportWriter, Totals, check_out_dir, entry_row, json_safe
+from ..runs import json_safe
+from .report import KEEP_LINES, ProbabilityPlot, ReportWriter, Totals, check_out_dir, entry_row
 from .sources import (BASE_CHOICES, AdapterSource, Base, gguf_is_stale, recorded_base, resolve_adapter, resolve_base,
                       verify_base)
 from .verdicts import DEFAULT_RISK_MARGIN, EntryVerdict, verdicts
