@@ -202,14 +202,18 @@ def tokenize(entries: list[Entry], tokenizer, chat_template: bool = False, eos: 
     prompts = [[] for _ in entries]
     for i, ids in zip(keyed, _ids(tokenizer, [texts[i] for i in keyed], **special)):
         prompts[i] = ids
-    targets = _ids(tokenizer, [e.value for e in entries], add_special_tokens=False)
     # A value's ids are those it has after its prompt in the text a runtime tokenises (prompt text + value):
     # a SentencePiece tokenizer starts a value tokenised alone with a "▁" that the joined text lacks. Where the
-    # joined ids begin with the prompt's ids, the rest are the value's; otherwise the value's own ids stand.
+    # joined ids begin with the prompt's ids, the rest are the value's; otherwise (and without a prompt) the
+    # value's own ids.
+    targets: list[list[int] | None] = [None] * len(entries)
     for i, joined in zip(keyed, _ids(tokenizer, [texts[i] + entries[i].value for i in keyed], **special)):
         n = len(prompts[i])
         if len(joined) > n and joined[:n] == prompts[i]:
             targets[i] = joined[n:]
+    alone = [i for i, t in enumerate(targets) if t is None]
+    for i, ids in zip(alone, _ids(tokenizer, [entries[i].value for i in alone], add_special_tokens=False)):
+        targets[i] = ids
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     examples = []
     for e, prompt, target in zip(entries, prompts, targets):
