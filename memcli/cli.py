@@ -7,20 +7,14 @@ from typing import Optional
 
 import typer
 
+from .cli_bench import bench_app
 from .errors import UserError
-from .terminal import console, out_console, train_progress, user_errors
+from .terminal import console, out_console, parse_ints, train_progress, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Memorise a corpus into a LoRA adapter (MemFT), verify verbatim recall, plan adapter capacity.")
 data_app = typer.Typer(no_args_is_help=True, help="Generate benchmark corpora.")
 app.add_typer(data_app, name="data")
-def parse_ints(text: Optional[str], name: str) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{name} takes comma-separated integers, got '{text}'") from None
 
 
 def _default(name: str) -> str:
@@ -359,87 +353,6 @@ def verify_cmd(
     raise typer.Exit(0 if report["passed"] else 1)
 
 
-# --- benchmarks --------------------------------------------------------------------------------------------
+# --- benchmarks: memcli bench (cli_bench.py) -------------------------------------------------------------
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
 app.add_typer(bench_app, name="bench")
-
-@bench_app.command("verify")
-@user_errors
-def bench_verify_cmd(
-    corpus: Path = typer.Argument(..., help="Corpus to verify."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="Run folder (or PEFT folder / .gguf) to "
-                                        "verify; without it, the base model alone."),
-    model: Optional[str] = typer.Option(None, help="Base model. \\[default: the run's, else smollm2-135m]"),
-    baseline_entries: int = typer.Option(50, help="Entries the slow baselines (b, c) run on; their "
-                                         "speed is scaled to the whole corpus, and the output says so."),
-    baseline_tokens: Optional[int] = typer.Option(None, help="Cap on tokens generated per entry by the "
-                                                  "slow baselines (for one long value; scaled the same way)."),
-    torch_entries: Optional[int] = typer.Option(None, help="Entries for (d), the torch backend. "
-                                                "\\[default: all]"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for every method."),
-    batch_tokens: int = typer.Option(2048, help="--batch-tokens of (a) and (d)."),
-    memory_entries: str = typer.Option("250,1000", help="Two PhoneBook sizes whose peak memory is "
-                                       "measured in child processes; empty to skip."),
-    skip: str = typer.Option("", help="Comma-separated methods to leave out: b, c, d, kernel, memory."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
-):
-    """(a) memcli verify on llama.cpp against (b) transformers generate, (c) llama-cpp-python's
-    high-level generation and (d) memcli's torch backend, on the same corpus: entries/s, tokens/s,
-    speed-ups, verdict agreement, decode share, kernel vs numpy, peak memory."""
-    from .bench.verify import run_bench
-
-    run_bench(corpus, lora=lora, model=model, baseline_entries=baseline_entries,
-              baseline_tokens=baseline_tokens, torch_entries=torch_entries, threads=threads,
-              batch_tokens=batch_tokens, memory_entries=memory_entries,
-              skip={s.strip() for s in skip.split(",") if s.strip()}, out=out, console=out_console)
-
-
-@bench_app.command("kernel")
-def bench_kernel_cmd(rows: int = 512, vocab: int = 49152, repeats: int = 5,
-                     threads: int = typer.Option(0, help="Native worker threads; 0: one per CPU.")):
-    """The native logits kernel against its numpy reference on one random block."""
-    from .bench.kernel import bench_kernel, format_table
-
-    out_console.print(format_table(bench_kernel(rows, vocab, repeats, threads)), highlight=False)
-
-
-@bench_app.command("train")
-@user_errors
-def bench_train_cmd(entries: int = typer.Option(32, help="PhoneBook entries."),
-                    model: Optional[str] = typer.Option(None, help="\\[default: smollm2-135m]"),
-                    rank: int = 8, seed: int = 0,
-                    max_epochs: int = typer.Option(400, help="Budget per method if recall never certifies."),
-                    check_every: int = 5,
-                    throughput_steps: int = typer.Option(30, help="Timed steps per loop."),
-                    recall: bool = typer.Option(True, help="Run part (1), steps to recall per method.")):
-    """Steps to certified recall for SFT / MemFT-OT / MemFT-SW, and memcli's loop against a bare PEFT loop."""
-    from . import models
-    from .bench.train import main
-
-    main(entries, model or models.DEFAULT_MODEL, rank, seed, max_epochs, check_every, throughput_steps, recall)
-
-
-@bench_app.command("agree")
-@user_errors
-def bench_agree_cmd(run: Path = typer.Argument(..., help="A finished run folder."),
-                    corpus: Optional[Path] = typer.Option(None, help="The corpus to check \\[default: the run's]."),
-                    limit: Optional[int] = typer.Option(None, help="Only the first N entries.")):
-    """torch + PEFT vs llama.cpp (base GGUF + exported adapter): the exact-match verdict of every entry of a
-    run's corpus. Exit code 1 when fewer than 99 % agree."""
-    from .bench.agree import agreement, format_agreement
-
-    result = agreement(run, corpus, limit)
-    out_console.print(format_agreement(result), highlight=False, markup=False, soft_wrap=True)
-    if result["rate"] < 0.99:
-        raise typer.Exit(1)
-
-
-@bench_app.command("export")
-@user_errors
-def bench_export_cmd(ranks: str = typer.Option("1,2,4,8,16,32,64", help="Comma-separated ranks."),
-                     outtype: str = "f32", model: Optional[str] = None, repeats: int = 3):
-    """Export time and adapter size per rank on the default placement."""
-    from .bench.export import bench_export, format_table
-
-    out_console.print(format_table(bench_export(tuple(parse_ints(ranks, "--ranks")), outtype, model, repeats)))

@@ -16,6 +16,16 @@ console = Console(stderr=True)  # progress, notes and errors
 out_console = Console()  # results a user may pipe
 
 
+def parse_ints(text: str | None, name: str) -> list[int] | None:
+    """A comma-separated list of integers from the command line; bad input is the exit-2 path."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{name} takes comma-separated integers, got '{text}'") from None
+
+
 def user_errors(fn):
     """Bad input ends in one clear line on stderr and exit code 2."""
     @functools.wraps(fn)

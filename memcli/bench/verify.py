@@ -19,14 +19,12 @@ longer cache). Also: decode time alone against the whole verify pass, the kernel
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ..errors import UserError
+from .memory import measure_memory
 
 TARGETS = {"phonebook_vs_b": 10.0, "long_value_vs_b": 50.0, "overhead": 0.10, "kernel": 10.0}
 
@@ -148,136 +146,6 @@ def _agreement(verdicts: dict[int, bool], rows: dict[int, dict], max_tokens: int
             (r["first_failure"] is None or r["first_failure"] >= max_tokens)
         agree += ours == ok
     return agree, len(verdicts)
-
-
-def memory_probe(argv: list[str]) -> None:
-    """Child process: one verify on CORPUS, then print the Python heap peak (tracemalloc, with --heap: it slows
-    Python down) and the verify's own figures as JSON."""
-    import argparse
-    import tracemalloc
-
-    p = argparse.ArgumentParser()
-    p.add_argument("corpus")
-    p.add_argument("--lora")
-    p.add_argument("--model")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--heap", action="store_true")
-    p.add_argument("--no-decode", action="store_true")
-    a = p.parse_args(argv)
-    from ..verify.run import VerifyOptions, verify
-
-    if a.no_decode:
-        _stub_decoding()
-
-    if a.heap:
-        tracemalloc.start()
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        report = verify(a.corpus, Path(tmp) / "out", lora=a.lora, model=a.model, log=lambda m: None,
-                        options=VerifyOptions(threads=a.threads, batch_tokens=a.batch_tokens, min_exact=0.0))
-        seconds = time.perf_counter() - t0
-    peak = tracemalloc.get_traced_memory()[1] / 2**20 if a.heap else None
-    print(json.dumps({"entries": report["totals"]["entries"], "python_heap_peak_mb": peak, "seconds": seconds,
-                      "entries_per_s": report["timings"]["entries_per_s"]}))
-
-
-class _NoDecode:
-    """A backend that plans and packs the streamed batches as the llama backend does, but replaces llama.cpp's
-    decode by 8-wide zero logits: what verify holds per entry, measured apart from llama.cpp (whose memory is
-    sized by --batch-tokens) and at a speed where a million entries take minutes."""
-
-    name = "stub"
-    n_ctx_train = 1 << 20
-
-    def __init__(self):
-        self.timings = {"load_s": 0.0, "pack_s": 0.0, "decode_s": 0.0, "score_s": 0.0, "decodes": 0}
-        self.plan = []
-
-    def open(self, examples, batch_tokens):
-        pass
-
-    def score(self, examples, batch_tokens=2048):
-        import numpy as np
-
-        from ..forward import iter_groups
-        from ..scoring import score_logits
-        from ..verify.verdicts import ScoredBatch
-
-        for start, group in iter_groups(examples, len, batch_tokens, max_seqs=256):
-            self.plan.append((start, start + len(group)))
-            answer = np.array([len(ex.target_ids) for ex in group], np.int64)
-            targets = np.fromiter((t for ex in group for t in ex.target_ids), np.int64, int(answer.sum()))
-            stats = score_logits(np.zeros((len(targets), 8), np.float32), targets % 8)
-            yield ScoredBatch(np.arange(start, start + len(group)), answer, targets, stats)
-
-    def describe(self):
-        return {"name": "no decode (memory probe)", "batches": len(self.plan)}
-
-    def close(self):
-        pass
-
-
-def _stub_decoding() -> None:
-    from ..verify import run
-
-    run._open_llama = lambda inp, opts, stack, log: (_NoDecode(), {})
-
-
-def write_phonebook(path: Path, entries: int, seed: int = 1) -> None:
-    """A generated PhoneBook of `entries` entries, written in slices. Beyond the generator's capacity (46,600
-    names) the names repeat with a round number in the key ("Ada Lovelace 2:"), so keys stay unique."""
-    import random
-
-    from ..datagen import generate_phonebook
-
-    rows = generate_phonebook(min(entries, 46_600), seed=seed)
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for start in range(0, entries, 10_000):
-            out = []
-            for i in range(start, min(start + 10_000, entries)):
-                row = rows[i % len(rows)]
-                if i >= len(rows):
-                    row = {"query": f"{row['query'][:-1]} {i // len(rows) + 1}:",
-                           "target": str(rng.randint(6, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(9))}
-                out.append(json.dumps(row) + "\n")
-            f.write("".join(out))
-
-
-def measure_memory(sizes: list[int], lora, model, threads, batch_tokens, tmp: Path, heap: bool = True,
-                   decode: bool = True) -> list[dict]:
-    """Peak RSS (os.wait4) of verify in a fresh process per PhoneBook size (and its Python heap peak, with
-    heap), and the growth in bytes per entry between consecutive sizes."""
-    results = []
-    for n in sizes:
-        path = tmp / f"pb{n}.jsonl"
-        write_phonebook(path, n)
-        cmd = [sys.executable, "-c", "import sys; from memcli.bench.verify import memory_probe; "
-               "memory_probe(sys.argv[1:])", str(path), "--batch-tokens", str(batch_tokens)]
-        if heap:
-            cmd.append("--heap")
-        if not decode:
-            cmd.append("--no-decode")
-        for flag, value in (("--lora", lora), ("--model", model), ("--threads", threads)):
-            if value is not None:
-                cmd += [flag, str(value)]
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            out.seek(0)
-            err.seek(0)
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory probe failed: {err.read()[-2000:]}")
-            child = json.loads(out.read().strip().splitlines()[-1])
-        path.unlink()
-        row = {"entries": n, "peak_rss_mb": usage.ru_maxrss / 1024, **child}
-        if results:
-            prev = results[-1]
-            row["bytes_per_entry_since"] = (row["peak_rss_mb"] - prev["peak_rss_mb"]) * 2**20 / (n - prev["entries"])
-        results.append(row)
-    return results
 
 
 def _rate(seconds: float, count: int) -> float | None:

@@ -4,7 +4,7 @@
 # figures in the README (Measured / Verify at scale). One go, everything it prints also in $OUT (default
 # ./gpu-check).
 #
-#   bash scripts/gpu_check.sh [ENTRIES]        # ENTRIES: PhoneBook size for the verify pass (default 1000)
+#   bash .ci/gpu_check.sh [ENTRIES]             # ENTRIES: PhoneBook size for the verify pass (default 1000)
 #
 # Needs: nvidia-smi and nvcc (CUDA toolkit) on PATH, the venv at .venv with memcli installed.
 set -euo pipefail
@@ -42,7 +42,7 @@ echo "== memcli bench verify (offload is the default when llama.cpp has it)"
 memcli bench verify "$OUT/pb.jsonl" --lora "$OUT/run" --baseline-entries 50 --out "$OUT/bench.json"
 
 echo "== the chat-template shared prefix, offloaded"
-python scripts/shared_prefix_speedup.py --entries "$ENTRIES"
+memcli bench prefix --entries "$ENTRIES" --out "$OUT/prefix.json"
 
 python - "$OUT" <<'PY'
 import json, sys

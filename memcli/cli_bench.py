@@ -1,0 +1,148 @@
+"""`memcli bench`: parse, call, print. The benchmarks live in memcli/bench/, one module each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .terminal import out_console, parse_ints, user_errors
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
+
+
+@bench_app.command("verify")
+@user_errors
+def bench_verify_cmd(
+    corpus: Path = typer.Argument(..., help="Corpus to verify."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="Run folder (or PEFT folder / .gguf) to "
+                                        "verify; without it, the base model alone."),
+    model: Optional[str] = typer.Option(None, help="Base model. \\[default: the run's, else smollm2-135m]"),
+    baseline_entries: int = typer.Option(50, help="Entries the slow baselines (b, c) run on; their "
+                                         "speed is scaled to the whole corpus, and the output says so."),
+    baseline_tokens: Optional[int] = typer.Option(None, help="Cap on tokens generated per entry by the "
+                                                  "slow baselines (for one long value; scaled the same way)."),
+    torch_entries: Optional[int] = typer.Option(None, help="Entries for (d), the torch backend. "
+                                                "\\[default: all]"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for every method."),
+    batch_tokens: int = typer.Option(2048, help="--batch-tokens of (a) and (d)."),
+    memory_entries: str = typer.Option("250,1000", help="Two PhoneBook sizes whose peak memory is "
+                                       "measured in child processes; empty to skip."),
+    skip: str = typer.Option("", help="Comma-separated methods to leave out: b, c, d, kernel, memory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+):
+    """(a) memcli verify on llama.cpp against (b) transformers generate, (c) llama-cpp-python's
+    high-level generation and (d) memcli's torch backend, on the same corpus: entries/s, tokens/s,
+    speed-ups, verdict agreement, decode share, kernel vs numpy, peak memory."""
+    from .bench.verify import run_bench
+
+    run_bench(corpus, lora=lora, model=model, baseline_entries=baseline_entries,
+              baseline_tokens=baseline_tokens, torch_entries=torch_entries, threads=threads,
+              batch_tokens=batch_tokens, memory_entries=memory_entries,
+              skip={s.strip() for s in skip.split(",") if s.strip()}, out=out, console=out_console)
+
+
+@bench_app.command("kernel")
+def bench_kernel_cmd(rows: int = 512, vocab: int = 49152, repeats: int = 5,
+                     threads: int = typer.Option(0, help="Native worker threads; 0: one per CPU.")):
+    """The native logits kernel against its numpy reference on one random block."""
+    from .bench.kernel import bench_kernel, format_table
+
+    out_console.print(format_table(bench_kernel(rows, vocab, repeats, threads)), highlight=False)
+
+
+@bench_app.command("train")
+@user_errors
+def bench_train_cmd(entries: int = typer.Option(32, help="PhoneBook entries."),
+                    model: Optional[str] = typer.Option(None, help="\\[default: smollm2-135m]"),
+                    rank: int = 8, seed: int = 0,
+                    max_epochs: int = typer.Option(400, help="Budget per method if recall never certifies."),
+                    check_every: int = 5,
+                    throughput_steps: int = typer.Option(30, help="Timed steps per loop."),
+                    recall: bool = typer.Option(True, help="Run part (1), steps to recall per method.")):
+    """Steps to certified recall for SFT / MemFT-OT / MemFT-SW, and memcli's loop against a bare PEFT loop."""
+    from . import models
+    from .bench.train import main
+
+    main(entries, model or models.DEFAULT_MODEL, rank, seed, max_epochs, check_every, throughput_steps, recall)
+
+
+@bench_app.command("agree")
+@user_errors
+def bench_agree_cmd(run: Path = typer.Argument(..., help="A finished run folder."),
+                    corpus: Optional[Path] = typer.Option(None, help="The corpus to check \\[default: the run's]."),
+                    limit: Optional[int] = typer.Option(None, help="Only the first N entries.")):
+    """torch + PEFT vs llama.cpp (base GGUF + exported adapter): the exact-match verdict of every entry of a
+    run's corpus. Exit code 1 when fewer than 99 % agree."""
+    from .bench.agree import agreement, format_agreement
+
+    result = agreement(run, corpus, limit)
+    out_console.print(format_agreement(result), highlight=False, markup=False, soft_wrap=True)
+    if result["rate"] < 0.99:
+        raise typer.Exit(1)
+
+
+@bench_app.command("export")
+@user_errors
+def bench_export_cmd(ranks: str = typer.Option("1,2,4,8,16,32,64", help="Comma-separated ranks."),
+                     outtype: str = "f32", model: Optional[str] = None, repeats: int = 3):
+    """Export time and adapter size per rank on the default placement."""
+    from .bench.export import bench_export, format_table
+
+    out_console.print(format_table(bench_export(tuple(parse_ints(ranks, "--ranks")), outtype, model, repeats)))
+
+
+
+_OUT = typer.Option(None, "--out", help="Also write the results as JSON here.")
+
+
+def _bench_result(text: str, result: dict, out: Optional[Path]) -> None:
+    import json
+
+    out_console.print(text, highlight=False, markup=False, soft_wrap=True)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@bench_app.command("memory")
+@user_errors
+def bench_memory_cmd(entries: str = typer.Option("10000,100000,1000000", help="Increasing PhoneBook sizes; one "
+                                                 "fresh verify process each."),
+                     model: str = typer.Option("tiny", help="Base model."),
+                     lora: Optional[Path] = typer.Option(None, "--lora", help="Run folder or adapter to verify."),
+                     threads: Optional[int] = None, batch_tokens: int = 2048,
+                     no_decode: bool = typer.Option(False, "--no-decode", help="Stub llama.cpp's decode: the corpus "
+                                                    "stream, batches, kernel, verdicts and report alone."),
+                     out: Optional[Path] = _OUT):
+    """Peak RSS of memcli verify against corpus size, and its growth in bytes per added entry (target < 200)."""
+    from .bench.memory import bench_memory, format_memory
+
+    result = bench_memory(parse_ints(entries, "--entries"), lora=lora, model=model, threads=threads,
+                          batch_tokens=batch_tokens, decode=not no_decode)
+    _bench_result(format_memory(result), result, out)
+
+
+@bench_app.command("base")
+@user_errors
+def bench_base_cmd(entries: int = 200, model: Optional[str] = typer.Option(None, help="\\[default: smollm2-135m]"),
+                   threads: Optional[int] = None, batch_tokens: int = 2048, out: Optional[Path] = _OUT):
+    """Which base GGUF verify should decode: each candidate's speed and distance from torch float32."""
+    from .bench.base import bench_base, format_base
+
+    result = bench_base(entries, model, threads, batch_tokens)
+    _bench_result(format_base(result), result, out)
+
+
+@bench_app.command("prefix")
+@user_errors
+def bench_prefix_cmd(entries: int = 300, model: Optional[str] = typer.Option(None, help="\\[default: smollm2-135m]"),
+                     lora: Optional[Path] = typer.Option(None, "--lora", help="An adapter GGUF."),
+                     threads: Optional[int] = None, batch_tokens: int = 2048,
+                     rounds: int = typer.Option(2, help="Alternating rounds; the best of each path counts."),
+                     out: Optional[Path] = _OUT):
+    """Chat-template PhoneBook: the shared prompt prefix decoded once against in every sequence."""
+    from .bench.prefix import bench_prefix, format_prefix
+
+    result = bench_prefix(entries, model, lora, threads, batch_tokens, rounds)
+    _bench_result(format_prefix(result), result, out)
