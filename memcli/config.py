@@ -36,6 +36,8 @@ class TrainConfig:
     # objective
     method: str = "memft-ot"
     no_hard_tokens: str = "fallback"  # memft-ot: fallback (SFT step) | skip
+    train_threshold: float = 0.5  # memft-ot: train tokens while p <= this (0.5: the paper); certify at p > 0.5
+    floor: float = 0.0  # memft-ot: the weight a token above train_threshold keeps (0: the paper)
     sw_form: str = "auto"  # memft-sw: auto | spatial | temporal
     curriculum_epochs: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
     # adapter
@@ -98,6 +100,8 @@ class TrainConfig:
         checks = [
             (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got '{self.method}'"),
             (self.no_hard_tokens in ("fallback", "skip"), "--no-hard-tokens must be fallback or skip"),
+            (0.5 <= self.train_threshold < 1, f"--train-threshold must be in [0.5, 1), got {self.train_threshold}"),
+            (0 <= self.floor <= 1, f"--floor must be in [0, 1], got {self.floor}"),
             (self.sw_form in ("auto", "spatial", "temporal"), "--sw-form must be auto, spatial or temporal"),
             (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),

@@ -183,7 +183,7 @@ class Trainer:
         if method == "sft":
             return weighted_mean(ce, sft_weights(ce, batch.mask)), hard
         if method == "memft-ot":
-            return ot_loss(ce, batch.mask, self.cfg.no_hard_tokens)
+            return ot_loss(ce, batch.mask, self.cfg.no_hard_tokens, self.cfg.train_threshold, self.cfg.floor)
         if self.sw_form == "temporal":  # OT weights, skipping steps with nothing above threshold
             return ot_loss(ce, batch.mask, "skip")
         return sliding_loss(ce, batch.mask, correct, [self.sliding[i] for i in idx], SlidingConfig()), hard

@@ -177,3 +177,24 @@ def test_weighted_mean_and_hard_tokens():
     ce = t(1.0, 3.0)
     assert weighted_mean(ce, torch.tensor([[1.0, 3.0]])).item() == pytest.approx(2.5, rel=1e-6)
     assert hard_tokens(t(0.1, 1.0), torch.tensor([[True, False]])).tolist() == [[False, False]]
+
+
+def test_ot_training_threshold_and_floor_by_hand():
+    # p = 0.95, 0.8, 0.6, 0.3 on answer tokens, and one padding position
+    p = torch.tensor([[0.95, 0.8, 0.6, 0.3, 0.5]])
+    ce = -torch.log(p)
+    mask = torch.tensor([[True, True, True, True, False]])
+    # the paper's threshold: only p <= 0.5 trains
+    assert ot_weights(ce, mask).tolist() == [[0, 0, 0, 1, 0]]
+    # train while p <= 0.9: the tokens at 0.8, 0.6 and 0.3
+    assert ot_weights(ce, mask, threshold=0.9).tolist() == [[0, 1, 1, 1, 0]]
+    # a floor of 0.1 on the tokens above it (never on padding)
+    w = ot_weights(ce, mask, threshold=0.9, floor=0.1)
+    assert torch.allclose(w, torch.tensor([[0.1, 1, 1, 1, 0]]))
+    loss, hard = ot_loss(ce, mask, threshold=0.9, floor=0.1)
+    expected = (0.1 * -math.log(0.95) - math.log(0.8) - math.log(0.6) - math.log(0.3)) / 3.1
+    assert hard == 3 and loss.item() == pytest.approx(expected, rel=1e-6)
+    # nothing under the threshold and a floor: the floor weights every answer token, no fallback needed
+    high = -torch.log(torch.tensor([[0.95, 0.97]]))
+    loss, hard = ot_loss(high, torch.ones(1, 2, dtype=torch.bool), no_hard="skip", threshold=0.9, floor=0.2)
+    assert hard == 0 and loss.item() == pytest.approx((-math.log(0.95) - math.log(0.97)) / 2, rel=1e-6)
