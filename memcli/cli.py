@@ -118,6 +118,10 @@ def train(
     method: Optional[str] = typer.Option(None, help="sft | memft-ot | memft-sw." + _default("method")),
     no_hard_tokens: Optional[str] = typer.Option(None, help="memft-ot with no token above threshold in a batch: "
                                                  "fallback (plain mean) | skip (no update)." + _default("no_hard_tokens")),
+    train_threshold: Optional[float] = typer.Option(None, help="memft-ot: train a token while its p is at or below "
+                                                    "this (certification stays p > 0.5)." + _default("train_threshold")),
+    floor: Optional[float] = typer.Option(None, help="memft-ot: weight kept by a token above --train-threshold."
+                                          + _default("floor")),
     sw_form: Optional[str] = typer.Option(None, help="memft-sw: spatial (one long value) | temporal (curriculum "
                                           "over many entries) | auto (by corpus shape)." + _default("sw_form")),
     curriculum_epochs: Optional[str] = typer.Option(None, help="memft-sw temporal: epochs where exposure grows "
@@ -266,32 +270,40 @@ def fit(
 def plan(
     corpus: Optional[Path] = typer.Argument(None, help="Corpus to plan for: L_init is measured on it with the "
                                             "base model, l is its answer tokens."),
-    law: Path = typer.Option(..., "--law", help="law.json from `memcli fit`."),
+    law: Optional[str] = typer.Option(None, "--law", help="law.json from `memcli fit`, or a law shipped for the "
+                                      "model: phonebook | random. \\[default: the model's shipped law for the "
+                                      "corpus's shape: random for one value, phonebook for several entries]"),
     tokens: Optional[int] = typer.Option(None, help="Plan for l answer tokens instead of a corpus."),
     l_init: Optional[float] = typer.Option(None, help="L_init in nats (default: measured on CORPUS, else the "
                                            "median of the fitted runs)."),
     margin: float = typer.Option(0.1, help="Safety margin: predicted L_final must be <= ln 2 - margin."),
-    model: Optional[str] = typer.Option(None, help="Base model for measuring L_init. \\[default: smollm2-135m]"),
+    extrapolate: bool = typer.Option(False, "--extrapolate", help="Answer for a length outside the lengths the "
+                                     "law was measured on (refused without it)."),
+    model: Optional[str] = typer.Option(None, help="Base model for measuring L_init and for its shipped laws. "
+                                        "\\[default: smollm2-135m]"),
     chat_template: bool = typer.Option(False, "--chat-template", help="As in train."),
     eos: bool = typer.Option(False, "--eos", help="As in train."),
     key: str = typer.Option("", help="As in train."),
     allow_conflicting_keys: bool = typer.Option(False, "--allow-conflicting-keys", help="As in train."),
 ):
-    """The smallest LoRA rank whose predicted L_final is under ln 2 (with a margin), with its interval."""
-    from .law.plan import plan_from_file
+    """The smallest LoRA rank whose predicted L_final is under ln 2 (with a margin), with its interval, the
+    training settings it assumes and the `memcli train` command that realises it."""
+    from .law.plan import choose_law, plan_from_file
     from .terminal import print_plan
 
     if (corpus is None) == (tokens is None):
         raise UserError("plan needs either a CORPUS or --tokens L (not both)")
-    source = None
+    source, entries = None, None
     if corpus is not None:
         from .forward import base_loss
 
-        tokens, measured, name = base_loss(corpus, model, key=key, chat_template=chat_template, eos=eos,
-                                           allow_conflicting_keys=allow_conflicting_keys)
+        tokens, measured, name, entries = base_loss(corpus, model, key=key, chat_template=chat_template, eos=eos,
+                                                    allow_conflicting_keys=allow_conflicting_keys)
         if l_init is None:
             l_init, source = measured, f"measured on {corpus} with {name}"
-    print_plan(plan_from_file(law, tokens, l_init, margin, l_init_source=source), out_console)
+    law_path, law_source = choose_law(law, model, entries)
+    result = plan_from_file(law_path, tokens, l_init, margin, l_init_source=source, extrapolate=extrapolate)
+    print_plan(result, out_console, law_source or str(law_path), str(corpus) if corpus else "CORPUS")
 
 
 # --- verify ------------------------------------------------------------------------------------------------

@@ -218,9 +218,9 @@ def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: 
     return Recall(total_ce / n_tokens, exact, certified, min_p, total_above / n_tokens)
 
 
-def base_loss(corpus_path, model: str | None = None, **corpus_options) -> tuple[int, float, str]:
-    """(answer tokens, mean answer CE of the base model = L_init, the model's name) of a corpus: what `memcli
-    plan CORPUS` plans from."""
+def base_loss(corpus_path, model: str | None = None, **corpus_options) -> tuple[int, float, str, int]:
+    """(answer tokens, mean answer CE of the base model = L_init, the model's name, entries) of a corpus: what
+    `memcli plan CORPUS` plans from."""
     from . import models
     from .corpus import answer_tokens, load_examples
 
@@ -228,4 +228,4 @@ def base_loss(corpus_path, model: str | None = None, **corpus_options) -> tuple[
     base, tokenizer = models.load_model(spec)
     examples = load_examples(corpus_path, tokenizer, n_ctx=base.config.max_position_embeddings, **corpus_options)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return answer_tokens(examples), evaluate(base, examples, pad_id, "cpu").mean_ce, spec.name
+    return answer_tokens(examples), evaluate(base, examples, pad_id, "cpu").mean_ce, spec.name, len(examples)

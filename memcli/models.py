@@ -58,12 +58,23 @@ def pick_device(device: str) -> str:
     return device
 
 
-def registry() -> dict[str, dict]:
+def _registry_path() -> Path:
     here = Path(__file__).resolve().parent
     for candidate in (here / "registry.toml", here.parent / "models" / "registry.toml"):
         if candidate.exists():
-            return tomllib.loads(candidate.read_text())
+            return candidate
     raise RuntimeError("memcli's model registry (registry.toml) is missing from the installation")
+
+
+def registry() -> dict[str, dict]:
+    return tomllib.loads(_registry_path().read_text())
+
+
+def shipped_laws(spec: ModelSpec) -> dict[str, Path]:
+    """The memory laws shipped for a named model (`laws` in its registry entry: corpus kind -> law.json, a path
+    beside the registry), e.g. {"phonebook": ..., "random": ...}; empty for other models."""
+    laws = spec.info.get("laws", {}) if spec.kind in ("wheel", "random") else {}
+    return {kind: _registry_path().parent / rel for kind, rel in laws.items()}
 
 
 @dataclass

@@ -138,8 +138,13 @@ def _or_na(value: float | None, spec: str) -> str:
     return "n/a" if value is None or value != value else format(value, spec)
 
 
-def print_plan(result: Plan, console: Console) -> None:
-    """`memcli plan`'s answer: the sentence, the bootstrap interval, where L_init came from, extrapolation notes."""
+def print_plan(result: Plan, console: Console, law: str = "", corpus: str = "CORPUS") -> None:
+    """`memcli plan`'s answer: the law used, the sentence, the bootstrap intervals, where L_init came from,
+    extrapolation notes, the training settings the answer assumes and the command that trains it."""
+    from .law.plan import train_command
+
+    if law:
+        console.print(escape(f"Law: {law}."))
     console.print(escape(result.sentence))
     if result.interval is not None:
         low, high = result.interval
@@ -151,8 +156,18 @@ def print_plan(result: Plan, console: Console) -> None:
             console.print(f"{result.level:.0%} interval from the bootstrap: {unit} {low:,} to {upper}.")
     if result.l_init_source:
         console.print(escape(f"L_init {result.l_init:.3f} nats: {result.l_init_source}."))
+    if result.l_final_interval is not None:
+        low, high = result.l_final_interval
+        console.print(f"Predicted L_final at that rank, {result.level:.0%} bootstrap interval: {low:.3f} to "
+                      f"{high:.3f} nats.")
     for note in result.extrapolation:
         console.print(f"[yellow]{escape(note)}[/yellow]")
+    if result.settings:
+        shown = ", ".join(f"{k}={v}" for k, v in result.settings.items() if v is not None)
+        console.print(escape(f"The law assumes these training settings: {shown}."))
+    if result.rank is not None and result.settings:
+        console.print("Train it with:")
+        console.print(escape(train_command(result.settings, result.rank, corpus)), soft_wrap=True)
 
 
 # --- verify --------------------------------------------------------------------------------------------------

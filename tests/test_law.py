@@ -183,7 +183,9 @@ def test_plan_in_parameters_reports_the_rank():
 
 
 def test_plan_flags_extrapolation_and_limits(exact_law):
-    far = plan(exact_law, 10000, 2.0)
+    with pytest.raises(LawError, match=r"10,000 answer tokens is outside the lengths .* \(100 to 3,200\).*--extrapolate"):
+        plan(exact_law, 10000, 2.0)
+    far = plan(exact_law, 10000, 2.0, extrapolate=True)
     assert far.status == "ok" and far.x > 64
     assert any("rank" in note for note in far.extrapolation) and any("10,000" in n for n in far.extrapolation)
 

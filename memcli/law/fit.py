@@ -18,7 +18,7 @@ from .. import runs
 from ..errors import UserError
 from .plots import PLOT_NAMES, plot_fit
 from .points import (COEFFICIENTS, N_PARAMETERS, LawError, Point, check_capacity, check_fittable, law_value,
-                     load_points, split_saturated)
+                     load_points, shared_settings, split_saturated)
 from .projection import ALPHA_BOUNDS, BETA_BOUNDS, FIXED_STARTS, CoreFit, fit_core
 
 LAW_FORMAT = "memcli.law/1"
@@ -103,6 +103,11 @@ class LawFit:
     l_init_median: float | None = None
     methods: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # caveats of the fit, e.g. the saturation rule not applied
+    # the training settings the fitted runs share (what a plan assumes) and the range every run (saturated
+    # ones too) measured: a plan outside it extrapolates
+    settings: dict[str, Any] = field(default_factory=dict)
+    measured_x_range: list[float] | None = None
+    measured_l_range: list[float] | None = None
     format: str = LAW_FORMAT
 
     @property
@@ -236,6 +241,9 @@ def fit_law(points: Sequence[Point], n_boot: int = 200, seed: int = 0, level: fl
         row["predicted"] = float(law_value(point.x, point.length, *coefficients))
         used.append(row)
     l_inits = [p.l_init for p in kept if p.l_init is not None]
+    settings, differing = shared_settings(points)
+    if differing:
+        notes.append(f"the runs differ in {', '.join(differing)}: the law mixes training settings")
     return LawFit(
         capacity=capacity,
         coefficients=dict(zip(COEFFICIENTS, coefficients)),
@@ -257,6 +265,9 @@ def fit_law(points: Sequence[Point], n_boot: int = 200, seed: int = 0, level: fl
         l_init_median=float(np.median(l_inits)) if l_inits else None,
         methods=sorted({p.method for p in points if p.method}),
         notes=notes,
+        settings=settings,
+        measured_x_range=[min(p.x for p in points), max(p.x for p in points)],
+        measured_l_range=[min(p.length for p in points), max(p.length for p in points)],
     )
 
 

@@ -44,6 +44,8 @@ class Plan:
     sentence: str
     l_init_source: str | None = None
     params_per_rank: float | None = None
+    l_final_interval: list[float] | None = None  # the predicted L_final at the answer, over the bootstrap
+    settings: dict[str, Any] | None = None  # the training settings the law (and so this answer) assumes
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -76,8 +78,9 @@ def _smallest_integer(need: float, length: float, coefficients: Sequence[float],
 
 def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_rank: int = 4096,
          params_per_rank: float | None = None, capacity: str | None = None,
-         l_init_source: str | None = None) -> Plan:
-    """The smallest capacity whose predicted L_final = l_init - delta_l(x, l) is <= ln 2 - margin."""
+         l_init_source: str | None = None, extrapolate: bool = False) -> Plan:
+    """The smallest capacity whose predicted L_final = l_init - delta_l(x, l) is <= ln 2 - margin. A length
+    outside the lengths the law's runs measured is refused (LawError) unless `extrapolate`."""
     if capacity is not None and capacity != law.capacity:
         raise LawError(f"the law was fitted with capacity measured in {law.capacity}, not {capacity}")
     for name, value in (("answer length", length), ("L_init", l_init)):
@@ -92,6 +95,12 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
         raise LawError(f"the margin must lie in [0, ln 2), not {margin}")
     if max_rank < 1:
         raise LawError(f"max rank must be at least 1, not {max_rank}")
+
+    l_low, l_high = law.measured_l_range or law.l_range
+    if not extrapolate and not l_low <= length <= l_high:
+        raise LawError(f"{length:,.0f} answer tokens is outside the lengths this law was measured on "
+                       f"({l_low:,.0f} to {l_high:,.0f}): its answer would be a guess. Pass --extrapolate to see "
+                       "it anyway, or fit a law on a sweep that covers this length")
 
     per_rank = params_per_rank if params_per_rank is not None else law.params_per_rank
     if law.capacity == "rank":
@@ -132,7 +141,8 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
                   predicted_delta_l=predicted,
                   predicted_l_final=l_init - predicted if predicted is not None else None,
                   interval=interval, level=law.level, extrapolation=extrapolation, sentence="",
-                  l_init_source=l_init_source, params_per_rank=per_rank)
+                  l_init_source=l_init_source, params_per_rank=per_rank,
+                  l_final_interval=_l_final_interval(law, x, length, l_init), settings=dict(law.settings))
     result.sentence = _plan_sentence(result, law, need, x_real, x_max)
     return result
 
@@ -150,10 +160,40 @@ def _plan_interval(law: LawFit, need: float, length: float, x_min: float,
             for v in ends]
 
 
+def _l_final_interval(law: LawFit, x: int | None, length: float, l_init: float) -> list[float] | None:
+    """The predicted L_final at capacity x over the bootstrap samples, at the law's interval level."""
+    samples = law.bootstrap_array()
+    if x is None or samples.shape[0] == 0:
+        return None
+    l_final = l_init - np.array([law_value(x, length, *row) for row in samples])
+    tail = (1 - law.level) / 2
+    return [float(np.quantile(l_final, tail)), float(np.quantile(l_final, 1 - tail))]
+
+
+def train_command(settings: dict[str, Any], rank: int, corpus: str = "CORPUS", out: str = "runs/planned") -> str:
+    """The `memcli train` command line that trains with the law's settings at this rank: every setting that
+    differs from train's default, spelled as its option."""
+    from ..config import TrainConfig
+
+    defaults = asdict(TrainConfig())
+    words = ["memcli", "train", corpus, "--out", out, "--rank", str(rank)]
+    for key, value in settings.items():
+        if key not in defaults or value == defaults[key] or key in ("rank", "corpus"):
+            continue
+        option = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(option if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            words += [option, ",".join(map(str, value))]
+        elif value is not None:
+            words += [option, str(value)]
+    return " ".join(words)
+
+
 def _extrapolation_notes(law: LawFit, x: int | None, length: float, unit: str) -> list[str]:
     notes = []
-    x_low, x_high = law.x_range
-    l_low, l_high = law.l_range
+    x_low, x_high = law.measured_x_range or law.x_range
+    l_low, l_high = law.measured_l_range or law.l_range
     if x is not None and x > x_high:
         notes.append(f"The answer extrapolates: {unit} {x:,} is above the largest fitted {unit} ({x_high:,.0f}).")
     elif x is not None and x < x_low:
@@ -202,9 +242,33 @@ def _plan_sentence(p: Plan, law: LawFit, need: float, x_real: float, x_max: floa
             f"(delta_l {need:.3f} nats needed, {at_max:.3f} predicted at the maximum).")
 
 
+def choose_law(law: str | None, model: str | None, entries: int | None) -> tuple[Path, str | None]:
+    """The law file `memcli plan` uses, and why when it was not given as a path: --law PATH; --law KIND (a law
+    shipped for the model: phonebook | random); or, with neither, the model's shipped law for the corpus's shape
+    (one value: random, the law of the hardest single value; several entries: phonebook)."""
+    from .. import models
+
+    if law is not None and (Path(law).suffix == ".json" or Path(law).exists()):
+        return Path(law), None
+    spec = models.resolve(model)
+    shipped = models.shipped_laws(spec)
+    if law is None and entries is None:
+        raise LawError("with --tokens, name the law: --law law.json, or a law shipped for the model "
+                       f"({' | '.join(shipped) or 'none for ' + spec.name})")
+    kind = law or ("random" if entries == 1 else "phonebook")
+    if kind not in shipped:
+        have = f"it ships {', '.join(shipped)}" if shipped else "memcli ships no law for it"
+        raise LawError(f"no {kind} law for model {spec.name} ({have}): fit one with `memcli sweep` and `memcli fit`, "
+                       "then pass --law law.json")
+    why = f"the {kind} law shipped for {spec.name}"
+    if law is None:
+        why += " (chosen by the corpus's shape: " + ("one value" if entries == 1 else f"{entries} entries") + ")"
+    return shipped[kind], why
+
+
 def plan_from_file(law_path: Path | str, tokens: int | None, l_init: float | None, margin: float = 0.1, *,
                    capacity: str | None = None, max_rank: int = 4096, params_per_rank: float | None = None,
-                   l_init_source: str | None = None) -> Plan:
+                   l_init_source: str | None = None, extrapolate: bool = False) -> Plan:
     """`memcli plan` without the printing: answer "which adapter does this corpus need?" from a law file.
 
     tokens and l_init come from the command line, or are measured on a corpus by the caller, which then
@@ -220,4 +284,4 @@ def plan_from_file(law_path: Path | str, tokens: int | None, l_init: float | Non
         l_init = law.l_init_median
         l_init_source = f"the median L_init of the runs in {law_path}, not measured on this corpus"
     return plan(law, tokens, l_init, margin=margin, max_rank=max_rank, params_per_rank=params_per_rank,
-                l_init_source=l_init_source)
+                l_init_source=l_init_source, extrapolate=extrapolate)

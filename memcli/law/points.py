@@ -111,6 +111,35 @@ def load_points(inputs: Sequence[Path | str], capacity: str = "rank") -> list[Po
     return points
 
 
+# What a sweep varies per cell, and what does not change what a run learns: not part of the law's settings.
+_PER_CELL = ("corpus", "rank", "answer_tokens")
+_BOOKKEEPING = ("gguf", "check_every", "checkpoint_every", "log_every", "device", "allow_conflicting_keys")
+
+
+def shared_settings(points: Iterable[Point]) -> tuple[dict[str, Any], list[str]]:
+    """The training settings every fitted run has in common (read from the config.yaml beside each run's summary),
+    which a law assumes; and the names of the settings in which the runs differ. Table rows carry none."""
+    common: dict[str, Any] | None = None
+    differing: set[str] = set()
+    for point in points:
+        folder = Path(point.source).parent
+        if not point.source.endswith(runs.SUMMARY) or not runs.is_run(folder):
+            continue
+        try:
+            settings = runs.read_settings(folder)
+        except UserError:
+            continue
+        settings = {k: v for k, v in settings.items() if k not in _PER_CELL + _BOOKKEEPING}
+        if common is None:
+            common = settings
+            continue
+        for key in set(common) | set(settings):
+            if common.get(key) != settings.get(key):
+                differing.add(key)
+    common = {k: v for k, v in (common or {}).items() if k not in differing}
+    return common, sorted(differing)
+
+
 def _find_summaries(folder: Path) -> list[Path]:
     """The folder's own summary (a run folder), else those of the runs one or two levels below (a sweep)."""
     own = folder / runs.SUMMARY

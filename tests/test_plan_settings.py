@@ -1,0 +1,83 @@
+"""What a law assumes and how `memcli plan` hands it on: the training settings shared by the fitted runs, the
+`memcli train` command that realises a plan (parsed by the real command line), and the refusal to answer outside
+the lengths the law measured."""
+
+import shlex
+
+import pytest
+from conftest import run_cli
+
+from memcli import runs
+from memcli.config import TrainConfig
+from memcli.law.fit import fit_law
+from memcli.law.plan import plan, train_command
+from memcli.law.points import LawError, Point, shared_settings
+
+
+def fake_run(folder, **settings):
+    """A run folder as `memcli train` leaves it, as far as the law reads it: config.yaml and summary.json."""
+    cfg = TrainConfig(corpus="c.jsonl", **settings)
+    runs.write_config(folder, {"settings": cfg.__dict__ | {}})
+    runs.write_summary(folder, {"rank": cfg.rank, "answer_tokens": 100, "l_init": 10.0, "l_final": 5.0,
+                                "delta_l": 5.0, "method": cfg.method})
+    return Point(x=cfg.rank, length=100, delta_l=5.0, l_final=5.0, l_init=10.0, rank=cfg.rank, method=cfg.method,
+                 source=str(folder / runs.SUMMARY))
+
+
+def test_shared_settings_are_what_every_run_has(tmp_path):
+    points = [fake_run(tmp_path / "a", rank=1, max_steps=50, batch_size=1, answer_tokens=32, gguf="off"),
+              fake_run(tmp_path / "b", rank=4, max_steps=50, batch_size=1, answer_tokens=64, check_every=7,
+                       seed=3)]
+    settings, differing = shared_settings(points)
+    # per-cell settings (rank, answer tokens, corpus) and bookkeeping (gguf, check_every) are not assumptions
+    for key in ("rank", "answer_tokens", "corpus", "gguf", "check_every"):
+        assert key not in settings
+    assert differing == ["seed"] and "seed" not in settings
+    assert settings["max_steps"] == 50 and settings["batch_size"] == 1 and settings["method"] == "memft-ot"
+    assert settings["lr"] == 1e-2 and settings["dropout"] == 0.1
+    # a table row (no run folder) contributes nothing
+    assert shared_settings([Point(x=1, length=10, delta_l=1.0, source="t.csv")]) == ({}, [])
+
+
+def test_train_command_realises_the_law_settings(tmp_path, monkeypatch):
+    settings = {**TrainConfig().__dict__, "max_steps": 50, "batch_size": 1, "method": "sft", "dropout": 0.0,
+                "chat_template": True, "curriculum_epochs": [5, 10, 15, 20], "modules": ["up_proj", "down_proj"]}
+    for key in ("rank", "answer_tokens", "corpus", "gguf", "check_every", "checkpoint_every", "log_every",
+                "device", "allow_conflicting_keys"):
+        settings.pop(key)
+    command = train_command(settings, 6, str(tmp_path / "c.jsonl"), str(tmp_path / "run"))
+    assert command.startswith("memcli train ") and "--rank 6" in command
+    assert "--lr" not in command  # a default is left out
+    (tmp_path / "c.jsonl").write_text('{"key": "a:", "value": " 1"}\n')
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Capture:
+        def __init__(self, cfg, *args, **kwargs):
+            seen["cfg"] = cfg
+            raise Stop
+
+    monkeypatch.setattr("memcli.train.Trainer", Capture)
+    with pytest.raises(Stop):
+        run_cli(*shlex.split(command)[1:])
+    cfg = seen["cfg"]
+    assert cfg.rank == 6
+    for key, value in settings.items():
+        assert getattr(cfg, key) == value, key
+
+
+def test_plan_refuses_lengths_outside_the_measured_range_unless_asked():
+    points = [Point(x=r, length=n, delta_l=2.0 * r ** 0.5 * n ** -0.4 + 0.1, l_final=5.0, l_init=8.0, rank=r)
+              for r in (1, 2, 4, 8) for n in (50, 100, 200, 400)]
+    # a saturated run at a longer length still counts as measured
+    points.append(Point(x=8, length=800, delta_l=7.5, l_final=0.5, l_init=8.0, rank=8))
+    law = fit_law(points, n_boot=10, seed=0)
+    assert law.l_range == [50, 400] and law.measured_l_range == [50, 800]
+    assert plan(law, 800, 1.0).status in ("ok", "minimum")
+    with pytest.raises(LawError, match=r"outside the lengths this law was measured on \(50 to 800\)"):
+        plan(law, 20, 1.0)
+    result = plan(law, 1600, 1.0, extrapolate=True)
+    assert any("1,600" in note for note in result.extrapolation)
