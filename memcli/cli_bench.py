@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .errors import UserError
 from .terminal import out_console, parse_ints, user_errors
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
@@ -146,3 +147,62 @@ def bench_prefix_cmd(entries: int = 300, model: Optional[str] = typer.Option(Non
 
     result = bench_prefix(entries, model, lora, threads, batch_tokens, rounds)
     _bench_result(format_prefix(result), result, out)
+
+
+@bench_app.command("methods")
+@user_errors
+def bench_methods_cmd(
+    out: Path = typer.Option(..., "--out", help="Study folder: results.jsonl (one row per run, appended as runs "
+                             "finish; a rerun skips them), methods.png, runs/."),
+    variant: list[str] = typer.Option(["sft", "memft-ot", "memft-sw"], "--variant", help="A method and optional "
+                                      "train settings, e.g. 'memft-ot train_threshold=0.9 dropout=0'; repeat the "
+                                      "option. The first is the baseline."),
+    regimes: str = typer.Option("easy,starved,long", help="Comma-separated: easy, starved, long."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (each seed: its own corpus and init)."),
+    model: Optional[str] = typer.Option(None, help="\\[default: smollm2-135m]"),
+    easy_entries: int = typer.Option(20, help="easy: PhoneBook entries (rank --easy-rank, until certified)."),
+    easy_rank: int = 8,
+    easy_max_epochs: int = typer.Option(300, help="easy: cap if recall never certifies."),
+    check_every: int = typer.Option(5, help="easy: steps between certification checks."),
+    starved_entries: int = typer.Option(64, help="starved: PhoneBook entries."),
+    starved_ranks: str = typer.Option("1", help="starved: comma-separated ranks."),
+    starved_epochs: int = typer.Option(40, help="starved: budget in epochs."),
+    long_tokens: int = typer.Option(256, help="long: tokens of the random value."),
+    long_ranks: str = typer.Option("1,2,4,8", help="long: comma-separated ranks."),
+    long_steps: int = typer.Option(200, help="long: budget in steps (batch 1)."),
+):
+    """Training objectives compared at the same rank, seed, batches and budget: steps to certified recall (easy),
+    exact match, token accuracy, L_final and bits per parameter (starved PhoneBook, one long random value)."""
+    from .bench.methods import Regime, plot, run_study, table_rows
+
+    chosen = [r.strip() for r in regimes.split(",") if r.strip()]
+    known = {
+        "easy": Regime("easy", entries=easy_entries, ranks=(easy_rank,), epochs=easy_max_epochs,
+                       check_every=check_every),
+        "starved": Regime("starved", entries=starved_entries, ranks=tuple(parse_ints(starved_ranks, "--starved-ranks")),
+                          epochs=starved_epochs),
+        "long": Regime("long", tokens=long_tokens, ranks=tuple(parse_ints(long_ranks, "--long-ranks")),
+                       steps=long_steps),
+    }
+    unknown = [r for r in chosen if r not in known]
+    if unknown or not chosen:
+        raise UserError(f"--regimes: choose from easy, starved, long (got {regimes!r})")
+
+    def said(row):
+        out_console.print(f"{row['regime']} rank {row['rank']} seed {row['seed']} {row['variant']}: exact "
+                          f"{row['exact_match']:.1%}, token acc {row['token_accuracy']:.1%}, L_final "
+                          f"{row['l_final']:.3f}, steps {row['steps']}, {row['wall_s']:.0f} s", highlight=False,
+                          markup=False)
+
+    rows = run_study([known[r] for r in chosen], variant, parse_ints(seeds, "--seeds"), out, model, said)
+    from rich.table import Table
+
+    table = Table("regime", "rank", "variant", "seeds", "exact", "token acc", "L_final", "steps to cert.",
+                  "wall s", "bits/param", ">= baseline")
+    for r in table_rows(rows):
+        steps = "-" if r["steps_to_certified"] is None else f"{r['steps_to_certified']:g}"
+        table.add_row(r["regime"], str(r["rank"]), r["variant"], str(r["seeds"]), f"{r['exact_match']:.1%}",
+                      f"{r['token_accuracy']:.1%}", f"{r['l_final']:.3f}", steps, f"{r['wall_s']:.0f}",
+                      f"{r['bits_per_param']:.3f}", r["matches_baseline"])
+    out_console.print(table)
+    out_console.print(f"medians over seeds; rows in {out / 'results.jsonl'}; plot {plot(rows, out / 'methods.png')}")

@@ -178,6 +178,7 @@ class Recall:
     certified: list[bool]  # per entry: every answer token has p > 0.5
     min_p: list[float]
     above: float  # fraction of answer tokens with p > 0.5
+    token_accuracy: list[float]  # per entry: greedy-correct share of the value (first failure / l)
 
     @property
     def exact_match(self) -> float:
@@ -186,6 +187,10 @@ class Recall:
     @property
     def certified_rate(self) -> float:
         return sum(self.certified) / len(self.certified)
+
+    @property
+    def mean_token_accuracy(self) -> float:
+        return sum(self.token_accuracy) / len(self.token_accuracy)
 
 
 @torch.no_grad()
@@ -201,6 +206,7 @@ def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: 
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     exact, certified, min_p = [False] * len(examples), [False] * len(examples), [0.0] * len(examples)
+    accuracy = [0.0] * len(examples)
     total_ce, total_above, n_tokens = 0.0, 0, 0
     for start, end in plan_batches([len(examples[i]) for i in order], batch_tokens, padded=True):
         idx = order[start:end]
@@ -211,11 +217,12 @@ def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: 
         lengths = np.array([len(examples[i].target_ids) for i in idx])
         for v in verdicts(stats, targets, lengths, idx):
             exact[v.index], certified[v.index], min_p[v.index] = v.exact, v.certified, v.min_p
+            accuracy[v.index] = v.token_accuracy
         total_ce += float(-stats.logprob.sum())
         total_above += int((stats.prob > 0.5).sum())
         n_tokens += len(targets)
     model.train(was_training)
-    return Recall(total_ce / n_tokens, exact, certified, min_p, total_above / n_tokens)
+    return Recall(total_ce / n_tokens, exact, certified, min_p, total_above / n_tokens, accuracy)
 
 
 def base_loss(corpus_path, model: str | None = None, **corpus_options) -> tuple[int, float, str, int]:

@@ -119,6 +119,9 @@ _BOOKKEEPING = ("gguf", "check_every", "checkpoint_every", "log_every", "device"
 def shared_settings(points: Iterable[Point]) -> tuple[dict[str, Any], list[str]]:
     """The training settings every fitted run has in common (read from the config.yaml beside each run's summary),
     which a law assumes; and the names of the settings in which the runs differ. Table rows carry none."""
+    from ..config import TrainConfig
+
+    defaults = asdict(TrainConfig())  # a setting newer than a run: the run had its default
     common: dict[str, Any] | None = None
     differing: set[str] = set()
     for point in points:
@@ -129,7 +132,7 @@ def shared_settings(points: Iterable[Point]) -> tuple[dict[str, Any], list[str]]
             settings = runs.read_settings(folder)
         except UserError:
             continue
-        settings = {k: v for k, v in settings.items() if k not in _PER_CELL + _BOOKKEEPING}
+        settings = {k: v for k, v in {**defaults, **settings}.items() if k not in _PER_CELL + _BOOKKEEPING}
         if common is None:
             common = settings
             continue

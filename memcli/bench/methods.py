@@ -1,0 +1,169 @@
+"""`memcli bench methods`: training objectives compared at equal rank, seed, batches and budget (issue-style study).
+
+Three regimes, each a generated corpus trained once per (variant, seed[, rank]):
+- easy: a small PhoneBook at a rank that holds it; trained until recall is certified (checked every few steps):
+  steps and wall time to certified recall;
+- starved: a PhoneBook too big for a low rank, a fixed budget of epochs: exact match, token accuracy, L_final;
+- long: one random-token value, ranks given, a fixed budget of steps at batch 1: the same measures per rank.
+A variant is a method with optional settings, e.g. "memft-ot train_threshold=0.9 dropout=0". Every run also
+reports the capacity it reached: bits of the exactly recalled information per trainable parameter (a PhoneBook
+number's first digit is one of 6-9 and nine digits are free: log2(4e9) = 31.9 bits; a random token carries
+log2(vocabulary) bits, counted over the greedy-correct prefix of the value).
+
+Rows go to OUT/results.jsonl as they finish (a rerun skips the rows already there), so the study can stop and
+resume; OUT/methods.png plots exact match per variant and regime.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import statistics
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import models
+from ..config import TrainConfig, coerce_setting
+from ..datagen import generate_phonebook, generate_random_tokens, write_jsonl
+from ..errors import UserError
+from ..train import Trainer
+
+PHONEBOOK_BITS = math.log2(4e9)  # per exactly recalled PhoneBook number: first digit 6-9, nine free digits
+
+
+@dataclass
+class Regime:
+    name: str  # easy | starved | long
+    entries: int = 20  # PhoneBook entries (easy, starved)
+    tokens: int = 256  # value length (long)
+    ranks: tuple[int, ...] = (8,)
+    epochs: int = 200  # budget (starved; easy's cap)
+    steps: int = 200  # budget (long)
+    batch_size: int = 16
+    check_every: int = 5  # easy: how often certification is checked
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"memft-ot train_threshold=0.9 dropout=0" -> ("memft-ot train_threshold=0.9 dropout=0", settings)."""
+    words = shlex.split(text)
+    if not words:
+        raise UserError("--variant: empty")
+    hints = typing.get_type_hints(TrainConfig)
+    settings = {"method": words[0]}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep or key not in hints or key in ("corpus", "rank", "seed", "epochs", "max_steps"):
+            raise UserError(f"--variant '{text}': '{word}' is not SETTING=VALUE of a train setting that a variant "
+                            "may change")
+        settings[key] = coerce_setting(value, hints[key], f"--variant '{text}'")
+    TrainConfig(**settings).validate()
+    return " ".join(words), settings
+
+
+def _corpus(regime: Regime, seed: int, folder: Path) -> Path:
+    path = folder / f"{regime.name}-s{seed}.jsonl"
+    if not path.exists():
+        if regime.name == "long":
+            tokenizer = models.load_tokenizer(models.resolve(None))
+            write_jsonl(path, [generate_random_tokens(regime.tokens, seed, tokenizer)])
+        else:
+            write_jsonl(path, generate_phonebook(regime.entries, seed))
+    return path
+
+
+def bits_per_parameter(summary: dict, regime: Regime, vocab: int) -> float:
+    if regime.name == "long":
+        bits = summary["token_accuracy"] * summary["answer_tokens"] * math.log2(vocab)
+    else:
+        bits = summary["exact_match"] * summary["entries"] * PHONEBOOK_BITS
+    return bits / summary["params"]
+
+
+def run_one(regime: Regime, variant: str, settings: dict, seed: int, rank: int, model: str, folder: Path,
+            vocab: int) -> dict:
+    corpus = _corpus(regime, seed, folder)
+    budget = {"max_steps": regime.steps, "batch_size": 1} if regime.name == "long" else {
+        "epochs": regime.epochs, "batch_size": regime.batch_size}
+    easy = regime.name == "easy"
+    cfg = TrainConfig(corpus=str(corpus), model=model, rank=rank, seed=seed, gguf="off", checkpoint_every=10**9,
+                      until_recall=easy, check_every=regime.check_every if easy else 10**9, **budget,
+                      **settings)
+    run = folder / "runs" / f"{regime.name}-r{rank}-s{seed}-{variant.replace(' ', '_')}"
+    s = Trainer(cfg, run, force=True, log=lambda m: None).run()
+    return {"regime": regime.name, "variant": variant, "seed": seed, "rank": rank, "entries": s["entries"],
+            "answer_tokens": s["answer_tokens"], "params": s["params"], "steps": s["steps"],
+            "certified_at_step": s["certified_at_step"], "wall_s": s["wall_seconds"],
+            "exact_match": s["exact_match"], "token_accuracy": s["token_accuracy"], "certified": s["certified"],
+            "l_init": s["l_init"], "l_final": s["l_final"], "bits_per_param": bits_per_parameter(s, regime, vocab)}
+
+
+def run_study(regimes: list[Regime], variants: list[str], seeds: list[int], out: Path, model: str | None = None,
+              on_row=lambda row: None) -> list[dict]:
+    parsed = [parse_variant(v) for v in variants]
+    model = model or models.DEFAULT_MODEL
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = {(r["regime"], r["variant"], r["seed"], r["rank"]) for r in rows}
+    vocab = len(models.load_tokenizer(models.resolve(model)))
+    for regime in regimes:
+        for rank in regime.ranks:
+            for seed in seeds:
+                for variant, settings in parsed:  # innermost: every variant sees the same corpus, back to back
+                    if (regime.name, variant, seed, rank) in done:
+                        continue
+                    row = run_one(regime, variant, settings, seed, rank, model, out, vocab)
+                    with results.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    rows.append(row)
+                    on_row(row)
+    return rows
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """Medians over seeds per (regime, rank, variant), with each variant's steps to certified against the first
+    variant's (the baseline, normally sft) and how many seeds it matched or beat the baseline in."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["regime"], r["rank"], r["variant"]), []).append(r)
+    out = []
+    for (regime, rank, variant), rs in groups.items():
+        base = {r["seed"]: r for r in groups.get((regime, rank, rows[0]["variant"]), [])}
+        steps = [r["certified_at_step"] for r in rs if r["certified_at_step"] is not None]
+        wins = sum(1 for r in rs if r["seed"] in base and r["exact_match"] >= base[r["seed"]]["exact_match"]
+                   and r["token_accuracy"] >= base[r["seed"]]["token_accuracy"])
+        out.append({"regime": regime, "rank": rank, "variant": variant, "seeds": len(rs),
+                    "exact_match": statistics.median(r["exact_match"] for r in rs),
+                    "token_accuracy": statistics.median(r["token_accuracy"] for r in rs),
+                    "l_final": statistics.median(r["l_final"] for r in rs),
+                    "steps_to_certified": statistics.median(steps) if len(steps) == len(rs) else None,
+                    "wall_s": statistics.median(r["wall_s"] for r in rs),
+                    "bits_per_param": statistics.median(r["bits_per_param"] for r in rs),
+                    "matches_baseline": f"{wins}/{len(rs)}"})
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = table_rows(rows)
+    cells = sorted({(r["regime"], r["rank"]) for r in summary})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells) * len(variants) / 2), 4))
+    width = 0.8 / len(variants)
+    for j, variant in enumerate(variants):
+        values = [next((r["exact_match"] for r in summary if (r["regime"], r["rank"], r["variant"]) ==
+                        (*cell, variant)), 0.0) for cell in cells]
+        ax.bar([i + j * width for i in range(len(cells))], values, width, label=variant)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cells))], [f"{g} r{r}" for g, r in cells])
+    ax.set_ylabel("exact match (median over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
