@@ -220,8 +220,10 @@ def sweep(
     ranks: str = typer.Option(..., help="Comma-separated LoRA ranks, e.g. 1,2,4,8."),
     answer_tokens: str = typer.Option(..., help="Comma-separated answer lengths l, e.g. 100,200,400,800."),
     out: Path = typer.Option(..., "--out", help="Sweep folder: one run folder per cell, rank<r>-l<l>."),
-    jobs: int = typer.Option(1, help="Cells trained at once, in worker processes (one per GPU with GPUs)."),
-    executor: str = typer.Option("local", help="local | ray (pip install 'memcli[ray]'; uses RAY_ADDRESS)."),
+    jobs: int = typer.Option(1, help="Cells trained at once, in worker processes (one per GPU with GPUs); with "
+                             "--executor ray, as many as the Ray cluster has CPUs (GPUs) for."),
+    executor: str = typer.Option("local", help="local | ray (one Ray task per cell, on the cluster at RAY_ADDRESS; "
+                                 "pip install 'memcli\\[ray]')."),
     force: bool = typer.Option(False, "--force", help="Retrain the existing cells whose training settings differ "
                                "from this command's (without it such a rerun is refused)."),
 ):
@@ -277,6 +279,9 @@ def plan(
     l_init: Optional[float] = typer.Option(None, help="L_init in nats (default: measured on CORPUS, else the "
                                            "median of the fitted runs)."),
     margin: float = typer.Option(0.1, help="Safety margin: predicted L_final must be <= ln 2 - margin."),
+    goal: str = typer.Option("recall", help="recall: also reach the L_final under which every run of the law "
+                             "recalled >= 95 % of its entries (when the law knows it) | loss: ln 2 - margin only "
+                             "(the paper's)."),
     extrapolate: bool = typer.Option(False, "--extrapolate", help="Answer for a length outside the lengths the "
                                      "law was measured on (refused without it)."),
     model: Optional[str] = typer.Option(None, help="Base model for measuring L_init and for its shipped laws. "
@@ -302,7 +307,8 @@ def plan(
         if l_init is None:
             l_init, source = measured, f"measured on {corpus} with {name}"
     law_path, law_source = choose_law(law, model, entries)
-    result = plan_from_file(law_path, tokens, l_init, margin, l_init_source=source, extrapolate=extrapolate)
+    result = plan_from_file(law_path, tokens, l_init, margin, l_init_source=source, extrapolate=extrapolate,
+                            goal=goal)
     print_plan(result, out_console, law_source or str(law_path), str(corpus) if corpus else "CORPUS")
 
 

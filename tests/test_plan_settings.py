@@ -2,6 +2,7 @@
 `memcli train` command that realises a plan (parsed by the real command line), and the refusal to answer outside
 the lengths the law measured."""
 
+import math
 import shlex
 
 import pytest
@@ -81,3 +82,23 @@ def test_plan_refuses_lengths_outside_the_measured_range_unless_asked():
         plan(law, 20, 1.0)
     result = plan(law, 1600, 1.0, extrapolate=True)
     assert any("1,600" in note for note in result.extrapolation)
+
+
+def test_recall_loss_and_the_recall_goal():
+    from memcli.law.points import recall_loss
+
+    def p(l_final, exact):
+        return Point(x=1, length=10, delta_l=1.0, l_final=l_final, exact_match=exact)
+    # sorted by L_final: 0.02 (1.0), 0.05 (0.96), 0.08 (0.90) -> every run up to 0.05 recalled >= 95 %
+    assert recall_loss([p(0.08, 0.90), p(0.02, 1.0), p(0.05, 0.96), p(0.5, 1.0)]) == 0.05
+    assert recall_loss([p(0.01, 0.5), p(0.02, 1.0)]) is None
+    assert recall_loss([Point(x=1, length=10, delta_l=1.0, l_final=0.01)]) is None  # exact match unknown
+
+    points = [Point(x=r, length=n, delta_l=2.0 * r ** 0.5 * n ** -0.4 + 0.1, l_final=5.0, l_init=8.0, rank=r,
+                    exact_match=0.0) for r in (1, 2, 4, 8) for n in (50, 100, 200, 400)]
+    points.append(Point(x=8, length=50, delta_l=7.97, l_final=0.03, l_init=8.0, rank=8, exact_match=1.0))
+    law = fit_law(points, n_boot=0)
+    assert law.recall_l_final == 0.03
+    recall, loss = plan(law, 100, 2.0), plan(law, 100, 2.0, goal="loss")
+    assert recall.target_l_final == 0.03 and "95 %" in recall.sentence
+    assert loss.target_l_final == pytest.approx(math.log(2) - 0.1) and loss.rank < recall.rank

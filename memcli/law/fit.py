@@ -18,7 +18,7 @@ from .. import runs
 from ..errors import UserError
 from .plots import PLOT_NAMES, plot_fit
 from .points import (COEFFICIENTS, N_PARAMETERS, LawError, Point, check_capacity, check_fittable, law_value,
-                     load_points, shared_settings, split_saturated)
+                     load_points, recall_loss, shared_settings, split_saturated)
 from .projection import ALPHA_BOUNDS, BETA_BOUNDS, FIXED_STARTS, CoreFit, fit_core
 
 LAW_FORMAT = "memcli.law/1"
@@ -108,6 +108,7 @@ class LawFit:
     settings: dict[str, Any] = field(default_factory=dict)
     measured_x_range: list[float] | None = None
     measured_l_range: list[float] | None = None
+    recall_l_final: float | None = None  # every run at or under this L_final recalled >= 95 % (points.recall_loss)
     format: str = LAW_FORMAT
 
     @property
@@ -268,6 +269,7 @@ def fit_law(points: Sequence[Point], n_boot: int = 200, seed: int = 0, level: fl
         settings=settings,
         measured_x_range=[min(p.x for p in points), max(p.x for p in points)],
         measured_l_range=[min(p.length for p in points), max(p.length for p in points)],
+        recall_l_final=recall_loss(points),
     )
 
 

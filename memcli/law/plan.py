@@ -32,6 +32,7 @@ class Plan:
     l_init: float
     margin: float
     target_l_final: float
+    target_source: str  # why that target: ln 2 - margin, or the loss the law's runs recalled at
     status: str  # "ok" | "minimum" | "unreachable" | "exceeds_max"
     x: int | None
     rank: int | None
@@ -78,9 +79,13 @@ def _smallest_integer(need: float, length: float, coefficients: Sequence[float],
 
 def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_rank: int = 4096,
          params_per_rank: float | None = None, capacity: str | None = None,
-         l_init_source: str | None = None, extrapolate: bool = False) -> Plan:
-    """The smallest capacity whose predicted L_final = l_init - delta_l(x, l) is <= ln 2 - margin. A length
-    outside the lengths the law's runs measured is refused (LawError) unless `extrapolate`."""
+         l_init_source: str | None = None, extrapolate: bool = False, goal: str = "recall") -> Plan:
+    """The smallest capacity whose predicted L_final = l_init - delta_l(x, l) is at most the target: ln 2 - margin
+    (goal "loss", the paper's), or with goal "recall" the lower of that and the L_final under which every run of
+    the law recalled at least 95 % of its entries (when the law knows it). A length outside the lengths the law's
+    runs measured is refused (LawError) unless `extrapolate`."""
+    if goal not in ("recall", "loss"):
+        raise LawError(f"the goal must be recall or loss, not {goal!r}")
     if capacity is not None and capacity != law.capacity:
         raise LawError(f"the law was fitted with capacity measured in {law.capacity}, not {capacity}")
     for name, value in (("answer length", length), ("L_init", l_init)):
@@ -109,7 +114,12 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
         x_min = int(math.ceil(per_rank)) if per_rank else 1
         x_max = max_rank * per_rank if per_rank else math.inf
         unit = "parameter count"
-    target = LN2 - margin
+    target, target_source = LN2 - margin, f"ln 2 - {margin:g}"
+    if goal == "recall" and law.recall_l_final is not None and law.recall_l_final < target:
+        target = law.recall_l_final
+        target_source = "the loss under which every run of this law recalled >= 95 % of its entries"
+    elif goal == "recall":
+        target_source += " (the law's runs give no lower loss for 95 % recall)"
     need = l_init - target
     coefficients = law.coefficient_tuple()
 
@@ -137,7 +147,7 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
     interval = _plan_interval(law, need, length, x_min, x_max)
     extrapolation = _extrapolation_notes(law, x, length, unit)
     result = Plan(capacity=law.capacity, length=float(length), l_init=float(l_init), margin=float(margin),
-                  target_l_final=target, status=status, x=x, rank=rank, params=params,
+                  target_l_final=target, target_source=target_source, status=status, x=x, rank=rank, params=params,
                   predicted_delta_l=predicted,
                   predicted_l_final=l_init - predicted if predicted is not None else None,
                   interval=interval, level=law.level, extrapolation=extrapolation, sentence="",
@@ -216,7 +226,7 @@ def _describe(p: Plan) -> str:
 
 
 def _plan_sentence(p: Plan, law: LawFit, need: float, x_real: float, x_max: float) -> str:
-    goal = (f"a predicted L_final <= {p.target_l_final:.3f} nats (ln 2 - {p.margin:g}) "
+    goal = (f"a predicted L_final <= {p.target_l_final:.3f} nats ({p.target_source}) "
             f"for {p.length:,.0f} answer tokens starting from L_init {p.l_init:.3f}")
     unit = "rank" if p.capacity == "rank" else "parameter count"
     if p.status == "ok":
@@ -268,7 +278,7 @@ def choose_law(law: str | None, model: str | None, entries: int | None) -> tuple
 
 def plan_from_file(law_path: Path | str, tokens: int | None, l_init: float | None, margin: float = 0.1, *,
                    capacity: str | None = None, max_rank: int = 4096, params_per_rank: float | None = None,
-                   l_init_source: str | None = None, extrapolate: bool = False) -> Plan:
+                   l_init_source: str | None = None, extrapolate: bool = False, goal: str = "recall") -> Plan:
     """`memcli plan` without the printing: answer "which adapter does this corpus need?" from a law file.
 
     tokens and l_init come from the command line, or are measured on a corpus by the caller, which then
@@ -284,4 +294,4 @@ def plan_from_file(law_path: Path | str, tokens: int | None, l_init: float | Non
         l_init = law.l_init_median
         l_init_source = f"the median L_init of the runs in {law_path}, not measured on this corpus"
     return plan(law, tokens, l_init, margin=margin, max_rank=max_rank, params_per_rank=params_per_rank,
-                l_init_source=l_init_source, extrapolate=extrapolate)
+                l_init_source=l_init_source, extrapolate=extrapolate, goal=goal)

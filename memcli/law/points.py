@@ -60,6 +60,7 @@ class Point:
     rank: float | None = None
     params: float | None = None
     method: str | None = None
+    exact_match: float | None = None  # the share of entries greedy decoding recalls exactly, when known
     source: str = ""
     capacity: str = "rank"  # what x measures: "rank" or "params"
 
@@ -264,12 +265,26 @@ def _make_point(row: dict, capacity: str, where: str, length_keys: Sequence[str]
     rank = _number(row, "rank", where, required=False)
     params = _number(row, "params", where, required=False)
     method = row.get("method")
+    exact = _number(row, "exact_match", where, required=False)
     return Point(x=x, length=length, delta_l=delta_l, l_final=l_final, l_init=l_init, rank=rank,
-                 params=params, method=str(method) if method is not None else None, source=where,
-                 capacity=capacity)
+                 params=params, method=str(method) if method is not None else None, exact_match=exact,
+                 source=where, capacity=capacity)
 
 
 # ------------------------------------------------------------------------------------ what can be fitted
+
+
+def recall_loss(points: Iterable[Point], share: float = 0.95) -> float | None:
+    """The largest L_final at or under which every run with a known exact match recalled at least `share` of its
+    entries: the loss a plan must reach for that recall, as these runs measured it (None: no run got there)."""
+    known = sorted((p for p in points if p.l_final is not None and p.exact_match is not None),
+                   key=lambda p: p.l_final)
+    level = None
+    for p in known:
+        if p.exact_match < share:
+            break
+        level = p.l_final
+    return level
 
 
 def split_saturated(points: Iterable[Point]) -> tuple[list[Point], list[Dropped]]:
