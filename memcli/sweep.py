@@ -13,6 +13,7 @@ import dataclasses
 import multiprocessing
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -57,9 +58,27 @@ def stale_cells(cells: list[tuple[str, TrainConfig]], out: Path) -> list[tuple[s
     return stale
 
 
-def run_cell(settings: dict, run_dir: str, device: str | None = None, threads: int | None = None) -> dict:
+def run_cell(settings: dict, run_dir: str, device: str | None = None, threads: int | None = None,
+             driver: dict | None = None) -> dict:
     """Train one cell to its end (or pick up its summary). A plain top-level function, so worker processes and
-    Ray tasks can run it."""
+    Ray tasks can run it. A Ray worker starts in the folder `ray start` ran in, with that command's environment and
+    its own command line: `driver` gives it the sweep's folder (`cwd`, for relative corpus and --out paths), model
+    cache (`cache`) and command (`argv`, recorded in config.yaml), as a spawned worker process inherits them."""
+    if driver:
+        try:
+            os.chdir(driver["cwd"])
+        except OSError:
+            import socket
+
+            raise UserError(f"the sweep's folder {driver['cwd']} is not on Ray node {socket.gethostname()}: "
+                            "--executor ray needs the corpus, the sweep folder and the model cache on a file "
+                            "system every Ray node shares") from None
+        os.environ["MEMCLI_CACHE"] = driver["cache"]
+        argv, sys.argv = sys.argv, list(driver["argv"])
+        try:
+            return run_cell(settings, run_dir, device, threads)
+        finally:
+            sys.argv = argv
     run = Path(run_dir)
     summary = runs.read_summary(run)
     if summary is not None:
@@ -80,25 +99,81 @@ def _claim_gpu(queue) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
 
 
-def _ray_runner(jobs: int):
+def _ray_runner(base: TrainConfig):
+    """(submit, wait) for Ray tasks on the cluster at RAY_ADDRESS (else a local one, or the one this process has
+    already started with ray.init). Each task takes one CPU, and one GPU where the cluster has GPUs and the device
+    allows one; a cell the cluster could never place is refused here rather than left waiting forever. wait returns
+    the next finished (ref, summary); a failed cell raises, after the other cells are cancelled: a UserError from the
+    cell (or a worker without memcli) as one UserError naming the cell, anything else as Ray's error with the
+    worker's traceback."""
     try:
         import ray
     except ImportError:
         raise UserError("--executor ray needs Ray: pip install 'memcli[ray]'") from None
-    import torch
+    from .models import cache_dir
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
-    gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) else 0
+        address = os.environ.get("RAY_ADDRESS")
+        _check_reachable(address)
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    resources = ray.cluster_resources()
+    if resources.get("CPU", 0) < 1:
+        raise UserError(f"--executor ray: the Ray cluster has no CPU for a cell (its resources: {resources})")
+    gpus = 1 if resources.get("GPU", 0) >= 1 and base.device != "cpu" else 0
+    if base.device.startswith("cuda") and not gpus:
+        raise UserError(f"--device {base.device} with --executor ray: the Ray cluster has no GPU; use --device auto "
+                        "or cpu")
     remote = ray.remote(num_gpus=gpus, num_cpus=1)(run_cell)
+    driver = {"cwd": os.getcwd(), "cache": str(cache_dir().resolve()), "argv": list(sys.argv)}
+    device = "cuda:0" if gpus and base.device.startswith("cuda") else None  # a task sees only its own GPU
 
     def submit(settings, run_dir):
-        return remote.remote(settings, run_dir)
+        return remote.remote(settings, run_dir, device, None, driver)
 
-    def wait(pending):
+    def wait(pending: dict):
         done, _ = ray.wait(list(pending), num_returns=1)
-        return done[0], ray.get(done[0])
+        try:
+            return done[0], ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:
+            _cancel(ray, [ref for ref in pending if ref != done[0]])
+            cell = pending[done[0]]
+            if isinstance(e.cause, UserError):
+                raise UserError(f"sweep cell {cell}: {e.cause}") from None
+            if "failed to import on the worker" in str(e):
+                raise UserError(f"sweep cell {cell}: a Ray worker could not import memcli; install memcli into the "
+                                "Python environment the Ray nodes run (the one `ray start` ran from)") from None
+            raise
+        except ray.exceptions.RayError:
+            _cancel(ray, [ref for ref in pending if ref != done[0]])
+            raise
     return submit, wait
+
+
+def _check_reachable(address: str | None) -> None:
+    """RAY_ADDRESS as host:port must answer: ray.init retries a dead address for minutes before it fails."""
+    import re
+    import socket
+
+    match = re.fullmatch(r"\s*([\w.\-]+):(\d+)\s*", address or "")
+    if not match:
+        return  # unset (a local instance), auto, ray://...: Ray's own resolution
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({e.strerror or e}); start one with "
+                        "`ray start --head --port PORT` and set RAY_ADDRESS=HOST:PORT, or unset RAY_ADDRESS for a "
+                        "local Ray instance") from None
+
+
+def _cancel(ray, refs) -> None:
+    """Stop the other cells of a failed sweep and collect their ends, so Ray reports no unhandled errors."""
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=30)
+        except Exception:
+            pass
 
 
 def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path, jobs: int = 1,
@@ -111,7 +186,7 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
         raise UserError(f"--executor must be local or ray, got '{executor}'")
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
-    ray_runner = _ray_runner(jobs) if executor == "ray" else None  # says how to install Ray before any work
+    ray_runner = _ray_runner(base) if executor == "ray" else None  # says how to install Ray before any work
     stale = stale_cells(cells, out)
     if stale and not force:
         name, differs = stale[0]

@@ -124,3 +124,44 @@ def test_one_cells_failed_export_does_not_stop_the_sweep(tmp_path, monkeypatch):
     assert (sweep / "rank1-l6" / "adapter" / "adapter_config.json").exists()
     assert json.loads((sweep / "rank2-l6" / "summary.json").read_text())["gguf"] == "adapter.gguf"
     assert (sweep / "rank2-l6" / "adapter.gguf").exists() and not (sweep / "rank1-l6" / "adapter.gguf").exists()
+
+
+def test_help_texts_keep_their_brackets():
+    """Typer renders help with Rich markup, which eats a [word] it takes for a tag ('memcli[ray]'): every help
+    text must read as written (brackets escaped as \\[)."""
+    import typer
+    from rich.text import Text
+
+    from memcli.cli import app
+
+    def commands(cmd, path):
+        yield path, cmd
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            yield from commands(sub, f"{path} {name}")
+    for path, cmd in commands(typer.main.get_command(app), "memcli"):
+        for name, text in [("help", cmd.help)] + [(p.name, getattr(p, "help", None)) for p in cmd.params]:
+            if text and "[" in text:
+                assert Text.from_markup(text).plain == text.replace("\\[", "["), (path, name, text)
+    result = run_cli("sweep", "--help")
+    assert "memcli[ray]" in " ".join(result.stdout.split())
+
+
+def test_dead_ray_address_is_refused_at_once():
+    """ray.init retries an address nothing listens on for minutes; the sweep says so in one line instead."""
+    import socket
+    import time
+
+    import pytest
+
+    from memcli.errors import UserError
+    from memcli.sweep import _check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed
+    start = time.monotonic()
+    with pytest.raises(UserError, match=f"RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there"):
+        _check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 10
+    _check_reachable(None)
+    _check_reachable("auto")
