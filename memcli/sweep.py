@@ -115,7 +115,14 @@ def _ray_runner(base: TrainConfig):
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         _check_reachable(address)
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--executor ray: cannot connect to the Ray cluster at {address or 'this machine'} "
+                            f"({cause}). Ray 2.60's `ray start` turns on token authentication: give this process "
+                            "the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token), or start a local instance "
+                            "with RAY_AUTH_MODE=disabled") from None
     resources = ray.cluster_resources()
     if resources.get("CPU", 0) < 1:
         raise UserError(f"--executor ray: the Ray cluster has no CPU for a cell (its resources: {resources})")
