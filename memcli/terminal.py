@@ -158,13 +158,15 @@ def print_plan(result: Plan, console: Console, law: str = "", corpus: str = "COR
         console.print(escape(f"L_init {result.l_init:.3f} nats: {result.l_init_source}."))
     if result.l_final_interval is not None:
         low, high = result.l_final_interval
-        console.print(f"Predicted L_final at that rank, {result.level:.0%} bootstrap interval: {low:.3f} to "
-                      f"{high:.3f} nats.")
+        below = f" (the bootstrap reaches {low:.3f}: a loss cannot go below 0)" if low < 0 else ""
+        console.print(f"Predicted L_final at that rank, {result.level:.0%} bootstrap interval: {max(low, 0.0):.3f} "
+                      f"to {high:.3f} nats{below}.")
     for note in result.extrapolation:
         console.print(f"[yellow]{escape(note)}[/yellow]")
     if result.settings:
-        shown = ", ".join(f"{k}={v}" for k, v in result.settings.items() if v is not None)
-        console.print(escape(f"The law assumes these training settings: {shown}."))
+        from .law.plan import assumed_settings
+
+        console.print(escape(f"The law assumes these training settings: {assumed_settings(result.settings)}."))
     if result.rank is not None and result.settings:
         console.print("Train it with:")
         console.print(escape(train_command(result.settings, result.rank, corpus)), soft_wrap=True)

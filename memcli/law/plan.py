@@ -180,6 +180,24 @@ def _l_final_interval(law: LawFit, x: int | None, length: float, l_init: float) 
     return [float(np.quantile(l_final, tail)), float(np.quantile(l_final, 1 - tail))]
 
 
+# The settings a reader of a plan needs to see even at their defaults: what decides how much a run memorises.
+KEY_SETTINGS = ("model", "method", "lr", "batch_size", "dropout")
+
+
+def assumed_settings(settings: dict[str, Any]) -> str:
+    """The law's settings in one line: the key ones, the budget, and every other one not at train's default."""
+    from ..config import TrainConfig
+
+    defaults = asdict(TrainConfig())
+    budget = ("max_steps",) if settings.get("max_steps") is not None else ("epochs",)
+    shown = [k for k in KEY_SETTINGS + budget if k in settings]
+    shown += [k for k, v in settings.items() if k not in shown and k in defaults and v != defaults[k]]
+    text = ", ".join(f"{k}={settings[k]}" for k in shown)
+    if settings.get("layers") is None and settings.get("modules") is None:
+        text += ", placement: the middle layer's MLP"
+    return text
+
+
 def train_command(settings: dict[str, Any], rank: int, corpus: str = "CORPUS", out: str = "runs/planned") -> str:
     """The `memcli train` command line that trains with the law's settings at this rank: every setting that
     differs from train's default, spelled as its option."""
