@@ -167,9 +167,11 @@ def print_plan(result: Plan, console: Console, law: str = "", corpus: str = "COR
         from .law.plan import assumed_settings
 
         console.print(escape(f"The law assumes these training settings: {assumed_settings(result.settings)}."))
-    if result.rank is not None and result.settings:
-        console.print("Train it with:")
-        console.print(escape(train_command(result.settings, result.rank, corpus)), soft_wrap=True)
+    if result.train_rank is not None and result.settings:
+        why = (f" (rank {result.train_rank}, the interval's upper end: near full recall the law's point estimate "
+               "is optimistic)" if result.train_rank != result.rank else "")
+        console.print(f"Train it with{why}:")
+        console.print(escape(train_command(result.settings, result.train_rank, corpus)), soft_wrap=True)
 
 
 # --- verify --------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class Plan:
     params_per_rank: float | None = None
     l_final_interval: list[float] | None = None  # the predicted L_final at the answer, over the bootstrap
     settings: dict[str, Any] | None = None  # the training settings the law (and so this answer) assumes
+    train_rank: int | None = None  # the rank to train: the interval's upper end (see _train_rank)
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -153,6 +154,7 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
                   interval=interval, level=law.level, extrapolation=extrapolation, sentence="",
                   l_init_source=l_init_source, params_per_rank=per_rank,
                   l_final_interval=_l_final_interval(law, x, length, l_init), settings=dict(law.settings))
+    result.train_rank = _train_rank(result)
     result.sentence = _plan_sentence(result, law, need, x_real, x_max)
     return result
 
@@ -168,6 +170,21 @@ def _plan_interval(law: LawFit, need: float, length: float, x_min: float,
             float(np.quantile(required, 1 - tail, method="higher"))]
     return [None if (math.isinf(v) or v > x_max) else max(int(math.ceil(v - 1e-9 * v)), int(x_min))
             for v in ends]
+
+
+def _train_rank(p: Plan) -> int | None:
+    """The rank to train: the upper end of the rank's bootstrap interval (the point estimate without one). Near
+    full recall the law is optimistic: the runs it drops as saturated all sit above its curve (their loss cannot
+    fall below 0 as the law's can), and on new corpora the point estimate fell short where the upper end held
+    (README, "The memory law of the default model")."""
+    if p.rank is None:
+        return None
+    if p.interval is None or p.interval[1] is None:
+        return p.rank
+    high = p.interval[1]
+    if p.capacity == "params":
+        high = math.ceil(high / p.params_per_rank - 1e-9) if p.params_per_rank else p.rank
+    return max(p.rank, int(high))
 
 
 def _l_final_interval(law: LawFit, x: int | None, length: float, l_init: float) -> list[float] | None:
