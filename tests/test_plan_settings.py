@@ -3,7 +3,9 @@
 the lengths the law measured."""
 
 import math
+import re
 import shlex
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -102,3 +104,64 @@ def test_recall_loss_and_the_recall_goal():
     recall, loss = plan(law, 100, 2.0), plan(law, 100, 2.0, goal="loss")
     assert recall.target_l_final == 0.03 and "95 %" in recall.sentence
     assert loss.target_l_final == pytest.approx(math.log(2) - 0.1) and loss.rank < recall.rank
+
+
+def smallest_rank_by_search(law_path, length, l_init):
+    """The plan's answer computed independently: walk the ranks up from 1 until the law's predicted L_final (from
+    the coefficients in the file) reaches the file's recall target."""
+    import json
+
+    law = json.loads(Path(law_path).read_text())
+    c = law["coefficients"]
+    target = min(math.log(2) - 0.1, law["recall_l_final"] if law["recall_l_final"] is not None else 9.0)
+    for rank in range(1, 4097):
+        if l_init - (c["C"] * rank ** c["alpha"] * length ** -c["beta"] + c["b"]) <= target:
+            return rank
+    return None
+
+
+@pytest.mark.parametrize("kind", ["random"])
+def test_the_default_model_plans_with_its_shipped_law(tmp_path, kind):
+    from memcli import models
+
+    laws = models.shipped_laws(models.resolve(None))
+    assert set(laws) == {"random"} and all(p.is_file() for p in laws.values())
+    import json
+
+    law = json.loads(laws[kind].read_text())
+    assert law["settings"]["model"] == "smollm2-135m" and law["settings"]["method"] == TrainConfig().method
+    low, high = law["measured_l_range"]
+    corpus = tmp_path / "c.jsonl"
+    if kind == "phonebook":
+        args = ("data", "phonebook", "--entries", str(int((low + high) / 2) // 10), "--seed", "11")
+    else:
+        args = ("data", "random", "--tokens", str(int((low + high) / 2)), "--seed", "11")
+    assert run_cli(*args, "--out", corpus).exit_code == 0
+    result = run_cli("plan", corpus)  # no --law: chosen by the corpus's shape
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert f"the {kind} law shipped for smollm2-135m" in text
+    tokens = int(re.search(r"for ([\d,]+) answer tokens", text).group(1).replace(",", ""))
+    l_init = float(re.search(r"from L_init ([\d.]+)", text).group(1))
+    rank = int(re.search(r"is rank (\d+)", text).group(1))
+    # the printed L_init is rounded to 3 places: the search may land one rank either side of that boundary
+    assert abs(rank - smallest_rank_by_search(laws[kind], tokens, l_init)) <= 1
+    # the command trains the interval's upper end
+    low, high = (int(v) for v in re.search(r"interval from the bootstrap: rank (\d+) to (\d+)", text).groups())
+    assert low <= rank <= high and f"memcli train {corpus} --out runs/planned --rank {high} " in text
+    assert "Predicted L_final at that rank" in text
+
+    short = tmp_path / "short.jsonl"
+    assert run_cli("data", "random", "--tokens", "4", "--seed", "1", "--out", short).exit_code == 0
+    result = run_cli("plan", short, "--law", kind)
+    assert result.exit_code == 2 and "outside the lengths this law was measured on" in result.output
+
+
+def test_a_kind_without_a_shipped_law_is_said_with_its_reason(tmp_path):
+    corpus = tmp_path / "pb.jsonl"
+    assert run_cli("data", "phonebook", "--entries", "12", "--out", corpus).exit_code == 0
+    result = run_cli("plan", corpus)  # several entries: the phonebook law, which the default model lacks
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "no phonebook law ships for model smollm2-135m: its sweep did not follow the law" in text
+    assert "--law law.json" in text

@@ -147,6 +147,9 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
     predicted = float(law_value(x, length, *coefficients)) if x is not None else None
     interval = _plan_interval(law, need, length, x_min, x_max)
     extrapolation = _extrapolation_notes(law, x, length, unit)
+    if law.r2 is not None and law.r2 < 0.9:
+        extrapolation.insert(0, f"This law fits its own runs poorly (R^2 {law.r2:.2f}, MAPE {law.mape:.1f} %): its "
+                                "answer is a rough guess.")
     result = Plan(capacity=law.capacity, length=float(length), l_init=float(l_init), margin=float(margin),
                   target_l_final=target, target_source=target_source, status=status, x=x, rank=rank, params=params,
                   predicted_delta_l=predicted,
@@ -302,9 +305,11 @@ def choose_law(law: str | None, model: str | None, entries: int | None) -> tuple
                        f"({' | '.join(shipped) or 'none for ' + spec.name})")
     kind = law or ("random" if entries == 1 else "phonebook")
     if kind not in shipped:
+        missing = spec.info.get("laws_missing", {}).get(kind)
         have = f"it ships {', '.join(shipped)}" if shipped else "memcli ships no law for it"
-        raise LawError(f"no {kind} law for model {spec.name} ({have}): fit one with `memcli sweep` and `memcli fit`, "
-                       "then pass --law law.json")
+        why = f": {missing}" if missing else ""
+        raise LawError(f"no {kind} law ships for model {spec.name}{why} ({have}). Fit one on corpora like yours "
+                       "with `memcli sweep` and `memcli fit`, then pass --law law.json")
     why = f"the {kind} law shipped for {spec.name}"
     if law is None:
         why += " (chosen by the corpus's shape: " + ("one value" if entries == 1 else f"{entries} entries") + ")"
