@@ -10,11 +10,10 @@ reference a certificate should agree with).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
-from .phonebook import write_phonebook
+from .phonebook import phonebook_examples
 
 
 def _logprobs(backend, examples, batch_tokens):
@@ -52,7 +51,7 @@ def bench_base(entries: int = 200, model: str | None = None, threads: int | None
                batch_tokens: int = 2048) -> dict:
     import numpy as np
 
-    from .. import corpus, models
+    from .. import models
     from ..errors import UserError
     from ..verify.llama import LlamaBackend
     from ..verify.torch import TorchBackend
@@ -61,10 +60,7 @@ def bench_base(entries: int = 200, model: str | None = None, threads: int | None
         raise UserError(f"--entries must be at least 1, got {entries}")
     spec = models.resolve(model or models.DEFAULT_MODEL)
     tokenizer = models.load_tokenizer(spec)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "pb.jsonl"
-        write_phonebook(path, entries)
-        examples = corpus.load_examples(path, tokenizer)
+    examples = phonebook_examples(entries, tokenizer)
     bases = candidate_bases(spec)
     torch = TorchBackend(spec, None, device="cpu", threads=threads)
     try:

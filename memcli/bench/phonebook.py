@@ -27,3 +27,15 @@ def write_phonebook(path: Path, entries: int, seed: int = 1) -> None:
                            "target": str(rng.randint(6, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(9))}
                 out.append(json.dumps(row) + "\n")
             f.write("".join(out))
+
+
+def phonebook_examples(entries: int, tokenizer, chat_template: bool = False) -> list:
+    """A generated PhoneBook of `entries` entries, tokenised as `train` and `verify` read it."""
+    import tempfile
+
+    from .. import corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pb.jsonl"
+        write_phonebook(path, entries)
+        return corpus.load_examples(path, tokenizer, chat_template=chat_template)

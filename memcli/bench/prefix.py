@@ -7,11 +7,9 @@ process, the two paths alternating (best of --rounds), verdicts and probabilitie
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
-from .phonebook import write_phonebook
+from .phonebook import phonebook_examples
 
 
 def _one_pass(backend, examples, batch_tokens):
@@ -34,7 +32,7 @@ def bench_prefix(entries: int = 300, model: str | None = None, lora=None, thread
     `lora` is an adapter GGUF."""
     import numpy as np
 
-    from .. import corpus, models
+    from .. import models
     from ..errors import UserError
     from ..gguf.base import base_gguf
     from ..verify.llama import LlamaBackend
@@ -45,10 +43,7 @@ def bench_prefix(entries: int = 300, model: str | None = None, lora=None, thread
         raise UserError(f"--rounds must be at least 1, got {rounds}")
     spec = models.resolve(model or models.DEFAULT_MODEL)
     tokenizer = models.load_tokenizer(spec)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "pb.jsonl"
-        write_phonebook(path, entries)
-        examples = corpus.load_examples(path, tokenizer, chat_template=True)
+    examples = phonebook_examples(entries, tokenizer, chat_template=True)
     base = base_gguf(spec)
     tokens = sum(len(ex) for ex in examples)
     backend = LlamaBackend(base, lora, threads=threads)
