@@ -243,14 +243,14 @@ def _extrapolation_notes(law: LawFit, x: int | None, length: float, unit: str) -
     x_low, x_high = law.measured_x_range or law.x_range
     l_low, l_high = law.measured_l_range or law.l_range
     if x is not None and x > x_high:
-        notes.append(f"The answer extrapolates: {unit} {x:,} is above the largest fitted {unit} ({x_high:,.0f}).")
+        notes.append(f"The answer extrapolates: {unit} {x:,} is above the largest {unit} measured ({x_high:,.0f}).")
     elif x is not None and x < x_low:
-        notes.append(f"The answer extrapolates: {unit} {x:,} is below the smallest fitted {unit} ({x_low:,.0f}).")
+        notes.append(f"The answer extrapolates: {unit} {x:,} is below the smallest {unit} measured ({x_low:,.0f}).")
     if length > l_high:
-        notes.append(f"The length extrapolates: {length:,.0f} answer tokens is longer than the longest fitted "
+        notes.append(f"The length extrapolates: {length:,.0f} answer tokens is longer than the longest measured "
                      f"({l_high:,.0f}).")
     elif length < l_low:
-        notes.append(f"The length extrapolates: {length:,.0f} answer tokens is shorter than the shortest fitted "
+        notes.append(f"The length extrapolates: {length:,.0f} answer tokens is shorter than the shortest measured "
                      f"({l_low:,.0f}).")
     return notes
 
