@@ -11,9 +11,11 @@ import json
 import math
 import pickle
 import platform
+import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -203,7 +205,9 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped update still spends its step of the schedule, by design
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
         self.step = step
         n_tok = int(batch.mask.sum())
         return {"step": step, "epoch": epoch, "lr": lr, "objective": None if loss is None else round(loss.item(), 6),

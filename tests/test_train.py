@@ -165,6 +165,7 @@ def test_each_method_weighs_the_tokens_as_documented(pb8, tmp_path, method):
         assert loss.item() == pytest.approx((1.0 + 0.75) / 7, rel=1e-6)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # a skipped update is no misuse of the scheduler
 def test_memft_ot_skip_makes_no_update_on_a_certified_batch_and_fallback_does(pb8, tmp_path):
     """--no-hard-tokens skip vs fallback, seen in the adapter weights after one step on a batch whose every
     token is already certified."""
