@@ -204,7 +204,8 @@ def bench_methods_cmd(
         table.add_row(r["regime"], str(r["rank"]), r["variant"], str(r["seeds"]), f"{r['exact_match']:.1%}",
                       f"{r['token_accuracy']:.1%}", f"{r['l_final']:.3f}", steps, f"{r['wall_s']:.0f}",
                       f"{r['bits_per_param']:.3f}", r["matches_baseline"])
-    if not out_console.is_terminal:  # piped output defaults to 80 columns: too narrow for eleven
-        out_console.width = max(out_console.width, 150)
-    out_console.print(table)
+    from rich.console import Console
+
+    # piped output defaults to 80 columns, too narrow for eleven: print the table wider there
+    (out_console if out_console.is_terminal else Console(width=150)).print(table)
     out_console.print(f"medians over seeds; rows in {out / 'results.jsonl'}; plot {plot(rows, out / 'methods.png')}")
