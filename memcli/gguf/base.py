@@ -120,6 +120,16 @@ def _write_rope_scaling(w, hf: HFModel) -> None:
             w.add_rope_scaling_yarn_attn_factor(float(attention))
 
 
+def dequantised_gguf(spec: models.ModelSpec, outtype: str) -> Path:
+    """The weights training loads for a model (its HF folder: for a model shipped quantised, the dequantised
+    weights), exported once into the cache as an `outtype` GGUF and reused."""
+    folder = models.hf_dir(spec)
+    out = models.cache_dir() / "gguf" / f"{folder.name}-dequantised.{outtype}.gguf"
+    if not out.exists():
+        export_base(folder, out, outtype, name=spec.name)
+    return out
+
+
 def base_gguf(spec: models.ModelSpec) -> Path:
     """The base GGUF llama.cpp loads for a model: the shipped GGUF, the given .gguf, or an F32 export of the HF
     folder built once into the cache (next to the HF cache, under gguf/) and reused."""
