@@ -283,7 +283,8 @@ def plan(
                              "recalled >= 95 % of its entries (when the law knows it) | loss: ln 2 - margin only "
                              "(the paper's)."),
     extrapolate: bool = typer.Option(False, "--extrapolate", help="Answer for a length outside the lengths the "
-                                     "law was measured on (refused without it)."),
+                                     "law was measured on, or with a rank above the ranks it measured (refused "
+                                     "without it)."),
     model: Optional[str] = typer.Option(None, help="Base model for measuring L_init and for its shipped laws. "
                                         "\\[default: smollm2-135m]"),
     chat_template: bool = typer.Option(False, "--chat-template", help="As in train."),

@@ -352,9 +352,13 @@ def test_fit_and_plan_commands(tmp_path):
     assert load_law(out) == law
 
     console = Console(record=True, width=120)
-    result = plan_from_file(out, 800, l_init=None, margin=0.1)
+    # from the runs' median L_init 3.0, 800 tokens need a rank above the 64 measured: refused, shown on request
+    with pytest.raises(LawError, match=r"rank \d+ for 800 answer tokens, above the largest rank .* \(64\).*--extrapolate"):
+        plan_from_file(out, 800, l_init=None, margin=0.1)
+    result = plan_from_file(out, 800, l_init=None, margin=0.1, extrapolate=True)
     print_plan(result, console)
-    text = console.export_text()
+    text = " ".join(console.export_text().split())
     assert result.l_init == 3.0 and "median L_init" in text and "interval" in text
+    assert result.rank > 64 and "above the largest rank measured (64)" in text
     with pytest.raises(LawError, match="--tokens"):
         plan_from_file(out, None, 3.0)

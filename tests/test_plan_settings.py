@@ -32,10 +32,13 @@ def test_shared_settings_are_what_every_run_has(tmp_path):
               fake_run(tmp_path / "b", rank=4, max_steps=50, batch_size=1, answer_tokens=64, check_every=7,
                        seed=3)]
     settings, differing = shared_settings(points)
-    # per-cell settings (rank, answer tokens, corpus) and bookkeeping (gguf, check_every) are not assumptions
-    for key in ("rank", "answer_tokens", "corpus", "gguf", "check_every"):
+    # per-cell settings (rank, answer tokens, corpus, the replicate's seed) and bookkeeping (gguf, check_every)
+    # are not assumptions
+    for key in ("rank", "answer_tokens", "corpus", "seed", "gguf", "check_every"):
         assert key not in settings
-    assert differing == ["seed"] and "seed" not in settings
+    assert differing == []
+    points.append(fake_run(tmp_path / "c", rank=1, max_steps=50, batch_size=1, lr=3e-3))
+    assert shared_settings(points)[1] == ["lr"]
     assert settings["max_steps"] == 50 and settings["batch_size"] == 1 and settings["method"] == "memft-ot"
     assert settings["lr"] == 1e-2 and settings["dropout"] == 0.1
     # a table row (no run folder) contributes nothing
@@ -98,11 +101,31 @@ def test_recall_loss_and_the_recall_goal():
 
     points = [Point(x=r, length=n, delta_l=2.0 * r ** 0.5 * n ** -0.4 + 0.1, l_final=5.0, l_init=8.0, rank=r,
                     exact_match=0.0) for r in (1, 2, 4, 8) for n in (50, 100, 200, 400)]
-    points.append(Point(x=8, length=50, delta_l=7.97, l_final=0.03, l_init=8.0, rank=8, exact_match=1.0))
+    points.append(Point(x=8, length=50, delta_l=7.47, l_final=0.03, l_init=7.5, rank=8, exact_match=1.0))
     law = fit_law(points, n_boot=0)
     assert law.recall_l_final == 0.03
+    # on the law's scale that run is predicted at 7.5 - (2 sqrt(8) 50^-0.4 + 0.1) = 6.22, above ln 2 - 0.1: the
+    # recall goal keeps the paper's target
+    assert law.recall_predicted_l_final == pytest.approx(7.5 - (2.0 * 8 ** 0.5 * 50 ** -0.4 + 0.1), abs=1e-6)
+    assert plan(law, 100, 2.0, extrapolate=True).target_l_final == pytest.approx(math.log(2) - 0.1)
+
+
+def test_the_recall_goal_aims_the_prediction_at_the_loss_its_runs_recalled_at():
+    """A saturated run the law over-predicts (observed L_final 0.05 from L_init 1.0, the law's delta_l 1.28 says
+    -0.28): the plan's target is that predicted -0.28, not the observed 0.05, so it asks for more capacity."""
+    def dl(r, n):
+        return 2.0 * r ** 0.5 * n ** -0.4 + 0.1
+    points = [Point(x=r, length=n, delta_l=dl(r, n), l_final=5.0 - dl(r, n), l_init=5.0, rank=r, exact_match=0.0)
+              for r in (1, 4, 16, 64) for n in (50, 100, 200, 400)]
+    points.append(Point(x=8, length=50, delta_l=0.95, l_final=0.05, l_init=1.0, rank=8, exact_match=1.0))
+    law = fit_law(points, n_boot=0)
+    by_hand = 1.0 - dl(8, 50)  # -0.2828
+    assert law.recall_l_final == 0.05
+    assert law.recall_predicted_l_final == pytest.approx(by_hand, abs=1e-6)
     recall, loss = plan(law, 100, 2.0), plan(law, 100, 2.0, goal="loss")
-    assert recall.target_l_final == 0.03 and "95 %" in recall.sentence
+    assert recall.target_l_final == pytest.approx(by_hand, abs=1e-6) and "95 %" in recall.sentence
+    # the smallest rank with 2.0 - dl(r, 100) <= -0.2828: dl >= 2.2828 -> sqrt(r) >= 2.1828 / (2 * 100^-0.4)
+    assert recall.rank == math.ceil((2.1828427 / (2 * 100 ** -0.4)) ** 2)
     assert loss.target_l_final == pytest.approx(math.log(2) - 0.1) and loss.rank < recall.rank
 
 
@@ -113,7 +136,9 @@ def smallest_rank_by_search(law_path, length, l_init):
 
     law = json.loads(Path(law_path).read_text())
     c = law["coefficients"]
-    target = min(math.log(2) - 0.1, law["recall_l_final"] if law["recall_l_final"] is not None else 9.0)
+    recall = law.get("recall_predicted_l_final")
+    recall = recall if recall is not None else law["recall_l_final"]
+    target = min(math.log(2) - 0.1, recall if recall is not None else 9.0)
     for rank in range(1, 4097):
         if l_init - (c["C"] * rank ** c["alpha"] * length ** -c["beta"] + c["b"]) <= target:
             return rank

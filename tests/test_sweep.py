@@ -35,7 +35,10 @@ def test_sweep_fits_end_to_end_and_resumes(tmp_path):
     assert fitted["capacity"] == "rank" and len(fitted["used"]) + len(fitted["dropped"]) == 9
     assert (tmp_path / "pred_vs_obs.png").exists() and (tmp_path / "delta_l_vs_l.png").exists()
 
+    # 4 steps recall nothing: the law's rank for 24 tokens lies beyond the ranks measured, refused unless asked
     result = run_cli("plan", "--law", law, "--tokens", "24", "--l-init", "13.5")
+    assert result.exit_code == 2 and "above the largest rank its runs measured (4)" in " ".join(result.output.split())
+    result = run_cli("plan", "--law", law, "--tokens", "24", "--l-init", "13.5", "--extrapolate")
     assert result.exit_code == 0, result.output
 
     # plan CORPUS: l counted and L_init measured on the corpus with the plain base model.
@@ -49,7 +52,7 @@ def test_sweep_fits_end_to_end_and_resumes(tmp_path):
     with torch.no_grad():
         ce, _ = forward.answer_ce(base, batch)
     l_init = (ce.sum() / batch.mask.sum()).item()
-    result = run_cli("plan", corpus, "--law", law, "--model", "tiny")
+    result = run_cli("plan", corpus, "--law", law, "--model", "tiny", "--extrapolate")
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     assert f"for 48 answer tokens starting from L_init {l_init:.3f}" in text, (l_init, text)

@@ -109,6 +109,9 @@ class LawFit:
     measured_x_range: list[float] | None = None
     measured_l_range: list[float] | None = None
     recall_l_final: float | None = None  # every run at or under this L_final recalled >= 95 % (points.recall_loss)
+    # the same on the law's own scale: every run whose L_final the law predicts at or under this recalled >= 95 %
+    # (the target `plan` aims its prediction at: it carries the law's bias near saturation)
+    recall_predicted_l_final: float | None = None
     format: str = LAW_FORMAT
 
     @property
@@ -270,7 +273,16 @@ def fit_law(points: Sequence[Point], n_boot: int = 200, seed: int = 0, level: fl
         measured_x_range=[min(p.x for p in points), max(p.x for p in points)],
         measured_l_range=[min(p.length for p in points), max(p.length for p in points)],
         recall_l_final=recall_loss(points),
+        recall_predicted_l_final=recall_loss(points, loss=lambda p: _predicted_l_final(p, coefficients)),
     )
+
+
+def _predicted_l_final(point: Point, coefficients) -> float | None:
+    """L_init - delta_l(x, l): the run's final loss as the law predicts it (None without L_init). It may be
+    negative: the law's curve does not stop at zero loss."""
+    if point.l_init is None:
+        return None
+    return point.l_init - float(law_value(point.x, point.length, *coefficients))
 
 
 # ----------------------------------------------------------------------------------------- law.json

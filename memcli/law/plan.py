@@ -84,7 +84,8 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
     """The smallest capacity whose predicted L_final = l_init - delta_l(x, l) is at most the target: ln 2 - margin
     (goal "loss", the paper's), or with goal "recall" the lower of that and the L_final under which every run of
     the law recalled at least 95 % of its entries (when the law knows it). A length outside the lengths the law's
-    runs measured is refused (LawError) unless `extrapolate`."""
+    runs measured is refused (LawError) unless `extrapolate`, and so is an answer above the largest capacity they
+    measured."""
     if goal not in ("recall", "loss"):
         raise LawError(f"the goal must be recall or loss, not {goal!r}")
     if capacity is not None and capacity != law.capacity:
@@ -116,7 +117,14 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
         x_max = max_rank * per_rank if per_rank else math.inf
         unit = "parameter count"
     target, target_source = LN2 - margin, f"ln 2 - {margin:g}"
-    if goal == "recall" and law.recall_l_final is not None and law.recall_l_final < target:
+    if goal == "recall" and law.recall_predicted_l_final is not None:
+        if law.recall_predicted_l_final < target:
+            target = law.recall_predicted_l_final
+            target_source = ("the predicted L_final under which every run of this law recalled >= 95 % of its "
+                             "entries: on the law's own scale, so its bias near saturation is included")
+        else:
+            target_source += " (every run of this law predicted under it recalled >= 95 % of its entries)"
+    elif goal == "recall" and law.recall_l_final is not None and law.recall_l_final < target:
         target = law.recall_l_final
         target_source = "the loss under which every run of this law recalled >= 95 % of its entries"
     elif goal == "recall":
@@ -134,6 +142,13 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
         status = "minimum" if x == x_min else "ok"
         if x > x_max:
             status, x = "exceeds_max", None
+
+    x_high = (law.measured_x_range or law.x_range)[1]
+    if not extrapolate and x is not None and x > x_high:
+        raise LawError(f"the law answers {unit} {x:,} for {length:,.0f} answer tokens, above the largest {unit} its "
+                       f"runs measured ({x_high:,.0f}): a guess, and near full recall the law is optimistic. Pass "
+                       "--extrapolate to see it anyway; or train with a larger budget, or fit a law on a sweep with "
+                       "higher ranks")
 
     rank = params = None
     if x is not None:

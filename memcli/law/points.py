@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -112,8 +112,9 @@ def load_points(inputs: Sequence[Path | str], capacity: str = "rank") -> list[Po
     return points
 
 
-# What a sweep varies per cell, and what does not change what a run learns: not part of the law's settings.
-_PER_CELL = ("corpus", "rank", "answer_tokens")
+# What a sweep varies per cell (the seed: per replicate of a cell), and what does not change what a run learns:
+# not part of the law's settings.
+_PER_CELL = ("corpus", "rank", "answer_tokens", "seed")
 _BOOKKEEPING = ("gguf", "check_every", "checkpoint_every", "log_every", "device", "allow_conflicting_keys")
 
 
@@ -274,16 +275,18 @@ def _make_point(row: dict, capacity: str, where: str, length_keys: Sequence[str]
 # ------------------------------------------------------------------------------------ what can be fitted
 
 
-def recall_loss(points: Iterable[Point], share: float = 0.95) -> float | None:
-    """The largest L_final at or under which every run with a known exact match recalled at least `share` of its
-    entries: the loss a plan must reach for that recall, as these runs measured it (None: no run got there)."""
-    known = sorted((p for p in points if p.l_final is not None and p.exact_match is not None),
-                   key=lambda p: p.l_final)
+def recall_loss(points: Iterable[Point], share: float = 0.95,
+                loss: Callable[[Point], float | None] = lambda p: p.l_final) -> float | None:
+    """The largest loss at or under which every run with a known exact match recalled at least `share` of its
+    entries: the loss a plan must reach for that recall, as these runs measured it (None: no run got there).
+    `loss` says which loss: the run's measured L_final by default, or e.g. the L_final a law predicts for it."""
+    known = sorted(((loss(p), p.exact_match) for p in points if p.exact_match is not None and loss(p) is not None),
+                   key=lambda pair: pair)  # at a tie the failed run comes first
     level = None
-    for p in known:
-        if p.exact_match < share:
+    for value, exact in known:
+        if exact < share:
             break
-        level = p.l_final
+        level = value
     return level
 
 
