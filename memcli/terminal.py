@@ -158,8 +158,9 @@ def print_plan(result: Plan, console: Console, law: str = "", corpus: str = "COR
         console.print(escape(f"L_init {result.l_init:.3f} nats: {result.l_init_source}."))
     if result.l_final_interval is not None:
         low, high = result.l_final_interval
-        below = f" (the bootstrap reaches {low:.3f}: a loss cannot go below 0)" if low < 0 else ""
-        console.print(f"Predicted L_final at that rank, {result.level:.0%} bootstrap interval: {max(low, 0.0):.3f} "
+        below = (" (on the law's scale: its curve does not stop at zero loss, so near full recall it goes below 0; "
+                 f"the target is {result.target_l_final:.3f})") if low < 0 else ""
+        console.print(f"Predicted L_final at that rank, {result.level:.0%} bootstrap interval: {low:.3f} "
                       f"to {high:.3f} nats{below}.")
     for note in result.extrapolation:
         console.print(f"[yellow]{escape(note)}[/yellow]")
@@ -168,8 +169,7 @@ def print_plan(result: Plan, console: Console, law: str = "", corpus: str = "COR
 
         console.print(escape(f"The law assumes these training settings: {assumed_settings(result.settings)}."))
     if result.train_rank is not None and result.settings:
-        why = (f" (rank {result.train_rank}, the interval's upper end: near full recall the law's point estimate "
-               "is optimistic)" if result.train_rank != result.rank else "")
+        why = f" (rank {result.train_rank}, {result.train_reason})" if result.train_reason else ""
         console.print(f"Train it with{why}:")
         console.print(escape(train_command(result.settings, result.train_rank, corpus)), soft_wrap=True)
 

@@ -5,6 +5,7 @@ the lengths the law measured."""
 import math
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ def test_recall_loss_and_the_recall_goal():
     points = [Point(x=r, length=n, delta_l=2.0 * r ** 0.5 * n ** -0.4 + 0.1, l_final=5.0, l_init=8.0, rank=r,
                     exact_match=0.0) for r in (1, 2, 4, 8) for n in (50, 100, 200, 400)]
     points.append(Point(x=8, length=50, delta_l=7.47, l_final=0.03, l_init=7.5, rank=8, exact_match=1.0))
-    law = fit_law(points, n_boot=0)
+    law = replace(fit_law(points, n_boot=0), recall_frontier=None)  # the target alone
     assert law.recall_l_final == 0.03
     # on the law's scale that run is predicted at 7.5 - (2 sqrt(8) 50^-0.4 + 0.1) = 6.22, above ln 2 - 0.1: the
     # recall goal keeps the paper's target
@@ -119,6 +120,8 @@ def test_the_recall_goal_aims_the_prediction_at_the_loss_its_runs_recalled_at():
               for r in (1, 4, 16, 64) for n in (50, 100, 200, 400)]
     points.append(Point(x=8, length=50, delta_l=0.95, l_final=0.05, l_init=1.0, rank=8, exact_match=1.0))
     law = fit_law(points, n_boot=0)
+    assert law.recall_frontier == [[50, None], [100, None], [200, None], [400, None]]  # rank 64 failed at 50
+    law = replace(law, recall_frontier=None)  # the target alone (the frontier: the tests below)
     by_hand = 1.0 - dl(8, 50)  # -0.2828
     assert law.recall_l_final == 0.05
     assert law.recall_predicted_l_final == pytest.approx(by_hand, abs=1e-6)
@@ -155,12 +158,15 @@ def test_the_default_model_plans_with_its_shipped_law(tmp_path, kind):
 
     law = json.loads(laws[kind].read_text())
     assert law["settings"]["model"] == "smollm2-135m" and law["settings"]["method"] == TrainConfig().method
-    low, high = law["measured_l_range"]
+    # a length halfway between two measured ones, the longer with a rank in the recall frontier
+    frontier = law["recall_frontier"]
+    i = next(i for i in range(1, len(frontier)) if frontier[i][1] is not None)
+    length, frontier_rank = (frontier[i - 1][0] + frontier[i][0]) // 2, int(frontier[i][1])
     corpus = tmp_path / "c.jsonl"
     if kind == "phonebook":
-        args = ("data", "phonebook", "--entries", str(int((low + high) / 2) // 10), "--seed", "11")
+        args = ("data", "phonebook", "--entries", str(int(length) // 10), "--seed", "11")
     else:
-        args = ("data", "random", "--tokens", str(int((low + high) / 2)), "--seed", "11")
+        args = ("data", "random", "--tokens", str(int(length)), "--seed", "11")
     assert run_cli(*args, "--out", corpus).exit_code == 0
     result = run_cli("plan", corpus)  # no --law: chosen by the corpus's shape
     assert result.exit_code == 0, result.output
@@ -171,9 +177,10 @@ def test_the_default_model_plans_with_its_shipped_law(tmp_path, kind):
     rank = int(re.search(r"is rank (\d+)", text).group(1))
     # the printed L_init is rounded to 3 places: the search may land one rank either side of that boundary
     assert abs(rank - smallest_rank_by_search(laws[kind], tokens, l_init)) <= 1
-    # the command trains the interval's upper end
+    # the command trains the interval's upper end, or the frontier's rank at the next measured length if higher
     low, high = (int(v) for v in re.search(r"interval from the bootstrap: rank (\d+) to (\d+)", text).groups())
-    assert low <= rank <= high and f"memcli train {corpus} --out runs/planned --rank {high} " in text
+    train = max(high, frontier_rank)
+    assert low <= rank <= high and f"memcli train {corpus} --out runs/planned --rank {train} " in text
     assert "Predicted L_final at that rank" in text
 
     short = tmp_path / "short.jsonl"
@@ -190,3 +197,33 @@ def test_a_kind_without_a_shipped_law_is_said_with_its_reason(tmp_path):
     text = " ".join(result.output.split())
     assert "no phonebook law ships for model smollm2-135m: its sweep did not follow the law" in text
     assert "--law law.json" in text
+
+
+def test_recall_frontier_is_the_smallest_rank_above_which_every_run_recalled():
+    from memcli.law.points import recall_frontier
+
+    def p(r, n, exact):
+        return Point(x=r, length=n, delta_l=1.0, l_final=1.0, exact_match=exact)
+    points = [p(1, 16, 0.0), p(2, 16, 1.0), p(2, 16, 0.96), p(4, 16, 1.0),    # 16: rank 2 (both seeds >= 95 %)
+              p(4, 32, 1.0), p(8, 32, 0.5), p(16, 32, 1.0), p(16, 32, 1.0),   # 32: rank 8 failed once -> 16
+              p(8, 64, 0.0), p(16, 64, 0.9),                                  # 64: none
+              Point(x=1, length=128, delta_l=1.0)]                            # exact match unknown: no entry
+    assert recall_frontier(points) == [[16, 2], [32, 16], [64, None]]
+
+
+def test_plan_trains_at_least_the_frontier_of_the_next_measured_length():
+    def dl(r, n):
+        return 2.0 * r ** 0.5 * n ** -0.4 + 0.1
+    points = [Point(x=r, length=n, delta_l=dl(r, n), l_final=5.0 - dl(r, n), l_init=5.0, rank=r)
+              for r in (1, 4, 16, 64) for n in (50, 100, 200, 400)]
+    law = replace(fit_law(points, n_boot=0), recall_frontier=[[50, 4], [100, 16], [200, 64], [400, None]])
+    # 60 tokens: the law's own answer (2.0 - dl(r, 60) <= 0.593: r = 12) is below the frontier at 100 tokens, 16
+    result = plan(law, 60, 2.0)
+    assert result.rank == math.ceil((1.3069 / (2 * 60 ** -0.4)) ** 2) == 12
+    assert result.frontier_length == 100 and result.train_rank == 16 and "100 answer tokens" in result.train_reason
+    # the goal "loss" is the paper's plan: no frontier
+    assert plan(law, 60, 2.0, goal="loss").train_rank == 12
+    # at 300 tokens the next measured length (400) has no rank that recalled: refused, shown with --extrapolate
+    with pytest.raises(LawError, match=r"no run of this law recalled a value of 400 tokens.*--extrapolate"):
+        plan(law, 300, 1.0)
+    assert plan(law, 300, 1.0, extrapolate=True).frontier_rank is None

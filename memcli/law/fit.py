@@ -18,7 +18,7 @@ from .. import runs
 from ..errors import UserError
 from .plots import PLOT_NAMES, plot_fit
 from .points import (COEFFICIENTS, N_PARAMETERS, LawError, Point, check_capacity, check_fittable, law_value,
-                     load_points, recall_loss, shared_settings, split_saturated)
+                     load_points, recall_frontier, recall_loss, shared_settings, split_saturated)
 from .projection import ALPHA_BOUNDS, BETA_BOUNDS, FIXED_STARTS, CoreFit, fit_core
 
 LAW_FORMAT = "memcli.law/1"
@@ -112,6 +112,9 @@ class LawFit:
     # the same on the law's own scale: every run whose L_final the law predicts at or under this recalled >= 95 %
     # (the target `plan` aims its prediction at: it carries the law's bias near saturation)
     recall_predicted_l_final: float | None = None
+    # [length, smallest capacity at which every run of that length (and of every larger capacity) recalled
+    # >= 95 %, or None] per measured length: the runs' own recall, which `plan` trains at least
+    recall_frontier: list[list[float | None]] | None = None
     format: str = LAW_FORMAT
 
     @property
@@ -274,6 +277,7 @@ def fit_law(points: Sequence[Point], n_boot: int = 200, seed: int = 0, level: fl
         measured_l_range=[min(p.length for p in points), max(p.length for p in points)],
         recall_l_final=recall_loss(points),
         recall_predicted_l_final=recall_loss(points, loss=lambda p: _predicted_l_final(p, coefficients)),
+        recall_frontier=recall_frontier(points),
     )
 
 

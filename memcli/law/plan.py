@@ -47,7 +47,10 @@ class Plan:
     params_per_rank: float | None = None
     l_final_interval: list[float] | None = None  # the predicted L_final at the answer, over the bootstrap
     settings: dict[str, Any] | None = None  # the training settings the law (and so this answer) assumes
-    train_rank: int | None = None  # the rank to train: the interval's upper end (see _train_rank)
+    train_rank: int | None = None  # the rank to train (see _train_rank) and why that one
+    train_reason: str | None = None
+    frontier_rank: int | None = None  # the smallest rank the law's own runs recalled at, at frontier_length
+    frontier_length: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -172,7 +175,9 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
                   interval=interval, level=law.level, extrapolation=extrapolation, sentence="",
                   l_init_source=l_init_source, params_per_rank=per_rank,
                   l_final_interval=_l_final_interval(law, x, length, l_init), settings=dict(law.settings))
-    result.train_rank = _train_rank(result)
+    if goal == "recall":
+        result.frontier_length, result.frontier_rank = _frontier(law, length, per_rank, extrapolate)
+    result.train_rank, result.train_reason = _train_rank(result)
     result.sentence = _plan_sentence(result, law, need, x_real, x_max)
     return result
 
@@ -190,19 +195,48 @@ def _plan_interval(law: LawFit, need: float, length: float, x_min: float,
             for v in ends]
 
 
-def _train_rank(p: Plan) -> int | None:
-    """The rank to train: the upper end of the rank's bootstrap interval (the point estimate without one). Near
-    full recall the law is optimistic: the runs it drops as saturated all sit above its curve (their loss cannot
-    fall below 0 as the law's can), and on new corpora the point estimate fell short where the upper end held
-    (README, "The memory law of the default model")."""
+def _frontier(law: LawFit, length: float, per_rank: float | None,
+              extrapolate: bool) -> tuple[float | None, int | None]:
+    """(measured length, rank) from the law's recall frontier: at the shortest length it measured that is at
+    least this one, the smallest rank at which all its runs recalled. A law with a frontier in which no rank
+    recalled at that length is refused (LawError) unless `extrapolate`: none of its runs says which rank would."""
+    if not law.recall_frontier:
+        return None, None
+    at_or_above = [(n, x) for n, x in law.recall_frontier if n >= length]
+    if not at_or_above:
+        return None, None
+    measured, x = at_or_above[0]
+    if x is None:
+        if extrapolate:
+            return measured, None
+        x_high = (law.measured_x_range or law.x_range)[1]
+        raise LawError(f"no run of this law recalled a value of {measured:,.0f} tokens (the shortest length it "
+                       f"measured at or above {length:,.0f}) at any {law.capacity} up to {x_high:,.0f}, so none "
+                       "says which would recall this one. Pass --extrapolate for the law's guess; or train with a "
+                       "larger budget, or fit a law on a sweep with higher ranks")
+    if law.capacity == "params":
+        x = math.ceil(x / per_rank - 1e-9) if per_rank else None
+    return measured, int(x) if x is not None else None
+
+
+def _train_rank(p: Plan) -> tuple[int | None, str | None]:
+    """The rank to train, and why: the largest of the point estimate, the upper end of its bootstrap interval and
+    the recall frontier's rank. Near full recall the law is optimistic: the runs it drops as saturated all sit
+    above its curve (their loss cannot fall below 0 as the law's can), and on new values the point estimate and
+    even the interval's end fell short where the frontier held (README, "The memory law of the default model")."""
     if p.rank is None:
-        return None
-    if p.interval is None or p.interval[1] is None:
-        return p.rank
-    high = p.interval[1]
-    if p.capacity == "params":
-        high = math.ceil(high / p.params_per_rank - 1e-9) if p.params_per_rank else p.rank
-    return max(p.rank, int(high))
+        return None, None
+    rank, reason = p.rank, None
+    if p.interval is not None and p.interval[1] is not None:
+        high = p.interval[1]
+        if p.capacity == "params":
+            high = math.ceil(high / p.params_per_rank - 1e-9) if p.params_per_rank else p.rank
+        if high > rank:
+            rank, reason = int(high), "the interval's upper end: near full recall the law's point estimate is optimistic"
+    if p.frontier_rank is not None and p.frontier_rank > rank:
+        rank, reason = p.frontier_rank, (f"the smallest rank at which every run of the law at {p.frontier_length:,.0f} "
+                                         "answer tokens recalled its value: near full recall the law is optimistic")
+    return rank, reason
 
 
 def _l_final_interval(law: LawFit, x: int | None, length: float, l_init: float) -> list[float] | None:

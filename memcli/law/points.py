@@ -290,6 +290,28 @@ def recall_loss(points: Iterable[Point], share: float = 0.95,
     return level
 
 
+def recall_frontier(points: Iterable[Point], share: float = 0.95) -> list[list[float | None]]:
+    """Per measured length (ascending): the smallest capacity x at which every run of that length with capacity x
+    or more recalled at least `share` of its entries (seeds of a cell all count), or None where no capacity did.
+    What the runs themselves say about recall, without the law: a plan for a length between two measured ones
+    can rely on the longer one's frontier, as a shorter value is the easier one."""
+    by_length: dict[float, list[Point]] = {}
+    for p in points:
+        if p.exact_match is not None:
+            by_length.setdefault(p.length, []).append(p)
+    frontier = []
+    for length in sorted(by_length):
+        runs_here = by_length[length]
+        x = None
+        for candidate in sorted({p.x for p in runs_here}, reverse=True):
+            if all(p.exact_match >= share for p in runs_here if p.x >= candidate):
+                x = candidate
+            else:
+                break
+        frontier.append([length, x])
+    return frontier
+
+
 def split_saturated(points: Iterable[Point]) -> tuple[list[Point], list[Dropped]]:
     """Separate the runs the law applies to from saturated ones (L_final <= ln 2)."""
     kept: list[Point] = []
