@@ -279,9 +279,10 @@ def plan(
     l_init: Optional[float] = typer.Option(None, help="L_init in nats (default: measured on CORPUS, else the "
                                            "median of the fitted runs)."),
     margin: float = typer.Option(0.1, help="Safety margin: predicted L_final must be <= ln 2 - margin."),
-    goal: str = typer.Option("recall", help="recall: also reach the L_final under which every run of the law "
-                             "recalled >= 95 % of its entries (when the law knows it) | loss: ln 2 - margin only "
-                             "(the paper's)."),
+    goal: str = typer.Option("recall", help="recall: aim at the predicted L_final under which every run of the "
+                             "law recalled >= 95 % of its entries, and train at least the rank its runs recalled at "
+                             "the next measured length (when the law knows them) | loss: ln 2 - margin only (the "
+                             "paper's)."),
     extrapolate: bool = typer.Option(False, "--extrapolate", help="Answer for a length outside the lengths the "
                                      "law was measured on, or with a rank above the ranks it measured (refused "
                                      "without it)."),

@@ -85,10 +85,11 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
          params_per_rank: float | None = None, capacity: str | None = None,
          l_init_source: str | None = None, extrapolate: bool = False, goal: str = "recall") -> Plan:
     """The smallest capacity whose predicted L_final = l_init - delta_l(x, l) is at most the target: ln 2 - margin
-    (goal "loss", the paper's), or with goal "recall" the lower of that and the L_final under which every run of
-    the law recalled at least 95 % of its entries (when the law knows it). A length outside the lengths the law's
-    runs measured is refused (LawError) unless `extrapolate`, and so is an answer above the largest capacity they
-    measured."""
+    (goal "loss", the paper's), or with goal "recall" the lower of that and the predicted L_final under which every
+    run of the law recalled at least 95 % of its entries (when the law knows it); with goal "recall" the rank to
+    train is also at least the law's recall frontier at the next measured length. A length outside the lengths the
+    law's runs measured is refused (LawError) unless `extrapolate`, and so is an answer above the largest capacity
+    they measured or a length whose next measured length no run recalled."""
     if goal not in ("recall", "loss"):
         raise LawError(f"the goal must be recall or loss, not {goal!r}")
     if capacity is not None and capacity != law.capacity:
@@ -232,10 +233,12 @@ def _train_rank(p: Plan) -> tuple[int | None, str | None]:
         if p.capacity == "params":
             high = math.ceil(high / p.params_per_rank - 1e-9) if p.params_per_rank else p.rank
         if high > rank:
-            rank, reason = int(high), "the interval's upper end: near full recall the law's point estimate is optimistic"
+            rank = int(high)
+            reason = "the interval's upper end: near full recall the law's point estimate is optimistic"
     if p.frontier_rank is not None and p.frontier_rank > rank:
-        rank, reason = p.frontier_rank, (f"the smallest rank at which every run of the law at {p.frontier_length:,.0f} "
-                                         "answer tokens recalled its value: near full recall the law is optimistic")
+        rank = p.frontier_rank
+        reason = (f"the smallest rank at which every run of the law at {p.frontier_length:,.0f} answer tokens "
+                  "recalled its value: near full recall the law is optimistic")
     return rank, reason
 
 
