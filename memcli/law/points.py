@@ -280,8 +280,8 @@ def recall_loss(points: Iterable[Point], share: float = 0.95,
     """The largest loss at or under which every run with a known exact match recalled at least `share` of its
     entries: the loss a plan must reach for that recall, as these runs measured it (None: no run got there).
     `loss` says which loss: the run's measured L_final by default, or e.g. the L_final a law predicts for it."""
-    known = sorted(((loss(p), p.exact_match) for p in points if p.exact_match is not None and loss(p) is not None),
-                   key=lambda pair: pair)  # at a tie the failed run comes first
+    pairs = ((loss(p), p.exact_match) for p in points if p.exact_match is not None)
+    known = sorted((value, exact) for value, exact in pairs if value is not None)  # at a tie the failed run first
     level = None
     for value, exact in known:
         if exact < share:
