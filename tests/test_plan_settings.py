@@ -1,6 +1,6 @@
 """What a law assumes and how `memcli plan` hands it on: the training settings shared by the fitted runs, the
-`memcli train` command that realises a plan (parsed by the real command line), and the refusal to answer outside
-the lengths the law measured."""
+`memcli train` command that realises a plan (parsed by the real command line), the recall target and frontier a
+plan trains for, and the refusal to answer outside the lengths and ranks the law measured."""
 
 import math
 import re
