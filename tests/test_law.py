@@ -353,7 +353,8 @@ def test_fit_and_plan_commands(tmp_path):
 
     console = Console(record=True, width=120)
     # from the runs' median L_init 3.0, 800 tokens need a rank above the 64 measured: refused, shown on request
-    with pytest.raises(LawError, match=r"rank \d+ for 800 answer tokens, above the largest rank .* \(64\).*--extrapolate"):
+    refused = r"rank \d+ for 800 answer tokens, above the largest rank .* \(64\).*--extrapolate"
+    with pytest.raises(LawError, match=refused):
         plan_from_file(out, 800, l_init=None, margin=0.1)
     result = plan_from_file(out, 800, l_init=None, margin=0.1, extrapolate=True)
     print_plan(result, console)

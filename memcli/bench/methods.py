@@ -98,7 +98,8 @@ def run_one(regime: Regime, variant: str, settings: dict, seed: int, rank: int, 
             "answer_tokens": s["answer_tokens"], "params": s["params"], "steps": s["steps"],
             "certified_at_step": s["certified_at_step"], "wall_s": s["wall_seconds"],
             "exact_match": s["exact_match"], "token_accuracy": s["token_accuracy"], "certified": s["certified"],
-            "l_init": s["l_init"], "l_final": s["l_final"], "bits_per_param": bits_per_parameter(s, regime, len(tokenizer))}
+            "l_init": s["l_init"], "l_final": s["l_final"],
+            "bits_per_param": bits_per_parameter(s, regime, len(tokenizer))}
 
 
 def run_study(regimes: list[Regime], variants: list[str], seeds: list[int], out: Path, model: str | None = None,

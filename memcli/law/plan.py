@@ -177,7 +177,7 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_ran
                   l_init_source=l_init_source, params_per_rank=per_rank,
                   l_final_interval=_l_final_interval(law, x, length, l_init), settings=dict(law.settings))
     if goal == "recall":
-        result.frontier_length, result.frontier_rank = _frontier(law, length, per_rank, extrapolate)
+        result.frontier_length, result.frontier_rank = _frontier(law, length, per_rank, x_high, extrapolate)
     result.train_rank, result.train_reason = _train_rank(result)
     result.sentence = _plan_sentence(result, law, need, x_real, x_max)
     return result
@@ -196,7 +196,7 @@ def _plan_interval(law: LawFit, need: float, length: float, x_min: float,
             for v in ends]
 
 
-def _frontier(law: LawFit, length: float, per_rank: float | None,
+def _frontier(law: LawFit, length: float, per_rank: float | None, x_high: float,
               extrapolate: bool) -> tuple[float | None, int | None]:
     """(measured length, rank) from the law's recall frontier: at the shortest length it measured that is at
     least this one, the smallest rank at which all its runs recalled. A law with a frontier in which no rank
@@ -210,7 +210,6 @@ def _frontier(law: LawFit, length: float, per_rank: float | None,
     if x is None:
         if extrapolate:
             return measured, None
-        x_high = (law.measured_x_range or law.x_range)[1]
         raise LawError(f"no run of this law recalled a value of {measured:,.0f} tokens (the shortest length it "
                        f"measured at or above {length:,.0f}) at any {law.capacity} up to {x_high:,.0f}, so none "
                        "says which would recall this one. Pass --extrapolate for the law's guess; or train with a "

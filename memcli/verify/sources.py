@@ -189,6 +189,6 @@ def verify_base(spec: ModelSpec, choice: str = "auto") -> tuple[Path, dict]:
     if choice == "shipped":
         return spec.gguf_path, {"kind": "shipped", "why": "--base shipped: the quantised GGUF as deployed (activations "
                                 "quantised by llama.cpp too: close calls can differ from the weights training saw)"}
-    return dequantised_gguf(spec, "f16"), {"kind": "training-f16", "why": "the dequantised weights training used, in F16: faster than the "
-                 "shipped Q4_1 in llama.cpp and faithful to training's weights (--base shipped checks the "
-                 "deployed file)"}
+    return dequantised_gguf(spec, "f16"), {
+        "kind": "training-f16", "why": "the dequantised weights training used, in F16: faster than the shipped Q4_1 "
+        "in llama.cpp and faithful to training's weights (--base shipped checks the deployed file)"}
