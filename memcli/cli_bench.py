@@ -197,15 +197,15 @@ def bench_methods_cmd(
     rows = run_study([known[r] for r in chosen], variant, parse_ints(seeds, "--seeds"), out, model, said)
     from rich.table import Table
 
-    table = Table("regime", "rank", "variant", "seeds", "exact", "token acc", "L_final", "steps to cert.",
-                  "wall s", "bits/param", ">= baseline")
+    table = Table("regime", "rank", "variant", "seeds", "exact", "token acc", "L_final", "1st exact",
+                  "steps to cert.", "wall s", "bits/param", ">= baseline")
     for r in table_rows(rows):
-        steps = "-" if r["steps_to_certified"] is None else f"{r['steps_to_certified']:g}"
+        first, steps = ("-" if v is None else f"{v:g}" for v in (r["first_exact_step"], r["steps_to_certified"]))
         table.add_row(r["regime"], str(r["rank"]), r["variant"], str(r["seeds"]), f"{r['exact_match']:.1%}",
-                      f"{r['token_accuracy']:.1%}", f"{r['l_final']:.3f}", steps, f"{r['wall_s']:.0f}",
+                      f"{r['token_accuracy']:.1%}", f"{r['l_final']:.3f}", first, steps, f"{r['wall_s']:.0f}",
                       f"{r['bits_per_param']:.3f}", r["matches_baseline"])
     from rich.console import Console
 
-    # piped output defaults to 80 columns, too narrow for eleven: print the table wider there
+    # piped output defaults to 80 columns, too narrow for twelve: print the table wider there
     (out_console if out_console.is_terminal else Console(width=150)).print(table)
     out_console.print(f"medians over seeds; rows in {out / 'results.jsonl'}; plot {plot(rows, out / 'methods.png')}")
