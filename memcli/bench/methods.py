@@ -11,7 +11,7 @@ number's first digit is one of 6-9 and nine digits are free: log2(4e9) = 31.9 bi
 log2(vocabulary) bits, counted over the greedy-correct prefix of the value).
 
 Rows go to OUT/results.jsonl as they finish (a rerun skips the rows already there), so the study can stop and
-resume; OUT/methods.png plots exact match per variant and regime.
+resume; OUT/methods.png plots exact match and token accuracy per variant and cell.
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
+    """Two panels, exact match and greedy token accuracy (medians over seeds), one bar per variant and cell."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,15 +171,17 @@ def plot(rows: list[dict], path: Path) -> Path:
     summary = table_rows(rows)
     cells = sorted({(r["regime"], r["rank"]) for r in summary})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells) * len(variants) / 2), 4))
+    fig, axes = plt.subplots(2, 1, sharex=True, figsize=(max(6, 1.2 * len(cells) * len(variants) / 2), 6))
     width = 0.8 / len(variants)
-    for j, variant in enumerate(variants):
-        values = [next((r["exact_match"] for r in summary if (r["regime"], r["rank"], r["variant"]) ==
-                        (*cell, variant)), 0.0) for cell in cells]
-        ax.bar([i + j * width for i in range(len(cells))], values, width, label=variant)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cells))], [f"{g} r{r}" for g, r in cells])
-    ax.set_ylabel("exact match (median over seeds)")
-    ax.legend(fontsize=7)
+    for ax, key, label in zip(axes, ("exact_match", "token_accuracy"), ("exact match", "token accuracy")):
+        for j, variant in enumerate(variants):
+            values = [next((r[key] for r in summary if (r["regime"], r["rank"], r["variant"]) == (*cell, variant)),
+                           0.0) for cell in cells]
+            ax.bar([i + j * width for i in range(len(cells))], values, width, label=variant)
+        ax.set_ylabel(f"{label}\n(median over seeds)")
+        ax.set_ylim(0, 1)
+    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(cells))], [f"{g} r{r}" for g, r in cells])
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
