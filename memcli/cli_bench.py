@@ -166,7 +166,8 @@ def bench_methods_cmd(
     check_every: int = typer.Option(5, help="easy: steps between certification checks."),
     starved_entries: int = typer.Option(32, help="starved: PhoneBook entries."),
     starved_ranks: str = typer.Option("1", help="starved: comma-separated ranks."),
-    starved_epochs: int = typer.Option(60, help="starved: budget in epochs (at the defaults SFT ends between 10 and 60 % exact)."),
+    starved_epochs: int = typer.Option(60, help="starved: budget in epochs (at the defaults SFT ends between 10 "
+                                       "and 60 % exact)."),
     long_tokens: int = typer.Option(256, help="long: tokens of the random value."),
     long_ranks: str = typer.Option("1,2,4,8", help="long: comma-separated ranks."),
     long_steps: int = typer.Option(200, help="long: budget in steps (batch 1)."),
