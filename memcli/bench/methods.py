@@ -176,7 +176,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     for ax, key, label in zip(axes, ("exact_match", "token_accuracy"), ("exact match", "token accuracy")):
         for j, variant in enumerate(variants):
             values = [next((r[key] for r in summary if (r["regime"], r["rank"], r["variant"]) == (*cell, variant)),
-                           0.0) for cell in cells]
+                           math.nan) for cell in cells]  # a variant not run in a cell: no bar
             ax.bar([i + j * width for i in range(len(cells))], values, width, label=variant)
         ax.set_ylabel(f"{label}\n(median over seeds)")
         ax.set_ylim(0, 1)
