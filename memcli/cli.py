@@ -116,9 +116,9 @@ def train(
     model: Optional[str] = typer.Option(None, help="Model name (see `memcli models`) or path." + _default("model")),
     config: Optional[Path] = typer.Option(None, help="YAML file of settings; command-line options override it."),
     method: Optional[str] = typer.Option(None, help="sft | memft-ot | memft-sw. Measured on the default model: "
-                                         "memft-ot recalls the most of a PhoneBook at a short rank, sft certifies a small "
-                                         "corpus at a generous rank soonest, memft-sw holds the longest prefix of "
-                                         "one long value at a low rank (README: MemFT against SFT)."
+                                         "memft-ot recalls the most of a PhoneBook at a short rank, sft certifies "
+                                         "a small corpus at a generous rank soonest, memft-sw holds the longest "
+                                         "prefix of one long value at a low rank (README: MemFT against SFT)."
                                          + _default("method")),
     no_hard_tokens: Optional[str] = typer.Option(None, help="memft-ot with no token above threshold in a batch: "
                                                  "fallback (plain mean) | skip (no update)." + _default("no_hard_tokens")),
