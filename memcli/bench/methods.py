@@ -85,7 +85,7 @@ def bits_per_parameter(summary: dict, regime: Regime, vocab: int) -> float:
 
 def first_exact_step(run: Path) -> int | None:
     """The first clean check at which any entry was recalled exactly: steps to certified recall split into the
-    approach (every token still far from passing, so MemFT's weights are nearly SFT's) and the tail."""
+    approach (most tokens still under p = 0.5, where MemFT's weights are nearly SFT's) and the tail."""
     for line in (run / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row.get("exact_match", 0) > 0:
