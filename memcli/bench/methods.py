@@ -136,6 +136,12 @@ def run_study(regimes: list[Regime], variants: list[str], seeds: list[int], out:
     return rows
 
 
+def _median_if_all(values) -> float | None:
+    """The median, or None when any run has no value (a seed that never certified has no step to count)."""
+    values = list(values)
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
 def table_rows(rows: list[dict]) -> list[dict]:
     """Medians over seeds per (regime, rank, variant), and in how many seeds each variant matched or beat the
     first variant (the baseline, normally sft) on both exact match and token accuracy."""
@@ -145,16 +151,14 @@ def table_rows(rows: list[dict]) -> list[dict]:
     out = []
     for (regime, rank, variant), rs in groups.items():
         base = {r["seed"]: r for r in groups.get((regime, rank, rows[0]["variant"]), [])}
-        steps = [r["certified_at_step"] for r in rs if r["certified_at_step"] is not None]
-        first = [r["first_exact_step"] for r in rs if r.get("first_exact_step") is not None]
         wins = sum(1 for r in rs if r["seed"] in base and r["exact_match"] >= base[r["seed"]]["exact_match"]
                    and r["token_accuracy"] >= base[r["seed"]]["token_accuracy"])
         out.append({"regime": regime, "rank": rank, "variant": variant, "seeds": len(rs),
                     "exact_match": statistics.median(r["exact_match"] for r in rs),
                     "token_accuracy": statistics.median(r["token_accuracy"] for r in rs),
                     "l_final": statistics.median(r["l_final"] for r in rs),
-                    "steps_to_certified": statistics.median(steps) if len(steps) == len(rs) else None,
-                    "first_exact_step": statistics.median(first) if len(first) == len(rs) else None,
+                    "steps_to_certified": _median_if_all(r["certified_at_step"] for r in rs),
+                    "first_exact_step": _median_if_all(r.get("first_exact_step") for r in rs),
                     "wall_s": statistics.median(r["wall_s"] for r in rs),
                     "bits_per_param": statistics.median(r["bits_per_param"] for r in rs),
                     "matches_baseline": f"{wins}/{len(rs)}"})
