@@ -118,7 +118,7 @@ def train(
     method: Optional[str] = typer.Option(None, help="sft | memft-ot | memft-sw. Measured on the default model: "
                                          "memft-ot recalls the most of a PhoneBook at a short rank, sft certifies "
                                          "a small corpus at a generous rank soonest, memft-sw holds the longest "
-                                         "prefix of one long value at a low rank (README: MemFT against SFT)."
+                                         "prefix of one long value at a low rank (docs/measurements.md: MemFT against SFT)."
                                          + _default("method")),
     no_hard_tokens: Optional[str] = typer.Option(None, help="memft-ot with no token above threshold in a batch: "
                                                  "fallback (plain mean) | skip (no update)." + _default("no_hard_tokens")),
@@ -165,7 +165,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its newest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ):
-    """Memorise CORPUS into a LoRA adapter; writes a run folder (see README: Run folder)."""
+    """Memorise CORPUS into a LoRA adapter; writes a run folder (docs/commands.md: Files)."""
     cfg = train_config(locals())  # first: locals() is exactly the parsed options here
     from .train import Trainer
 

@@ -159,8 +159,10 @@ class Reference:
                               capture_output=True, text=True)
         sdists = list(download.glob("llama_cpp_python-*.tar.gz"))
         if done.returncode != 0 or not sdists:
-            pytest.skip(f"no package index: pip could not download the llama-cpp-python {version} sdist, which "
-                        f"carries llama.cpp's converters ({done.stderr.strip().splitlines()[-1:]})")
+            pytest.skip(f"offline? these tests download the llama-cpp-python {version} sdist at test time (once, "
+                        f"with pip, into {target.parent}: it carries llama.cpp's converters), and pip could not "
+                        f"({done.stderr.strip().splitlines()[-1:]}); run them once with a package index, or "
+                        f"unpack the sdist's vendor/llama.cpp to {root}")
         prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
         wanted = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "gguf-py/", "conversion/")
         staging = target.parent / f"staging-{os.getpid()}"
@@ -170,7 +172,7 @@ class Reference:
             tar.extractall(staging, members=members, filter="data")
         try:
             os.replace(staging / f"llama_cpp_python-{version}", target)
-        except OSError:  # another session finished first
+        except OSError:  # another process finished first
             pass
         for f in sdists:
             f.unlink()

@@ -1,4 +1,5 @@
-"""`memcli bench methods`: training objectives compared at equal rank, seed, batches and budget (issue-style study).
+"""`memcli bench methods`: training objectives compared at equal rank, seed, batches and budget (the paper's
+comparison of objectives, at small scale).
 
 Three regimes, each a generated corpus trained once per (variant, seed[, rank]):
 - easy: a small PhoneBook at a rank that holds it; trained until recall is certified (checked every few steps):

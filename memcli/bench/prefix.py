@@ -28,7 +28,7 @@ def _one_pass(backend, examples, batch_tokens):
 
 def bench_prefix(entries: int = 300, model: str | None = None, lora=None, threads: int | None = None,
                  batch_tokens: int = 2048, rounds: int = 2) -> dict:
-    """The base is the model's own GGUF (for the default model the shipped Q4_1, as the README's figures);
+    """The base is the model's own GGUF (for the default model the shipped Q4_1, as in docs/measurements.md);
     `lora` is an adapter GGUF."""
     import numpy as np
 

@@ -223,7 +223,8 @@ def _train_rank(p: Plan) -> tuple[int | None, str | None]:
     """The rank to train, and why: the largest of the point estimate, the upper end of its bootstrap interval and
     the recall frontier's rank. Near full recall the law is optimistic: the runs it drops as saturated all sit
     above its curve (their loss cannot fall below 0 as the law's can), and on new values the point estimate and
-    even the interval's end fell short where the frontier held (README, "The memory law of the default model")."""
+    even the interval's end fell short where the frontier held (docs/measurements.md, "The memory law of the default
+    model")."""
     if p.rank is None:
         return None, None
     rank, reason = p.rank, None
