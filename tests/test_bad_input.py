@@ -110,6 +110,7 @@ def test_data_out_that_cannot_be_created_as_a_process():
     assert f"{NOWHERE}/pb.jsonl" in result.stderr
 
 
+@pytest.mark.slow  # trains
 def test_train_out_that_cannot_be_created(pb8, bad_parent, tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     out = bad_parent / "run"
@@ -169,6 +170,7 @@ def test_identical_duplicates_are_fine_and_conflicts_name_both_lines(tmp_path):
     assert len(read_corpus(path, allow_conflicting_keys=True)) == 4
 
 
+@pytest.mark.slow  # trains and verifies
 def test_train_and_verify_refuse_conflicting_keys_unless_allowed(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", CONFLICT)
     run = tmp_path / "run"
@@ -256,6 +258,7 @@ def snapshot(folder):
     ("settings: [\n", "config.yaml is corrupt"),
     ("just words\n", "config.yaml is corrupt (no 'settings' mapping)"),
 ])
+@pytest.mark.slow  # trains a run per case
 def test_corrupt_config_yaml_on_resume(finished_run, text, message):
     run, args = finished_run
     (run / "config.yaml").write_text(text)
@@ -264,6 +267,7 @@ def test_corrupt_config_yaml_on_resume(finished_run, text, message):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow  # trains a run per case
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign"])
 def test_corrupt_checkpoint_on_resume(finished_run, damage):
     import torch

@@ -3,6 +3,7 @@ checked against what can be known without it (the corpus it generated, the token
 
 import json
 
+import pytest
 from conftest import run_cli
 
 from memcli import corpus, models
@@ -20,6 +21,7 @@ def test_generated_phonebooks_beyond_the_generators_names_keep_keys_unique(tmp_p
     assert all(len(r["target"]) == 10 and r["target"].isdigit() and r["target"][0] in "6789" for r in rows[CAPACITY:])
 
 
+@pytest.mark.slow  # a benchmark
 def test_bench_memory_runs_verify_once_per_size(tmp_path):
     out = tmp_path / "memory.json"
     stub = run_cli("bench", "memory", "--entries", "300,900", "--no-decode", "--threads", "1", "--out", out)
@@ -42,6 +44,7 @@ def test_bench_memory_runs_verify_once_per_size(tmp_path):
     assert run_cli("bench", "memory", "--entries", "900,300").exit_code == 2
 
 
+@pytest.mark.slow  # a benchmark
 def test_bench_base_compares_f32_and_f16_exports_with_torch(tmp_path):
     out = tmp_path / "base.json"
     result = run_cli("bench", "base", "--model", "tiny", "--entries", "8", "--threads", "1", "--out", out)
@@ -58,6 +61,7 @@ def test_bench_base_compares_f32_and_f16_exports_with_torch(tmp_path):
     assert f32["gguf"] != f16["gguf"]
 
 
+@pytest.mark.slow  # a benchmark
 def test_bench_prefix_saves_the_shared_prompt_prefix_without_changing_verdicts(tmp_path, tiny_tokenizer):
     out = tmp_path / "prefix.json"
     result = run_cli("bench", "prefix", "--model", "tiny", "--entries", "8", "--threads", "1", "--rounds", "1",

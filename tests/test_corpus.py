@@ -131,6 +131,7 @@ def test_random_generator_round_trips(tiny_tokenizer):
     assert row == generate_random_tokens(300, seed=4, tokenizer=tiny_tokenizer)
 
 
+@pytest.mark.slow  # the default model
 def test_default_model_tokenises_like_llama_cpp_on_its_shipped_gguf():
     """transformers' GGUF conversion drops SmolLM's digit split; memcli restores it, so the one tokenisation that
     training uses is the one llama.cpp applies to the same file."""

@@ -302,6 +302,7 @@ def test_base_gguf_is_cached_and_named_models_resolve(tiny_spec, tiny_base):
     assert base_gguf(models.resolve(str(tiny_base))) == tiny_base
 
 
+@pytest.mark.slow  # exports and loads three bases
 def test_export_base_outtypes(tiny_spec, tmp_path):
     import gguf
 
@@ -479,6 +480,7 @@ def test_export_base_refuses_unsupported(tmp_path):
 # ----------------------------------------------------------------------------- the default model
 
 
+@pytest.mark.slow  # the default model
 def test_default_model_q4_1_base_with_adapter(tmp_path, tiny_tokenizer):
     """smollm2-135m: adapter trained on the dequantised weights, run by llama.cpp on the shipped Q4_1 GGUF.
     llama.cpp's Q4_1 kernels quantise activations to 8 bits, so even without an adapter its log-probabilities
@@ -559,6 +561,7 @@ def test_other_architectures_match_torch(other_arch, seqs, tmp_path):
 # ----------------------------------------------------------------------------- the agreement check
 
 
+@pytest.mark.slow  # a benchmark
 def test_bench_agree_on_a_partly_recalled_run(pb8, tmp_path):
     """`memcli bench agree`: torch + PEFT and llama.cpp (tiny F32 base, exported adapter) reach the same verdict on
     every entry of a run that recalls some entries and not others, and the verdicts are those of training's

@@ -29,6 +29,9 @@ from memcli.gguf.base import export_base
 from memcli.gguf.fingerprint import gguf_fingerprint, hf_fingerprint
 from memcli.gguf.reader import read_gguf
 
+
+pytestmark = pytest.mark.slow  # every family against llama.cpp's converters (minutes)
+
 TOL = 1e-3
 IDS = [c.name for c in CASES]
 # Where llama.cpp's converter cannot take the case: the qwen2 test model carries SmolLM2's vocabulary, which

@@ -44,6 +44,7 @@ def tiny_gguf():
     return base_gguf(models.resolve("tiny"))
 
 
+@pytest.mark.slow  # a probe child
 def test_probe_passes_on_a_working_build_and_keeps_the_fast_path(probe_env, tiny_gguf):
     from memcli import llamacpp
 
@@ -54,6 +55,7 @@ def test_probe_passes_on_a_working_build_and_keeps_the_fast_path(probe_env, tiny
     assert calls == [True]
 
 
+@pytest.mark.slow  # probe children
 def test_a_child_killed_by_sigill_switches_to_plain_buffers_once_and_is_cached(probe_env, tiny_gguf):
     from memcli import llamacpp
 
@@ -72,6 +74,7 @@ def test_a_child_killed_by_sigill_switches_to_plain_buffers_once_and_is_cached(p
     assert [v["extra_bufts"] for v in cache.values()] == [False]
 
 
+@pytest.mark.slow  # probe children
 def test_the_fallback_really_loads_and_scores_with_extra_bufts_off(probe_env, tiny_gguf):
     """The backend asks llama.cpp for use_extra_bufts = False and still scores (the same numbers: the F32 model
     never takes the repacked path)."""
@@ -98,6 +101,7 @@ def test_the_fallback_really_loads_and_scores_with_extra_bufts_off(probe_env, ti
     assert lp_safe == pytest.approx(lp_fast, abs=1e-5)
 
 
+@pytest.mark.slow  # probe children
 def test_a_build_that_dies_even_without_extra_bufts_is_a_clear_error(probe_env, tiny_gguf):
     from memcli import llamacpp
     from memcli.errors import UserError
@@ -108,6 +112,7 @@ def test_a_build_that_dies_even_without_extra_bufts_is_a_clear_error(probe_env, 
         llamacpp.load_path(tiny_gguf)
 
 
+@pytest.mark.slow  # a probe child and a verify pass
 def test_verify_records_the_load_path_in_its_report(probe_env, tiny_gguf, pb8, tmp_path):
     install, _ = probe_env
     install(crash_default=signal.SIGILL)
@@ -119,6 +124,7 @@ def test_verify_records_the_load_path_in_its_report(probe_env, tiny_gguf, pb8, t
     assert "extra buffer types" in result.stderr
 
 
+@pytest.mark.slow  # loads a model in llama.cpp
 def test_no_probe_where_the_cpu_has_no_amx(monkeypatch, tmp_path, tiny_gguf):
     from memcli import llamacpp
 

@@ -149,6 +149,7 @@ def smallest_rank_by_search(law_path, length, l_init):
 
 
 @pytest.mark.parametrize("kind", ["random"])
+@pytest.mark.slow  # the default model
 def test_the_default_model_plans_with_its_shipped_law(tmp_path, kind):
     from memcli import models
 

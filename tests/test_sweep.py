@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 import yaml
 from conftest import run_cli
 
 
+@pytest.mark.slow  # trains a grid of cells, twice
 def test_sweep_fits_end_to_end_and_resumes(tmp_path):
     corpus = tmp_path / "random.jsonl"
     assert run_cli("data", "random", "--tokens", "48", "--model", "tiny", "--out", corpus).exit_code == 0
@@ -78,6 +80,7 @@ def _small_sweep(tmp_path, *extra):
             "tiny", "--max-steps", "2", "--batch-size", "1", "--check-every", "2", *extra]
 
 
+@pytest.mark.slow  # trains a sweep, twice
 def test_rerun_with_other_settings_is_refused_and_force_retrains(tmp_path):
     sweep = tmp_path / "sweep"
     assert run_cli(*_small_sweep(tmp_path, "--method", "sft")).exit_code == 0
@@ -107,6 +110,7 @@ def test_rerun_with_other_settings_is_refused_and_force_retrains(tmp_path):
     assert yaml.safe_load((sweep / "sweep.yaml").read_text())["settings"]["method"] == "memft-ot"
 
 
+@pytest.mark.slow  # trains a sweep
 def test_one_cells_failed_export_does_not_stop_the_sweep(tmp_path, monkeypatch):
     from pathlib import Path
 

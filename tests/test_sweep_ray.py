@@ -13,6 +13,9 @@ from conftest import run_cli
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[test,ray]')")
 
 
+pytestmark = pytest.mark.slow  # starts a Ray instance
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A Ray instance of this process's own (never one RAY_ADDRESS or /tmp/ray points at), in its own short temp

@@ -17,6 +17,7 @@ SUMMARY_KEYS = {"method", "rank", "params", "answer_tokens", "entries", "l_init"
                 "exact_match", "certified", "steps", "wall_seconds"}
 
 
+@pytest.mark.slow  # trains until recall in a subprocess
 def test_memft_ot_memorises_pb8_and_stops_by_itself(pb8, tmp_path):
     run = tmp_path / "run"
     result = run_memcli("train", pb8, "--out", run, "--model", "tiny", "--until-recall")
@@ -103,6 +104,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # trains three runs
 def test_resume_ends_where_an_uninterrupted_run_ends(pb8, tmp_path):
     settings = dict(corpus=str(pb8), model="tiny", max_steps=30, checkpoint_every=10, check_every=10, batch_size=3)
     whole = Trainer(TrainConfig(**settings), tmp_path / "whole", log=lambda m: None).run()
@@ -165,6 +167,7 @@ def test_each_method_weighs_the_tokens_as_documented(pb8, tmp_path, method):
         assert loss.item() == pytest.approx((1.0 + 0.75) / 7, rel=1e-6)
 
 
+@pytest.mark.slow  # trains until recall
 @pytest.mark.filterwarnings("error::UserWarning")  # a skipped update is no misuse of the scheduler
 def test_memft_ot_skip_makes_no_update_on_a_certified_batch_and_fallback_does(pb8, tmp_path):
     """--no-hard-tokens skip vs fallback, seen in the adapter weights after one step on a batch whose every
@@ -455,6 +458,7 @@ def test_example_config_lists_every_setting_with_its_default():
     assert TrainConfig.from_sources(path, {"corpus": "c.jsonl"}) == TrainConfig(corpus="c.jsonl")
 
 
+@pytest.mark.slow  # trains two runs
 def test_frozen_prefix_training_equals_full_forward_training(pb8, tmp_path, monkeypatch):
     """Starting every step at the first adapted layer (the frozen layers' output computed once) trains the same
     adapter as running the whole model every step."""

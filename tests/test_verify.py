@@ -390,6 +390,7 @@ def test_a_bare_peft_folder_finds_its_base_model(tiny_run, pb8, tmp_path):
         assert 0 < report["totals"]["exact"] < 8
 
 
+@pytest.mark.slow  # a benchmark
 def test_bench_verify_runs_side_by_side(cli, tiny_run, pb8, tmp_path):
     """A smoke test of `memcli bench verify` (its numbers are the benchmark's business, not a test's)."""
     from memcli.cli import app

@@ -34,6 +34,7 @@ def chat_examples(pb8, tiny_tokenizer):
     return corpus.load_examples(pb8, tiny_tokenizer, chat_template=True)
 
 
+@pytest.mark.slow  # a chat-template corpus in llama.cpp, twice
 def test_a_shared_prompt_prefix_changes_no_verdict_or_probability(tiny_gguf, chat_examples):  # noqa: F811
     from memcli.gguf.base import base_gguf
     from memcli.verify.llama import LlamaBackend
