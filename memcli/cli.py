@@ -132,8 +132,11 @@ def train(
                                                     "from 20/40/60/80 % to the next." + _default("curriculum_epochs")),
     rank: Optional[int] = typer.Option(None, help="LoRA rank." + _default("rank")),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices. \\[default: the middle layer]"),
-    modules: Optional[str] = typer.Option(None, help="Comma-separated module names, or all-linear. "
-                                          "\\[default: the middle layer's gate_proj,up_proj,down_proj]"),
+    modules: Optional[str] = typer.Option(None, help="Comma-separated module names, or all-linear. Llama, Mistral, "
+                                          "Qwen, Gemma 3: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; "
+                                          "Phi-3: qkv_proj,o_proj,gate_up_proj,down_proj (fused, adapted whole). "
+                                          "\\[default: the middle layer's MLP: gate_proj,up_proj,down_proj; Phi-3: "
+                                          "gate_up_proj,down_proj]"),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha. \\[default: rank, i.e. scale 1]"),
     dropout: Optional[float] = typer.Option(None, help="LoRA dropout." + _default("dropout")),
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate, decayed linearly to 0." + _default("lr")),

