@@ -228,6 +228,35 @@ def test_tokenizer_json_only_scores_are_merge_ranks(family_root, reference, pb8)
     assert not all(agree["theirs"])
 
 
+@pytest.mark.slow
+def test_gemma_tokenizer_json_only(family_root, reference, pb8, tmp_path):
+    """A Gemma 3 folder saved by transformers 5 (tokenizer.json, no tokenizer.model) exports a base that tokenises as
+    transformers does and as the base exported from tokenizer.model."""
+    import shutil
+
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    item = built("gemma3", family_root, reference, pb8)
+    folder = tmp_path / "gemma3-tokenizer-json"
+    shutil.copytree(item["folder"], folder)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    (folder / "tokenizer.model").unlink(missing_ok=True)
+    export_base(folder, tmp_path / "base.gguf")
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = [json.loads(line)["query"] + json.loads(line)["target"] for line in item["corpus"].read_text().splitlines()]
+    texts += ["The quick brown fox jumps over the lazy dog; 0123456789, naïve café.", "  two  spaces\n\nx", "日本語"]
+    ours, before = (Llama(model_path=str(p), vocab_only=True, verbose=False) for p in (tmp_path / "base.gguf",
+                                                                                       item["ours"]))
+    try:
+        for text in texts:
+            ids = ours.tokenize(text.encode(), add_bos=True, special=True)
+            assert ids == tok(text).input_ids == before.tokenize(text.encode(), add_bos=True, special=True), text
+    finally:
+        ours.close()
+        before.close()
+
+
 # ----------------------------------------------------------------------------- adapters
 
 

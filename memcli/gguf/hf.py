@@ -333,14 +333,18 @@ def _space_prefix(tj: dict, where: Path) -> bool:
         node = node or {}
         return node.get(key, []) if node.get("type") == "Sequence" else ([node] if node else [])
 
-    prefix = False
+    prefix = spaces_replaced = False
     for step in steps(tj.get("normalizer"), "normalizers"):
         if step.get("type") == "Prepend" and step.get("prepend") == "\u2581":
             prefix = True
-        elif not (step.get("type") == "Replace" and step.get("pattern", {}).get("String") == " "
-                  and step.get("content") == "\u2581"):
+        elif step.get("type") == "Replace" and step.get("pattern", {}).get("String") == " " \
+                and step.get("content") == "\u2581":
+            spaces_replaced = True
+        else:
             raise UserError(f"tokenizer {where}: normalizer {step.get('type')} has no llama.cpp equivalent")
     for step in steps(tj.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") == "Split" and step.get("pattern", {}).get("String") == " " and spaces_replaced:
+            continue  # Gemma's: a split at spaces after every space became "▁" splits nothing
         if step.get("type") != "Metaspace" or step.get("split", False) or step.get("replacement", "\u2581") != "\u2581":
             raise UserError(f"tokenizer {where}: pre-tokenizer {step.get('type')}"
                             f"{' (split)' if step.get('split') else ''} has no equivalent in llama.cpp's "
