@@ -8,6 +8,8 @@ mistral, qwen2, qwen3 with head_dim != hidden/heads; tied and untied; GQA):
   memcli's adapter matches torch + PEFT within 1e-3 per-token log-probability, and so does the adapter that
   llama.cpp's `convert_lora_to_gguf.py` makes from the same PEFT folder; a base of another case is refused;
 - `memcli verify` verdicts equal real greedy generation in llama.cpp.
+The slow cases (families.MORE_CASES): gemma3_text, phi3 (Phi-3-mini style SentencePiece; Phi-4-mini style partial
+rotary, LongRoPE and byte-level BPE) and a Llama 2 folder whose tokenizer is tokenizer.json alone.
 The references are llama.cpp's converters and torch, never memcli's own output.
 """
 
@@ -255,6 +257,25 @@ def test_gemma_tokenizer_json_only(family_root, reference, pb8, tmp_path):
     finally:
         ours.close()
         before.close()
+
+
+@pytest.mark.slow
+def test_phi3_module_names(family_root, reference, pb8, tmp_path):
+    """Phi-3's LoRA placement names are its fused projections: the default is the middle layer's gate_up_proj and
+    down_proj, all-linear adds qkv_proj and o_proj, and a Llama name is refused with the model's list."""
+    from memcli.lora import resolve_placement
+
+    model, _ = models.load_model(models.resolve(str(built("phi3", family_root, reference, pb8)["folder"])))
+    assert resolve_placement(model, None, None) == ([1], ["gate_up_proj", "down_proj"])
+    assert sorted(resolve_placement(model, [0], "all-linear")[1]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    with pytest.raises(UserError, match="unknown module 'q_proj'.*gate_up_proj, o_proj, qkv_proj"):
+        resolve_placement(model, [0], ["q_proj"])
+
+
+def test_gemma3_with_vision_is_refused_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    with pytest.raises(UserError, match="Gemma 3 with vision.*gemma3_text"):
+        models.resolve(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- adapters
