@@ -426,3 +426,13 @@ def test_a_bare_peft_folder_on_another_base_is_refused(tiny_run, pb8, other_tiny
         assert_refused(run_cli("verify", pb8, "--lora", peft, "--model", other_tiny, "--backend", backend,
                                "--out", out, "--threads", "1"), "was trained for tiny")
         assert not out.exists()
+
+
+def test_gemma3_with_vision_is_refused_in_one_line(tmp_path):
+    """A Gemma 3 with vision (model_type gemma3) is refused naming the text-only family memcli supports."""
+    from memcli import models
+    from memcli.errors import UserError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    with pytest.raises(UserError, match="Gemma 3 with vision.*gemma3_text"):
+        models.resolve(str(tmp_path))
