@@ -1,44 +1,21 @@
-"""The answer-token forward pass in torch: batches (and the one batch planner every backend uses), logits at
-the positions that predict answer tokens only, the frozen-prefix cache (the layers below the first adapted one,
-run once per entry), per-token cross-entropy for training, and the clean recall pass whose verdicts come from the
-same function `memcli verify` uses (`memcli.verify.verdicts.verdicts`)."""
+"""The answer-token forward pass in torch: padded batches (planned by `memcli.batching`, the one batch planner
+every backend uses), logits at the positions that predict answer tokens only, the frozen-prefix cache (the layers
+below the first adapted one, run once per entry), per-token cross-entropy for training, and the clean recall pass
+whose verdicts come from the same function `memcli verify` uses (`memcli.verdicts.verdicts`)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .batching import plan_batches
 from .corpus import Example
-
-
-def plan_batches(lengths, budget: int, *, padded: bool = False, max_seqs: int | None = None) -> list[tuple[int, int]]:
-    """Consecutive [start, end) groups of entries, in the order given. A group's cost is its total tokens
-    (packed sequences) or, with padded, entries x its longest entry (right-padded rows); it stays within
-    `budget` (an entry over it is a group of its own) and holds at most `max_seqs` entries."""
-    return [(start, start + len(group))
-            for start, group in iter_groups(lengths, int, budget, padded=padded, max_seqs=max_seqs)]
-
-
-def iter_groups(items: Iterable, length: Callable, budget: int, *, padded: bool = False,
-                max_seqs: int | None = None) -> Iterator[tuple[int, list]]:
-    """plan_batches over a stream: (index of the group's first item, the group's items), pulling items only
-    as far as the next group needs (the groups plan_batches gives on the same lengths)."""
-    start, group, used, width = 0, [], 0, 0
-    for item in items:
-        n = int(length(item))
-        cost = (len(group) + 1) * max(width, n) if padded else used + n
-        if group and (cost > budget or (max_seqs is not None and len(group) >= max_seqs)):
-            yield start, group
-            start, group, used, width = start + len(group), [], 0, 0
-        group.append(item)
-        used, width = used + n, max(width, n)
-    if group:
-        yield start, group
+from .scoring import score_logits
+from .verdicts import verdicts
 
 
 @dataclass
@@ -199,9 +176,6 @@ def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: 
     """The clean recall pass: entries sorted by length into padded batches, their answer logits reduced by the
     scoring kernel and judged by the verdict function `memcli verify` uses, so training's certification and
     verify's agree by construction."""
-    from .scoring import score_logits
-    from .verify.verdicts import verdicts
-
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))

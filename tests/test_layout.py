@@ -1,6 +1,10 @@
-"""The shape of the code: one owner per concern means no import circles and no module over 500 lines."""
+"""The shape of the code: one owner per concern means no import circles, no module over 500 lines, and layers
+that point one way (docs/architecture.md): every import goes to the same layer or one below, and the layers under
+torch's import torch nowhere at module level, so the llama.cpp path of `memcli verify` starts without it."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "memcli"
@@ -60,3 +64,61 @@ def test_no_module_over_500_lines():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 500}
     assert long == {}
+
+
+# Bottom to top. A module belongs to the first layer naming it or a package above it.
+LAYERS = [
+    ("core", ["memcli", "memcli.errors", "memcli.runs", "memcli.scoring", "memcli.batching", "memcli.verdicts",
+              "memcli.corpus", "memcli.datagen", "memcli.gguf.reader"]),
+    ("models", ["memcli.models", "memcli.config", "memcli.llamacpp"]),
+    ("gguf", ["memcli.gguf"]),
+    ("torch", ["memcli.lora", "memcli.objectives", "memcli.forward", "memcli.train", "memcli.sweep"]),
+    ("commands", ["memcli.verify", "memcli.law"]),
+    ("interface", ["memcli.terminal", "memcli.doctor", "memcli.cli", "memcli.cli_bench", "memcli.__main__",
+                   "memcli.bench"]),
+]
+TORCH_FREE = ("core", "models", "gguf")  # no module-level import of torch, transformers or peft
+HEAVY = ("torch", "transformers", "peft")
+
+
+def _layer(module: str) -> int:
+    for i, (_, names) in enumerate(LAYERS):
+        if module in names:
+            return i
+    for i, (_, names) in enumerate(LAYERS):
+        if any(module.startswith(n + ".") for n in names if n != "memcli"):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layout.py")
+
+
+def _graph() -> dict[str, set[str]]:
+    files = list(PACKAGE.rglob("*.py"))
+    modules = {_module_name(p) for p in files}
+    return {_module_name(p): _imports(p, modules) for p in files}
+
+
+def test_every_import_points_down_or_sideways():
+    upward = [f"{a} ({LAYERS[_layer(a)][0]}) imports {b} ({LAYERS[_layer(b)][0]})"
+              for a, targets in sorted(_graph().items()) for b in sorted(targets) if _layer(b) > _layer(a)]
+    assert upward == []
+
+
+def test_the_layers_under_torch_import_it_nowhere_at_module_level():
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        if LAYERS[_layer(name)][0] not in TORCH_FREE:
+            continue
+        for node in ast.parse(path.read_text()).body:  # module level only: a function may import torch lazily
+            if isinstance(node, ast.Import):
+                found += [f"{name}: import {a.name}" for a in node.names if a.name.split(".")[0] in HEAVY]
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in HEAVY:
+                found.append(f"{name}: from {node.module} import ...")
+    assert found == []
+
+
+def test_the_llama_cpp_verify_path_imports_no_torch():
+    """What the layers promise, as a user's process sees it."""
+    code = "import sys, memcli.verify.llama; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -16,7 +16,7 @@ from memcli.scoring import TokenStats, score_logits
 from memcli.verify.generation import compare_generation, generation_sample
 from memcli.verify.report import Totals
 from memcli.verify.run import VerifyOptions, verify
-from memcli.verify.verdicts import Generated, entry_verdict, verdicts
+from memcli.verdicts import Generated, entry_verdict, verdicts
 
 
 def stats_of(prob, argmax, margin, logprob=None):
@@ -144,7 +144,7 @@ def test_a_nan_logit_row_from_the_kernel_fails_its_entry():
     (True, 10, None, [(0, 2), (2, 3), (3, 4), (4, 5)]),  # torch: 2 x 5 = 10 fits, 3 x 5 and 2 x 7 do not
 ])
 def test_batch_groups_of_the_backends(padded, budget, max_seqs, groups):
-    from memcli.forward import plan_batches
+    from memcli.batching import plan_batches
 
     assert plan_batches([3, 5, 2, 7, 1], budget, padded=padded, max_seqs=max_seqs) == groups
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from memcli import corpus, models
-from memcli.forward import iter_groups, plan_batches
+from memcli.batching import iter_groups, plan_batches
 from memcli.verify.run import VerifyOptions, verify
 from test_verify import collect, tiny_gguf, tiny_run  # noqa: F401  (module fixtures: a briefly trained tiny run)
 

@@ -3,7 +3,7 @@ verdict on every entry of a finished run (docs/method.md §2)?
 
 torch + PEFT runs on the dequantised base, llama.cpp on the base GGUF (e.g. the shipped Q4_1) with the exported
 adapter. Both backends' logits go through the same scoring (memcli.scoring.score_logits) and the same verdict
-function (memcli.verify.verdicts.verdicts) that training's clean pass and `memcli verify` use. Also here:
+function (memcli.verdicts.verdicts) that training's clean pass and `memcli verify` use. Also here:
 `llama_logits`, llama.cpp's logits at every position, the reference runner of the export tests.
 """
 
@@ -48,10 +48,10 @@ def llama_logits(base: str | os.PathLike, sequences: list[list[int]], adapter: s
 
 
 def entry_verdicts(logits, examples) -> list:
-    """memcli.verify.verdicts.verdicts of each example from the logits at every position of its input ids
+    """memcli.verdicts.verdicts of each example from the logits at every position of its input ids
     (`logits`: one [len(input_ids), n_vocab] array per example, a list or a generator)."""
     from ..scoring import TokenStats, score_logits
-    from ..verify.verdicts import verdicts
+    from ..verdicts import verdicts
 
     parts, targets, lengths = [], [], []
     for rows, ex in zip(logits, examples):

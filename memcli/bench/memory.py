@@ -73,9 +73,9 @@ class _NoDecode:
     def score(self, examples, batch_tokens=2048):
         import numpy as np
 
-        from ..forward import iter_groups
+        from ..batching import iter_groups
         from ..scoring import score_logits
-        from ..verify.verdicts import ScoredBatch
+        from ..verdicts import ScoredBatch
 
         for start, group in iter_groups(examples, len, batch_tokens, max_seqs=256):
             self.plan.append((start, start + len(group)))

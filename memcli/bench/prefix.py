@@ -13,7 +13,7 @@ from .phonebook import phonebook_examples
 
 
 def _one_pass(backend, examples, batch_tokens):
-    from ..verify.verdicts import verdicts
+    from ..verdicts import verdicts
 
     backend.timings.update(decode_s=0.0, decodes=0, shared_prefix_tokens=0)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from .report import rounded
-from .verdicts import DEFAULT_RISK_MARGIN, EntryVerdict, Generated
+from ..verdicts import DEFAULT_RISK_MARGIN, EntryVerdict, Generated
 
 
 def compare_generation(generated: list[Generated], teacher_forced: dict[int, tuple[EntryVerdict, np.ndarray]],

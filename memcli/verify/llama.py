@@ -28,10 +28,10 @@ import numpy as np
 
 from .. import llamacpp
 from ..errors import UserError
-from ..forward import iter_groups, plan_batches
+from ..batching import iter_groups, plan_batches
 from ..scoring import TokenStats, default_threads, score_logits
 from .checks import check_vocabulary
-from .verdicts import Generated, ScoredBatch
+from ..verdicts import Generated, ScoredBatch
 
 GGML_TYPE = {"f32": 0, "f16": 1}
 MIN_SHARED = 4  # shorter shared prefixes are decoded in every sequence
@@ -184,7 +184,7 @@ class LlamaBackend:
     # --- the teacher-forced pass -------------------------------------------------------------------------
     def score(self, examples, batch_tokens: int = 2048):
         """ScoredBatch per group of entries, in corpus order. `examples` may be a stream (any iterable): groups
-        are planned as it is pulled (`forward.iter_groups`), each checked against the vocabulary, the context
+        are planned as it is pulled (`batching.iter_groups`), each checked against the vocabulary, the context
         grown where a group needs it. `open` must have been called with the same batch_tokens.
 
         Shared prefix (share_prefix): the entries of a group whose prompts begin with the same tokens (the chat

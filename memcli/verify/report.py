@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..runs import json_safe
-from .verdicts import EntryVerdict
+from ..verdicts import EntryVerdict
 
 PLOT_NAME = "target_probability.png"
 KEEP_LINES = 20  # failing / at-risk entries named in report.json and on the terminal

@@ -6,7 +6,7 @@ failure.
 
 `verify` runs four steps: resolve the inputs (options, what --lora names and its base: sources.py; the corpus in
 the tokenisation training used), open a backend (llama.cpp on the adapter GGUF: llama.py; torch on the PEFT
-adapter: torch.py), stream the teacher-forced pass into verdicts (verdicts.py) and the report folder
+adapter: torch.py), stream the teacher-forced pass into verdicts (memcli/verdicts.py) and the report folder
 (report.py), and write the report (with real greedy generation on a sample when asked: generation.py).
 """
 
@@ -30,7 +30,7 @@ from ..runs import json_safe
 from .report import KEEP_LINES, ProbabilityPlot, ReportWriter, Totals, check_out_dir, entry_row
 from .sources import (BASE_CHOICES, AdapterSource, Base, gguf_is_stale, recorded_base, resolve_adapter, resolve_base,
                       verify_base)
-from .verdicts import DEFAULT_RISK_MARGIN, EntryVerdict, verdicts
+from ..verdicts import DEFAULT_RISK_MARGIN, EntryVerdict, verdicts
 
 BACKENDS = ("llama", "torch")
 

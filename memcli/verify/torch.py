@@ -1,5 +1,5 @@
 """The PyTorch backend of `memcli verify`: the same per-token statistics from the HF weights with the PEFT
-adapter, in right-padded batches (`memcli.forward`: `plan_batches(..., padded=True)`, `collate`,
+adapter, in right-padded batches (`memcli.batching.plan_batches(..., padded=True)`, `memcli.forward`: `collate`,
 `answer_logits`: the output layer runs only at the positions that predict answer tokens), reduced by the same
 kernel (`memcli.scoring.score_logits`). It cross-checks the llama.cpp backend, and serves GPU users whose
 llama.cpp build lacks GPU support.
@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..forward import answer_logits, collate, iter_groups, plan_batches
+from ..batching import iter_groups, plan_batches
+from ..forward import answer_logits, collate
 from ..scoring import default_threads, score_logits
 from .checks import check_base, check_vocabulary
-from .verdicts import Generated, ScoredBatch
+from ..verdicts import Generated, ScoredBatch
 
 
 class TorchBackend:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..scoring import TokenStats
+from .scoring import TokenStats
 
 DEFAULT_RISK_MARGIN = 1.0
 
