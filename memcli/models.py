@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
+from .gguf.reader import read_gguf  # the GGUF file format alone; the exporters in memcli.gguf import this module
 from .runs import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -214,8 +215,6 @@ def _restore_digit_split(gguf_path: Path, out: Path) -> None:
     """transformers rebuilds a GGUF's tokenizer without llama.cpp's per-model pre-tokenizer steps. SmolLM's
     (`tokenizer.ggml.pre = smollm`) splits every digit before the byte-level split; put that step back so
     transformers tokenises exactly as llama.cpp does with the same file."""
-    from .gguf.reader import read_gguf
-
     if read_gguf(gguf_path).get("tokenizer.ggml.pre") != "smollm":
         return
     path = out / "tokenizer.json"

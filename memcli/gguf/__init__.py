@@ -14,5 +14,7 @@ llama.cpp checkout, no converter scripts).
 
 Every file is written through memcli.runs.atomic_write: an error never leaves a partial .gguf.
 
-This file imports nothing: memcli.models imports gguf.reader, and gguf.hf, base and adapter import models.
+Layers (tests/test_layout.py): reader.py is the GGUF file format and imports nothing of memcli but errors, so
+memcli.models reads GGUF metadata through it; hf, fingerprint, base and adapter sit above memcli.models and use
+it. This file imports nothing.
 """
