@@ -101,6 +101,7 @@ def train_config(params: dict):
 
     overrides = {k: v for k, v in params.items() if k not in ("out", "config", "resume", "force")}
     overrides.update(corpus=str(params["corpus"]),
+                     preserve_text=str(params["preserve_text"]) if params.get("preserve_text") else None,
                      curriculum_epochs=parse_ints(params["curriculum_epochs"], "--curriculum-epochs"),
                      layers=parse_ints(params["layers"], "--layers"),
                      modules=[m.strip() for m in params["modules"].split(",")] if params["modules"] else None)
@@ -139,6 +140,13 @@ def train(
                                           "gate_up_proj,down_proj]"),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha. \\[default: rank, i.e. scale 1]"),
     dropout: Optional[float] = typer.Option(None, help="LoRA dropout." + _default("dropout")),
+    preserve: Optional[bool] = typer.Option(None, "--preserve/--no-preserve", help="Add weight x KL(base || "
+                                            "tuned) on a small replay batch of unrelated text to every step, so the "
+                                            "model still predicts what it did before (docs/locality.md)."
+                                            + _default("preserve")),
+    preserve_weight: Optional[float] = typer.Option(None, help="The preserve term's weight." + _default("preserve_weight")),
+    preserve_text: Optional[Path] = typer.Option(None, help="The replay text of --preserve (a UTF-8 file). "
+                                                 "\\[default: the base model's own continuations of short prompts]"),
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate, decayed linearly to 0." + _default("lr")),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay." + _default("weight_decay")),
     clip: Optional[float] = typer.Option(None, help="Gradient-norm clipping." + _default("clip")),
@@ -354,6 +362,13 @@ def verify_cmd(
                              "(an F16 GGUF of the dequantised weights training used) | shipped (the quantised GGUF "
                              "as deployed)."),
     device: str = typer.Option("auto", help="torch: auto | cpu | cuda[:i]."),
+    locality: Optional[str] = typer.Option(None, "--locality", is_flag=False, flag_value="", metavar="[TEXT]",
+                                           help="Also compare the tuned model with its base, teacher-forced over "
+                                           "TEXT (a UTF-8 file; without it, the base model's own continuations "
+                                           "of short prompts, generated once and cached): greedy next-token "
+                                           "agreement, KL(base || tuned), CE of each (docs/locality.md)."),
+    locality_base: Optional[str] = typer.Option(None, "--locality-base", help="With --locality and a merged "
+                                                "model as --model (no --lora): the base GGUF it is compared with."),
     allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys", help="Verify a "
                                                           "corpus that gives one key two different values "
                                                           "(refused otherwise: one of them can never be "
@@ -369,7 +384,8 @@ def verify_cmd(
     options = VerifyOptions(backend=backend, n_gpu_layers=n_gpu_layers, threads=threads, batch_tokens=batch_tokens,
                             generate=generate, min_exact=min_exact, answer_tokens=answer_tokens,
                             chat_template=chat_template, eos=eos, key=key, risk_margin=risk_margin, kv_type=kv_type,
-                            device=device, allow_conflicting_keys=allow_conflicting_keys, base=base)
+                            device=device, allow_conflicting_keys=allow_conflicting_keys, base=base,
+                            locality=locality, locality_base=locality_base)
     update, close = verify_progress()
     try:
         report = verify(corpus, out, lora=lora, model=model, options=options, progress=update,

@@ -192,21 +192,25 @@ def bench_methods_cmd(
     def said(row):
         out_console.print(f"{row['regime']} rank {row['rank']} seed {row['seed']} {row['variant']}: exact "
                           f"{row['exact_match']:.1%}, token acc {row['token_accuracy']:.1%}, L_final "
-                          f"{row['l_final']:.3f}, steps {row['steps']}, {row['wall_s']:.0f} s", highlight=False,
+                          f"{row['l_final']:.3f}, steps {row['steps']}, {row['wall_s']:.0f} s, locality "
+                          f"{row['agreement'] if row['agreement'] is None else format(row['agreement'], '.1%')}",
+                          highlight=False,
                           markup=False)
 
     rows = run_study([known[r] for r in chosen], variant, parse_ints(seeds, "--seeds"), out, model, said)
     from rich.table import Table
 
     table = Table("regime", "rank", "variant", "seeds", "exact", "token acc", "L_final", "1st exact",
-                  "steps to cert.", "wall s", "bits/param", ">= baseline")
+                  "steps to cert.", "wall s", "bits/param", ">= baseline", "locality", "KL")
     for r in table_rows(rows):
         first, steps = ("-" if v is None else f"{v:g}" for v in (r["first_exact_step"], r["steps_to_certified"]))
         table.add_row(r["regime"], str(r["rank"]), r["variant"], str(r["seeds"]), f"{r['exact_match']:.1%}",
                       f"{r['token_accuracy']:.1%}", f"{r['l_final']:.3f}", first, steps, f"{r['wall_s']:.0f}",
-                      f"{r['bits_per_param']:.3f}", r["matches_baseline"])
+                      f"{r['bits_per_param']:.3f}", r["matches_baseline"],
+                      "-" if r["agreement"] is None else f"{r['agreement']:.1%}",
+                      "-" if r["kl"] is None else f"{r['kl']:.3f}")
     from rich.console import Console
 
-    # piped output defaults to 80 columns, too narrow for twelve: print the table wider there
-    (out_console if out_console.is_terminal else Console(width=150)).print(table)
+    # piped output defaults to 80 columns, too narrow for fourteen: print the table wider there
+    (out_console if out_console.is_terminal else Console(width=170)).print(table)
     out_console.print(f"medians over seeds; rows in {out / 'results.jsonl'}; plot {plot(rows, out / 'methods.png')}")

@@ -44,6 +44,10 @@ class TrainConfig:
     modules: list[str] | None = None
     alpha: float | None = None
     dropout: float = 0.1
+    # preserve: keep the base's next-token distribution on unrelated text (memcli.preserve)
+    preserve: bool = False
+    preserve_weight: float = 1.0
+    preserve_text: str | None = None
     # optimiser
     lr: float = 1e-2
     weight_decay: float = 0.0
@@ -123,6 +127,9 @@ class TrainConfig:
              "--curriculum-epochs must be increasing positive integers (e.g. 20,40,60,80), got "
              f"{','.join(map(str, self.curriculum_epochs)) or 'nothing'}"),
             (self.modules is None or len(self.modules) >= 1, "--modules must name at least one module"),
+            (self.preserve_weight > 0, f"--preserve-weight must be positive, got {self.preserve_weight}"),
+            (self.preserve or self.preserve_text is None, "--preserve-text is the replay text of --preserve; "
+             "add --preserve"),
         ]
         for ok, message in checks:
             if not ok:
@@ -208,7 +215,7 @@ def _resolved(key: str, value, settings: dict):
         return value
     if key == "alpha":
         return float(value if value is not None else settings.get("rank"))
-    if key == "corpus" and value:
+    if key in ("corpus", "preserve_text") and value:
         return os.path.abspath(str(value))
     return value
 

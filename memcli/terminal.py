@@ -233,6 +233,13 @@ def verify_table(report: dict):
     if gen:
         extra = f" ({gen['ties']} ties, {gen['near_ties']} near ties)" if gen["disagreements"] else ""
         table.add_row("greedy generation agrees", f"{gen['agree']}/{gen['entries']}{extra}")
+    loc = report.get("locality")
+    if loc:
+        table.add_row(f"locality: next token as the base's ({loc['tokens']:,} tokens)",
+                      "-" if loc["argmax_agreement"] is None else f"{loc['argmax_agreement']:.2%}")
+        table.add_row("locality: KL(base || tuned), nats/token", "-" if loc["kl"] is None else f"{loc['kl']:.4f}")
+        table.add_row("locality: CE of the text, base -> tuned", "-" if loc["ce_base"] is None else
+                      f"{loc['ce_base']:.4f} -> {loc['ce_tuned']:.4f}")
     check = report.get("tokenizer_check")
     if check and check["mismatches"]:
         table.add_row("llama.cpp tokenises differently", f"{check['mismatches']:,} entries")

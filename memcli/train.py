@@ -77,6 +77,8 @@ class Trainer:
         self.params = lora.trainable_parameters(self.model)
         self.l = corpus.answer_tokens(self.examples)
         self.gguf_blocker = self.check_gguf()  # before step 1: can adapter.gguf be written at the end?
+        self.replay = self.replay_text()  # --preserve's replay windows (a bad --preserve-text is refused here)
+        self.preserve = None  # the preserve term, built when the run starts (memcli.preserve.Preserve)
         self.prefix = None  # the frozen layers' output, built when the run starts (forward.FrozenPrefix)
 
         self.sw_form = None
@@ -132,6 +134,29 @@ class Trainer:
                 raise UserError(f"--gguf require: this run's adapter cannot be exported to GGUF: {cause}")
             self.log(f"note: no adapter.gguf will be written: {cause}")
         return cause
+
+    # --- preserve: locality during training (memcli.preserve) and after it (memcli.locality) -------------
+    def replay_text(self) -> list[list[int]] | None:
+        if not self.cfg.preserve:
+            return None
+        from .preserve import replay_windows
+
+        return replay_windows(self.spec, self.tokenizer, self.cfg.preserve_text, self.log, self.model)
+
+    def preserve_term(self):
+        """The preserve term: the base's distribution on the replay text, computed once with the adapter off."""
+        if self.replay is None:
+            return None
+        from .preserve import Preserve
+
+        return Preserve(self.model, self.replay, self.cfg.preserve_weight, self.cfg.seed, self.device,
+                        first_layer=min(self.layers))
+
+    def measure_locality(self) -> dict:
+        """Base against tuned on the measure half of the default reference (torch, adapter off for the base)."""
+        from .locality import reference_windows, torch_locality
+
+        return torch_locality(self.model, reference_windows(self.spec, "measure", self.log, (self.model, self.tokenizer)), self.device)
 
     # --- data order ------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
@@ -197,6 +222,10 @@ class Trainer:
         batch = forward.collate([self.examples[i] for i in idx], self.pad_id, self.device, self.prefix, idx)
         ce, correct = forward.answer_ce(self.model, batch)
         loss, hard = self.objective(ce, correct, batch, idx)
+        kept = None
+        if loss is not None and self.preserve is not None:
+            kept = self.preserve.loss(self.model, step)
+            loss = loss + kept
         if loss is not None:
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}")
@@ -212,7 +241,8 @@ class Trainer:
         n_tok = int(batch.mask.sum())
         return {"step": step, "epoch": epoch, "lr": lr, "objective": None if loss is None else round(loss.item(), 6),
                 "ce": round((ce.sum() / n_tok).item(), 6), "above": round(1 - hard / n_tok, 6), "hard_tokens": hard,
-                "answer_tokens": n_tok, "tokens_per_s": round(n_tok / (time.perf_counter() - t0), 1)}
+                "answer_tokens": n_tok, "tokens_per_s": round(n_tok / (time.perf_counter() - t0), 1)} | (
+                    {} if kept is None else {"preserve": round(kept.item(), 6)})
 
     def run(self, progress=None) -> dict:
         cfg = self.cfg
@@ -221,6 +251,7 @@ class Trainer:
             self.log(f"{self.out} already finished; nothing to resume")
             return finished
         self.prefix = self.frozen_prefix()
+        self.preserve = self.preserve_term()
         if self.l_init is None:
             with self.model.disable_adapter():
                 self.l_init = self.evaluate().mean_ce
@@ -279,8 +310,15 @@ class Trainer:
             "certified_at_step": certified_at, "wall_seconds": round(self.wall, 3), "seed": cfg.seed,
             "gguf": None, "gguf_error": self.gguf_blocker,
         }
-        # The trained adapter and its summary first: whatever export does next, they are kept.
+        # The trained adapter and its summary first: whatever locality and export do next, they are kept.
         runs.save_adapter(self.out, self.model)
+        runs.write_summary(self.out, summary)
+        summary["locality"], summary["locality_error"] = None, None
+        try:
+            summary["locality"] = self.measure_locality()
+        except Exception as e:  # noqa: BLE001 - a failed measurement must not lose the finished run
+            summary["locality_error"] = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            self.log(f"warning: locality not measured: {summary['locality_error']}")
         runs.write_summary(self.out, summary)
         if cfg.gguf == "off" or self.gguf_blocker is not None:
             return summary

@@ -407,6 +407,84 @@ nb::dict score_rows(const LogitsArray& logits, const TargetsArray& targets, int 
     return result;
 }
 
+
+// --- KL(P || Q) between two blocks of logits rows ---------------------------------------------------------------
+//
+// Row semantics (memcli/scoring.py:kl_numpy is the reference and must agree), P = softmax(p), Q = softmax(q):
+//   kl = sum_j P_j (log P_j - log Q_j)
+// computed in one sweep after the two row maxima mp, mq are known, with sp = sum_j exp(p_j - mp),
+// sq = sum_j exp(q_j - mq) and s = sum_j exp(p_j - mp) (p_j - q_j) over the entries with p_j > -inf:
+//   kl = s / sp - (mp - mq) - log(sp) + log(sq)
+// (log P_j - log Q_j = (p_j - q_j) - (mp - mq) - log sp + log sq, and sum_j P_j = 1). Identical rows give exactly 0.
+// An entry masked in p (-inf) contributes nothing; one masked in q but not in p makes kl +inf. A row of either
+// block holding a NaN or +inf, or only -inf entries, gives NaN (no distribution to compare).
+double kl_row(const float* p, const float* q, i64 vocab) {
+    float mp = -kInf, mq = -kInf;
+    bool nan = false;
+    for (i64 i = 0; i < vocab; ++i) {
+        const float a = p[i], b = q[i];
+        nan |= std::isnan(a) || std::isnan(b);
+        mp = a > mp ? a : mp;
+        mq = b > mq ? b : mq;
+    }
+    if (nan || !std::isfinite(mp) || !std::isfinite(mq)) return kNaN;
+    double sp = 0.0, sq = 0.0, s = 0.0;
+    for (i64 start = 0; start < vocab; start += kBlock) {  // float partial sums per block, double across blocks
+        const i64 end = std::min(vocab, start + kBlock);
+        float bp = 0.0f, bq = 0.0f, bs = 0.0f;
+        for (i64 i = start; i < end; ++i) {
+            const float a = p[i], b = q[i];
+            const float ea = exp_nonpositive<float, std::uint32_t>(a - mp);
+            bp += ea;
+            bq += exp_nonpositive<float, std::uint32_t>(b - mq);
+            if (a > -kInf) bs += ea * (a - b);
+        }
+        sp += bp;
+        sq += bq;
+        s += bs;
+    }
+    return s / sp - (static_cast<double>(mp) - static_cast<double>(mq)) - std::log(sp) + std::log(sq);
+}
+
+nb::object kl_rows(const LogitsArray& p, const LogitsArray& q, int n_threads) {
+    const i64 rows = static_cast<i64>(p.shape(0));
+    const i64 vocab = static_cast<i64>(p.shape(1));
+    if (static_cast<i64>(q.shape(0)) != rows || static_cast<i64>(q.shape(1)) != vocab) {
+        throw nb::value_error(("kl_rows: p has shape [" + std::to_string(rows) + ", " + std::to_string(vocab) +
+                               "] but q has [" + std::to_string(q.shape(0)) + ", " + std::to_string(q.shape(1)) +
+                               "]").c_str());
+    }
+    if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    const float* a = p.data();
+    const float* b = q.data();
+    const size_t n = static_cast<size_t>(rows);
+    std::unique_ptr<double[]> out(new double[n]);
+    {
+        nb::gil_scoped_release no_gil;
+        double* o = out.get();
+        std::atomic<i64> next{0};
+        const i64 batch = std::max<i64>(1, (i64{1} << 14) / std::max<i64>(vocab, 1));
+        auto worker = [&] {
+            for (;;) {
+                const i64 begin = next.fetch_add(batch);
+                if (begin >= rows) return;
+                const i64 end = std::min(rows, begin + batch);
+                for (i64 r = begin; r < end; ++r) o[r] = kl_row(a + r * vocab, b + r * vocab, vocab);
+            }
+        };
+        const i64 useful = std::max<i64>(1, (rows * vocab) >> 16);
+        const int threads = static_cast<int>(std::min<i64>(n_threads, useful));
+        std::vector<std::thread> pool;
+        try {
+            for (int k = 1; k < threads; ++k) pool.emplace_back(worker);
+        } catch (const std::system_error&) {
+        }
+        worker();
+        for (auto& th : pool) th.join();
+    }
+    return numpy_vector(std::move(out), n);
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -421,6 +499,11 @@ NB_MODULE(_native, m) {
           "strictly greater than the target logit. Rows holding NaN or +inf, or only -inf, give NaN floats\n"
           "and argmax = rank = -1. Raises ValueError for a target outside [0, V) or a length mismatch,\n"
           "TypeError for any other dtype, shape or layout (no implicit copies are made).");
+    m.def("kl_rows", &kl_rows, nb::arg("p").noconvert(), nb::arg("q").noconvert(), nb::arg("n_threads") = 0,
+          "KL(softmax(p) || softmax(q)) of each row pair of two float32, C-contiguous [n, V] blocks, in nats\n"
+          "(float64, length n), rows in parallel without holding the GIL. Rows holding NaN or +inf, or only\n"
+          "-inf, give NaN; an entry masked (-inf) in q but not in p gives +inf. Raises ValueError when the\n"
+          "shapes differ, TypeError for any other dtype or layout (no implicit copies are made).");
     m.def("kernel_isa", &kernel_isa,
           "The code path score_rows uses on this CPU: 'avx2' (x86-64 with AVX2 + FMA) or 'portable'.\n"
           "Setting MEMCLI_NATIVE_SIMD=portable in the environment forces the portable one.");

@@ -111,7 +111,9 @@ def run_one(regime: Regime, variant: str, settings: dict, seed: int, rank: int, 
             "certified_at_step": s["certified_at_step"], "wall_s": s["wall_seconds"],
             "exact_match": s["exact_match"], "token_accuracy": s["token_accuracy"], "certified": s["certified"],
             "l_init": s["l_init"], "l_final": s["l_final"],
-            "bits_per_param": bits_per_parameter(s, regime, len(tokenizer))}
+            "bits_per_param": bits_per_parameter(s, regime, len(tokenizer)),
+            "agreement": (s.get("locality") or {}).get("argmax_agreement"),
+            "kl": (s.get("locality") or {}).get("kl")}
 
 
 def run_study(regimes: list[Regime], variants: list[str], seeds: list[int], out: Path, model: str | None = None,
@@ -162,6 +164,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
                     "first_exact_step": _median_if_all(r.get("first_exact_step") for r in rs),
                     "wall_s": statistics.median(r["wall_s"] for r in rs),
                     "bits_per_param": statistics.median(r["bits_per_param"] for r in rs),
+                    "agreement": _median_if_all(r.get("agreement") for r in rs),
+                    "kl": _median_if_all(r.get("kl") for r in rs),
                     "matches_baseline": f"{wins}/{len(rs)}"})
     return out
 

@@ -53,6 +53,7 @@ class LlamaBackend:
         self.size = (0, 0, 0, 0)
         self.timings = {"load_s": 0.0, "pack_s": 0.0, "decode_s": 0.0, "score_s": 0.0, "decodes": 0}
         self.model = self.ctx = self.lora = None
+        self.adapter_on = True  # whether decodes apply the adapter (locality switches it off for the base)
         t0 = time.perf_counter()
         params, self.load_path = llamacpp.model_params(self.base, self.n_gpu_layers, log)  # probes once where AMX may trap
         self.model = L.llama_model_load_from_file(str(self.base).encode(), params)
@@ -118,13 +119,24 @@ class LlamaBackend:
         self.n_batch = n_batch
         self.n_ctx, self.n_seq_max = int(L.llama_n_ctx(self.ctx)), int(L.llama_n_seq_max(self.ctx))
         self.timings["contexts"] = self.timings.get("contexts", 0) + 1
-        if self.lora is not None:
-            adapters = (L.llama_adapter_lora_p_ctypes * 1)(self.lora)
-            scales = (ctypes.c_float * 1)(1.0)
-            if L.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
-                raise UserError(f"llama.cpp cannot apply the adapter {self.adapter} ({llamacpp.last_error()})")
+        self._apply_adapter()
         self.memory = L.llama_get_memory(self.ctx)
         self._alloc_batch(self.n_batch)
+
+    def _apply_adapter(self) -> None:
+        L = self._L
+        if self.lora is None or not self.ctx:
+            return
+        n = 1 if self.adapter_on else 0
+        adapters = (L.llama_adapter_lora_p_ctypes * 1)(self.lora)
+        scales = (ctypes.c_float * 1)(1.0)
+        if L.llama_set_adapters_lora(self.ctx, adapters, n, scales) != 0:
+            raise UserError(f"llama.cpp cannot apply the adapter {self.adapter} ({llamacpp.last_error()})")
+
+    def use_adapter(self, on: bool) -> None:
+        """Decode with the adapter (the default) or without it: the base model, from the same loaded weights."""
+        self.adapter_on = bool(on)
+        self._apply_adapter()
 
     def _free_ctx(self) -> None:
         if self.ctx:
@@ -198,7 +210,18 @@ class LlamaBackend:
             yield self._score_group(start, group)
         self.plan = plan
 
-    def _score_group(self, start: int, group) -> ScoredBatch:
+    def answer_logits(self, group) -> np.ndarray:
+        """[answer tokens, V]: a float32 copy of the logits at the positions that predict the answer tokens of a
+        group of entries (packed as `score` packs them), in entry order. `open` must have been called."""
+        check_vocabulary(group, self.n_vocab, str(self.base))
+        self._ensure(self._needs(group))
+        parts = []
+        self._score_group(0, group, reduce=lambda logits, targets: parts.append(logits.copy()))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _score_group(self, start: int, group, reduce=None) -> ScoredBatch | None:
+        """Decode a group; its answer positions' logits go to the kernel (or to reduce(logits, targets), and
+        then nothing is returned)."""
         t0 = time.perf_counter()
         shared = self._shared_prefix(group)
         if shared:
@@ -235,7 +258,10 @@ class LlamaBackend:
                 n_out = int(out[c0:c1].sum())
                 self.timings["pack_s"] += time.perf_counter() - t0
                 logits = self._decode(n, n_out)
-                if n_out:
+                if n_out and reduce is not None:
+                    reduce(logits, targets[done_targets: done_targets + n_out])
+                    done_targets += n_out
+                elif n_out:
                     t0 = time.perf_counter()
                     parts.append(score_logits(logits, targets[done_targets: done_targets + n_out],
                                               threads=self.threads))
@@ -245,6 +271,8 @@ class LlamaBackend:
                 for s in range(1, len(group)):
                     self._L.llama_memory_seq_cp(self.memory, 0, s, 0, shared)
         self.clear()
+        if reduce is not None:
+            return None
         stats = parts[0] if len(parts) == 1 else TokenStats.concat(parts)
         return ScoredBatch(np.arange(start, start + len(group)), answer, targets, stats)
 

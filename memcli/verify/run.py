@@ -55,6 +55,8 @@ class VerifyOptions:
     share_prefix: bool = True  # llama: decode a prompt prefix a batch's entries share once (docs/method.md §2)
     chunk: int = 4096  # entries read and tokenised at a time
     base: str = "auto"  # llama, a model shipped quantised: auto/training (F16 of training's weights) or shipped
+    locality: str | None = None  # None: off; "": the default reference; else a text file (verify/locality.py)
+    locality_base: str | None = None  # the base GGUF a merged --model is compared with
 
     def validate(self) -> None:
         checks = [
@@ -282,7 +284,7 @@ def run_generation(backend, inp: Inputs, opts: VerifyOptions, kept: dict, log) -
 
 # --- 4. the report -------------------------------------------------------------------------------------------
 
-def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: dict, done: Pass, generation: dict | None, setup_s: float, total_s: float) -> dict:
+def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: dict, done: Pass, generation: dict | None, setup_s: float, total_s: float, locality: dict | None = None) -> dict:
     """report.json's content."""
     summary = done.totals.summary()
     timing, t_pass = dict(done.timings), done.seconds
@@ -305,6 +307,7 @@ def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: di
         "backend": backend.describe(),
         "tokenizer_check": done.tokenizer_check,
         "generation": generation,
+        "locality": locality,
         "timings": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in timing.items()},
     }
 
@@ -321,14 +324,21 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
     out = Path(out)
     check_out_dir(out)
     inp = resolve_inputs(corpus_path, lora, model, opts)
+    from . import locality
+
+    locality_text = locality.windows(inp, opts, log)  # a bad --locality TEXT is refused before any model loads
     with ExitStack() as stack:  # closes, in reverse: the report folder (unless committed), backend, temp export
         backend, backend_settings = open_backend(inp, opts, stack, log)
         setup_s = time.perf_counter() - t_start
         writer = stack.enter_context(ReportWriter(out))
         done = stream_pass(backend, inp, opts, writer, progress, log)
         generation = run_generation(backend, inp, opts, done.kept, log)
+        t0 = time.perf_counter()
+        measured = locality.measure(backend, locality_text, opts, log) if locality_text is not None else None
+        if measured is not None:
+            measured["seconds"] = round(time.perf_counter() - t0, 3)
         report = build_report(inp, opts, backend, backend_settings, done, generation, setup_s,
-                              time.perf_counter() - t_start)
+                              time.perf_counter() - t_start, measured)
         t = report["totals"]
         writer.commit(report, done.plot, f"{Path(corpus_path).name}: exact {t['exact']}/{t['entries']}, certified "
                                          f"{t['certified']}, at risk {t['at_risk']} ({opts.backend})")
