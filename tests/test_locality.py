@@ -151,6 +151,7 @@ def independent_locality(peft_dir, text_path, window=128):
             "ce_tuned": -lq.gather(-1, nxt[..., None]).mean().item(), "tokens": nxt.numel()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["llama", "torch"])
 def test_zero_adapter_agrees_everywhere_with_kl_zero(zero_adapter, pb8, text, tmp_path, backend):
     lora = zero_adapter / ("adapter.gguf" if backend == "llama" else "adapter")
@@ -165,6 +166,7 @@ def test_zero_adapter_agrees_everywhere_with_kl_zero(zero_adapter, pb8, text, tm
     assert "locality" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "llama"])
 def test_trained_adapter_locality_matches_plain_torch_and_peft(trained, pb8, text, tmp_path, backend):
     want = independent_locality(trained / "adapter", text)
@@ -180,6 +182,7 @@ def test_trained_adapter_locality_matches_plain_torch_and_peft(trained, pb8, tex
         assert got[key] == pytest.approx(want[key], rel=tol, abs=tol), key
 
 
+@pytest.mark.slow
 def test_train_records_locality_on_the_reference(trained):
     summary = json.loads((trained / "summary.json").read_text())
     loc = summary["locality"]
@@ -187,6 +190,7 @@ def test_train_records_locality_on_the_reference(trained):
     assert summary["locality_error"] is None
 
 
+@pytest.mark.slow
 def test_reference_is_made_once_and_reused(monkeypatch):
     from memcli import locality, models
 
@@ -202,6 +206,7 @@ def test_reference_is_made_once_and_reused(monkeypatch):
 # ------------------------------------------------------------------ bad input: one line, exit 2, no report folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "empty", "short", "binary", "not-utf8"])
 def test_bad_locality_text_exits_2(trained, pb8, tmp_path, case):
     from test_bad_input import assert_refused
