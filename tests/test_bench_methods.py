@@ -14,7 +14,8 @@ def test_variants_are_train_settings():
     name, settings = parse_variant("memft-ot  train_threshold=0.9 dropout=0")
     assert name == "memft-ot train_threshold=0.9 dropout=0"
     assert settings == {"method": "memft-ot", "train_threshold": 0.9, "dropout": 0.0}
-    for bad in ("memft-ot rank=4", "memft-ot batch_size=4", "memft-ot check_every=2", "memft-ot bogus=1",
+    assert parse_variant("sft preserve=true")[1] == {"method": "sft", "preserve": True}
+    for bad in ("memft-ot preserve=maybe", "memft-ot rank=4", "memft-ot batch_size=4", "memft-ot check_every=2", "memft-ot bogus=1",
                 "memft-ot train_threshold", "sgd", "memft-ot dropout=2"):
         with pytest.raises(UserError):
             parse_variant(bad)

@@ -61,6 +61,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if not sep or key not in hints or key in STUDY_SETTINGS:
             raise UserError(f"--variant '{text}': '{word}' is not SETTING=VALUE of a train setting that a variant "
                             "may change")
+        if hints[key] is bool:  # written on a command line: true/false
+            value = {"true": True, "false": False}.get(value.lower(), value)
         settings[key] = coerce_setting(value, hints[key], f"--variant '{text}'")
     TrainConfig(**settings).validate()
     return " ".join(words), settings
