@@ -76,7 +76,7 @@ class TrainConfig:
         origin: dict = {}
         if yaml_path is not None:
             try:
-                loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+                loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8-sig")) or {}
             except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"--config {yaml_path}: cannot be read ({first})") from None

@@ -7,6 +7,7 @@ A corpus is a list of (key, value) entries. Accepted, as users bring them:
 
 from __future__ import annotations
 
+import codecs
 import json
 from array import array
 from collections.abc import Iterable, Iterator
@@ -64,20 +65,24 @@ def iter_entries(path: str | Path, key: str = "") -> Iterator[Entry]:
     if not path.is_file():
         raise UserError(f"corpus {path} does not exist")
     if path.suffix == ".txt":
+        data = path.read_bytes()
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # Windows editors write one
         try:
-            text = path.read_text(encoding="utf-8")
+            text = data[bom:].decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UserError(f"corpus {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UserError(f"corpus {path} is not UTF-8 text ({e.reason} at byte {bom + e.start})") from None
         if text.strip():
             yield Entry(key, text, 1)
         return
     offset = 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
+            bom = len(codecs.BOM_UTF8) if n == 1 and raw.startswith(codecs.BOM_UTF8) else 0
             try:
-                line = raw.decode("utf-8")
+                line = raw[bom:].decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"corpus {path} is not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+                at = offset + bom + e.start
+                raise UserError(f"corpus {path} is not UTF-8 text ({e.reason} at byte {at})") from None
             offset += len(raw)
             if line.strip():
                 yield _parse_line(path, n, line)

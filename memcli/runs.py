@@ -145,7 +145,7 @@ def read_config(run: str | os.PathLike) -> dict:
 
     path = Path(run) / CONFIG
     try:
-        record = yaml.safe_load(path.read_text(encoding="utf-8"))
+        record = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"run config {path} is corrupt ({first})") from None
@@ -172,7 +172,7 @@ def read_summary(run_or_file: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} cannot be read ({e})") from None
     if not isinstance(data, dict):

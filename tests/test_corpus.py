@@ -188,6 +188,34 @@ def test_bad_utf8_names_the_byte_offset_in_the_file(tmp_path):
         read_corpus(path)
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Windows editors start UTF-8 files with EF BB BF."""
+    jsonl, txt = tmp_path / "c.jsonl", tmp_path / "doc.txt"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"query": "Ada:", "target": "6123"}\n{"query": "Bo:", "target": "7"}\n')
+    txt.write_bytes(b"\xef\xbb\xbfline one\nline two\n")
+    assert read_corpus(jsonl) == [Entry("Ada:", "6123", 1), Entry("Bo:", "7", 2)]
+    assert read_corpus(txt, key="Recite:") == [Entry("Recite:", "line one\nline two\n", 1)]
+    jsonl.write_bytes(b'\xef\xbb\xbf{"query": "\xff", "target": "2"}\n')  # 3 + 11 bytes before the bad one
+    with pytest.raises(UserError, match="not UTF-8 text .* at byte 14"):
+        read_corpus(jsonl)
+    txt.write_bytes(b"\xef\xbb\xbfab\xff")
+    with pytest.raises(UserError, match="not UTF-8 text .* at byte 5"):
+        read_corpus(txt)
+
+
+def test_train_reads_a_corpus_and_a_config_with_a_byte_order_mark(tmp_path):
+    from conftest import run_cli
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(b'\xef\xbb\xbf{"query": "Ada:", "target": "6123"}\n')
+    config = tmp_path / "settings.yaml"
+    config.write_bytes(b"\xef\xbb\xbfmax_steps: 3\ngguf: \"off\"\n")
+    result = run_cli("train", corpus, "--out", tmp_path / "run", "--model", "tiny", "--config", config)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["entries"], summary["steps"]) == (1, 3)
+
+
 @pytest.mark.parametrize("options", [{}, {"chat_template": True, "eos": True}, {"answer_tokens": 45}])
 def test_streamed_chunks_are_the_examples_prepare_gives(tiny_tokenizer, options):
     from memcli.corpus import iter_prepared, prepare, scan_corpus

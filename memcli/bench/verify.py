@@ -202,7 +202,7 @@ def run_bench(corpus, *, lora=None, model=None, baseline_entries: int = 50, base
                 if len(examples) == 1:
                     raise UserError("--torch-entries needs a corpus of many entries")
                 lines = set(ex.line for ex in examples[:torch_entries])
-                text = Path(corpus).read_text(encoding="utf-8").splitlines()
+                text = Path(corpus).read_text(encoding="utf-8-sig").splitlines()
                 d_corpus = tmp / ("d" + Path(corpus).suffix)
                 d_corpus.write_text("".join(t + "\n" for n, t in enumerate(text, 1) if n in lines))
             say.print("(d) memcli verify, torch backend ...")

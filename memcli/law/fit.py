@@ -301,7 +301,7 @@ def load_law(path: Path | str, capacity: str | None = None) -> LawFit:
     """Read law.json; with capacity given, refuse a law fitted on another capacity measure."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise LawError(f"{path}: cannot read the law file ({exc})") from None
     law = LawFit.from_json(text, source=str(path))

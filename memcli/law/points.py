@@ -166,7 +166,7 @@ def _read_summary(path: Path, capacity: str) -> Point:
 
 def _read_csv(path: Path, capacity: str) -> list[Point]:
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None:
                 raise LawError(f"{path}: empty file")
@@ -189,7 +189,7 @@ def _read_csv(path: Path, capacity: str) -> list[Point]:
 
 def _read_jsonl(path: Path, capacity: str) -> list[Point]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise LawError(f"{path}: cannot read ({exc})") from None
     points = []
