@@ -7,16 +7,20 @@ atomic writer every output of memcli goes through (a file is whole or absent, ne
     RUN/adapter/         the adapter in PEFT format                        (save_adapter)
     RUN/adapter.gguf     the same adapter for llama.cpp                    (gguf_path)
     RUN/checkpoints/     step-<N>.pt                                       (train)
+    RUN.lock             beside the folder: held by the one process using it (RunLock)
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -121,6 +125,100 @@ def atomic_dir(target: str | os.PathLike, build: Callable[[Path], None], replace
 
 
 # --- the run folder ------------------------------------------------------------------------------------------
+
+class RunLock:
+    """The run folder `run` taken by this process, until `release` (or the process ends, however it ends).
+
+    An exclusive fcntl.flock on RUN.lock beside the folder. Beside, not inside: it is taken before the folder
+    exists (two `memcli train` started together must not both find it absent) and must outlive `--force` replacing
+    the folder. flock rather than a file created with O_EXCL: the kernel drops a flock when its holder dies, by
+    SIGKILL or a power cut too, so a lock file a killed process left blocks nothing and there is no guess about
+    whether a recorded pid is still the holder (a pid is reused; on another host it cannot be checked). The file
+    holds the holder's pid, host and start time only to name it when a second process is refused. `release`
+    removes the file; a process that takes the lock checks that the file it locked is still the one at the path
+    (the holder may have removed it in between), else takes it again. Parent folders made for the lock file are
+    removed again on release when they are empty (bad input leaves nothing behind). On a network file system
+    flock is as reliable as its locking (NFSv4: yes)."""
+
+    def __init__(self, run: str | os.PathLike, what: str = "run folder"):
+        self.run = Path(run)
+        target = self.run.resolve()
+        self.path = target.parent / f"{target.name or 'run'}.lock"
+        self.made: list[Path] = []
+        self.fd = None
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+        try:
+            for folder in reversed(missing):
+                try:
+                    folder.mkdir()
+                    self.made.append(folder)
+                except FileExistsError:
+                    pass
+            for _ in range(100):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise UserError(f"{what} {self.run} is in use by {self.holder()}; wait for it to end or "
+                                    f"give another --out (lock {self.path})") from None
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)  # locked a file its holder removed on release: take the one now at the path
+            else:
+                raise OSError(f"{self.path} keeps changing")
+            self.fd = fd
+            started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode())
+        except OSError as e:
+            self.release()
+            doing = "lock" if self.run.is_dir() else "create"
+            raise UserError(f"--out {self.run}: cannot {doing} the run folder ({e.strerror or e})") from None
+        except BaseException:
+            self.release()
+            raise
+
+    def holder(self) -> str:
+        """'process 123 (started ...)' from the lock file; it is written just after the lock is taken, so an
+        empty file is read again for a moment."""
+        for _ in range(20):
+            try:
+                info = json.loads(self.path.read_text(encoding="utf-8"))
+                pid, host, started = info["pid"], info["host"], info["started"]
+                where = "" if host == socket.gethostname() else f" on host {host}"
+                return f"another memcli process (pid {pid}{where}, started {started})"
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.05)
+        return "another memcli process"
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock (removing first: a process waiting on this file then finds
+        it gone and takes the new one). Idempotent."""
+        if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        for folder in reversed(self.made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.made = []
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 def is_run(path: str | os.PathLike) -> bool:
     """A memcli run folder (started: config.yaml is written before the first step)."""

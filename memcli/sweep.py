@@ -203,7 +203,8 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
                         "new --out")
     for name, differs in stale:
         log(f"{name}: settings changed ({describe_differences(differs)}); retraining it (--force)")
-        shutil.rmtree(out / name)
+        with runs.RunLock(out / name, "sweep cell"):
+            shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
     record = {"ranks": ranks, "answer_tokens": lengths, "settings": dataclasses.asdict(base)}
     runs.write_text(out / "sweep.yaml", yaml.safe_dump(record, sort_keys=False), what="sweep file")

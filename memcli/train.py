@@ -1,6 +1,6 @@
 """`memcli train`: memorise a corpus into a LoRA adapter with SFT, MemFT-OT or MemFT-SW.
 
-The loop is one readable page (`Trainer.run`); everything it needs is set up in `Trainer.__init__`, and bad
+The loop is one readable page (`Trainer.loop`); everything it needs is set up in `Trainer.__init__`, and bad
 input is refused there, before the run folder exists.
 """
 
@@ -51,6 +51,19 @@ class NonFiniteLoss(Exception):
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, force: bool = False, log=print):
         self.cfg, self.out, self.log = cfg, Path(out), log
+        # First: one process at a time in a run folder, held until `run` ends (or `close`).
+        self.lock = runs.RunLock(self.out)
+        try:
+            self.setup(cfg, resume, force)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """Let go of the run folder (`run` does when it ends)."""
+        self.lock.release()
+
+    def setup(self, cfg: TrainConfig, resume: bool, force: bool) -> None:
         if self.out.exists() and not (resume or force):
             raise UserError(f"run folder {self.out} exists: use --resume to continue it or --force to replace it")
         if resume and not runs.is_run(self.out):
@@ -245,6 +258,12 @@ class Trainer:
                     {} if kept is None else {"preserve": round(kept.item(), 6)})
 
     def run(self, progress=None) -> dict:
+        try:
+            return self.loop(progress)
+        finally:
+            self.close()
+
+    def loop(self, progress=None) -> dict:
         cfg = self.cfg
         finished = runs.read_summary(self.out) if self.resumed else None
         if finished is not None:

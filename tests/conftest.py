@@ -38,3 +38,12 @@ def run_memcli(*args, timeout=600) -> subprocess.CompletedProcess:
     """memcli as a user runs it: a separate process."""
     return subprocess.run([sys.executable, "-m", "memcli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_memcli(*args, **env) -> subprocess.Popen:
+    """memcli started as a separate process and left running (stdout and stderr piped as text); `env` adds
+    environment variables."""
+    import os
+
+    return subprocess.Popen([sys.executable, "-m", "memcli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
