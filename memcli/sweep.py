@@ -22,6 +22,7 @@ import yaml
 from . import runs
 from .config import TrainConfig, describe_differences, setting_differences
 from .errors import UserError
+from .terminal import Terminated
 from .train import Trainer
 
 
@@ -94,9 +95,14 @@ def run_cell(settings: dict, run_dir: str, device: str | None = None, threads: i
     return Trainer(cfg, run, resume=resume, log=lambda m: None).run()
 
 
-def _claim_gpu(queue) -> None:
-    """Worker initializer: each worker process takes one GPU for its whole life."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
+def _worker_init(queue) -> None:
+    """Worker initializer: SIGTERM unwinds a cell like Ctrl-C (its checkpoint and lock are cleaned up), and with
+    GPUs each worker process takes one GPU for its whole life."""
+    from .terminal import handle_sigterm
+
+    handle_sigterm()
+    if queue is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
 
 
 def _ray_runner(base: TrainConfig):
@@ -240,18 +246,24 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
         workers = min(jobs, n_gpu) if n_gpu else jobs
         threads = None if n_gpu else max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
-        gpu_queue, init = None, None
+        gpu_queue = None
         if n_gpu:
             gpu_queue = context.Queue()
             for i in range(workers):
                 gpu_queue.put(i)
-            init = _claim_gpu
-        with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=init,
-                                    initargs=(gpu_queue,) if n_gpu else ()) as pool:
-            futures = {}
-            for name, cfg in pending_cells:
-                device = "cuda:0" if n_gpu else None  # the worker sees only its own GPU
-                futures[pool.submit(run_cell, dataclasses.asdict(cfg), str(out / name), device, threads)] = name
-            for future in cf.as_completed(futures):
-                finished(futures[future], future.result())
+        with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                    initargs=(gpu_queue,)) as pool:
+            try:
+                futures = {}
+                for name, cfg in pending_cells:
+                    device = "cuda:0" if n_gpu else None  # the worker sees only its own GPU
+                    futures[pool.submit(run_cell, dataclasses.asdict(cfg), str(out / name), device, threads)] = name
+                for future in cf.as_completed(futures):
+                    finished(futures[future], future.result())
+            except KeyboardInterrupt as e:
+                pool.shutdown(wait=False, cancel_futures=True)
+                if isinstance(e, Terminated):  # Ctrl-C reaches the workers too; a SIGTERM only this process
+                    for child in multiprocessing.active_children():
+                        child.terminate()  # each unwinds its cell as this process does
+                raise
     return [results[name] for name, _ in cells]

@@ -4,7 +4,9 @@ ends."""
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
@@ -26,15 +28,44 @@ def parse_ints(text: str | None, name: str) -> list[int] | None:
         raise UserError(f"{name} takes comma-separated integers, got '{text}'") from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that it unwinds the same way: every
+    temporary file or folder goes with the `finally` / `except BaseException` that guards it (memcli.runs' atomic
+    writers, verify's report folder, train's checkpoint and run folder lock) and earlier outputs stay whole."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut that cleanup short
+    raise Terminated()
+
+
+def handle_sigterm() -> object | None:
+    """From now on SIGTERM unwinds like Ctrl-C (see Terminated); returns the handler it replaced, or None where
+    signals cannot be handled (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminated)
+
+
 def user_errors(fn):
-    """Bad input ends in one clear line on stderr and exit code 2."""
+    """Bad input ends in one clear line on stderr and exit code 2. Ctrl-C and SIGTERM unwind the command (its
+    temporary files and folders are removed) and end in one line and the shell's codes: 130 (SIGINT), 143
+    (SIGTERM)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = handle_sigterm()
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
+        except KeyboardInterrupt as e:
+            name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT (Ctrl-C)", 130)
+            console.print(f"[bold red]interrupted[/] by {name}", highlight=False)
+            raise typer.Exit(code)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 
