@@ -22,7 +22,7 @@ import yaml
 from . import runs
 from .config import TrainConfig, describe_differences, setting_differences
 from .errors import UserError
-from .terminal import Terminated
+from .signals import Terminated, handle_sigterm
 from .train import Trainer
 
 
@@ -98,8 +98,6 @@ def run_cell(settings: dict, run_dir: str, device: str | None = None, threads: i
 def _worker_init(queue) -> None:
     """Worker initializer: SIGTERM unwinds a cell like Ctrl-C (its checkpoint and lock are cleaned up), and with
     GPUs each worker process takes one GPU for its whole life."""
-    from .terminal import handle_sigterm
-
     handle_sigterm()
     if queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())

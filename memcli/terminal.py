@@ -6,13 +6,13 @@ from __future__ import annotations
 import functools
 import signal
 import sys
-import threading
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from .errors import UserError
+from .signals import Terminated, handle_sigterm
 
 console = Console(stderr=True)  # progress, notes and errors
 out_console = Console()  # results a user may pipe
@@ -26,25 +26,6 @@ def parse_ints(text: str | None, name: str) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{name} takes comma-separated integers, got '{text}'") from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that it unwinds the same way: every
-    temporary file or folder goes with the `finally` / `except BaseException` that guards it (memcli.runs' atomic
-    writers, verify's report folder, train's checkpoint and run folder lock) and earlier outputs stay whole."""
-
-
-def _terminated(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut that cleanup short
-    raise Terminated()
-
-
-def handle_sigterm() -> object | None:
-    """From now on SIGTERM unwinds like Ctrl-C (see Terminated); returns the handler it replaced, or None where
-    signals cannot be handled (not the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _terminated)
 
 
 def user_errors(fn):

@@ -68,8 +68,8 @@ def test_no_module_over_500_lines():
 
 # Bottom to top. A module belongs to the first layer naming it or a package above it.
 LAYERS = [
-    ("core", ["memcli", "memcli.errors", "memcli.runs", "memcli.scoring", "memcli.batching", "memcli.verdicts",
-              "memcli.corpus", "memcli.datagen", "memcli.gguf.reader"]),
+    ("core", ["memcli", "memcli.errors", "memcli.signals", "memcli.runs", "memcli.scoring", "memcli.batching",
+              "memcli.verdicts", "memcli.corpus", "memcli.datagen", "memcli.gguf.reader"]),
     ("models", ["memcli.models", "memcli.config", "memcli.llamacpp"]),
     ("gguf", ["memcli.gguf"]),
     ("torch", ["memcli.lora", "memcli.objectives", "memcli.forward", "memcli.train", "memcli.sweep", "memcli.locality",

@@ -14,7 +14,7 @@ from test_run_lock import ONE_THREAD, wait_for
 WRITE_SLOWLY = """
 import sys, time
 from memcli import runs
-from memcli.terminal import handle_sigterm
+from memcli.signals import handle_sigterm
 
 handle_sigterm()
 
