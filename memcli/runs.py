@@ -2,12 +2,14 @@
 atomic writer every output of memcli goes through (a file is whole or absent, never half-written).
 
     RUN/config.yaml      settings, resolved values, versions, command      (write_config / read_config)
-    RUN/metrics.jsonl    one line per logged step                          (train appends)
+    RUN/metrics.jsonl    one line per logged step                          (MetricsLog / trim_metrics)
     RUN/summary.json     the result                                        (write_summary / read_summary)
     RUN/adapter/         the adapter in PEFT format                        (save_adapter)
     RUN/adapter.gguf     the same adapter for llama.cpp                    (gguf_path)
-    RUN/checkpoints/     step-<N>.pt                                       (train)
+    RUN/checkpoints/     step-<N>.pt                                       (write_checkpoint / checkpoints)
     RUN.lock             beside the folder: held by the one process using it (RunLock)
+
+Training decides what goes into these files; this module alone writes, trims and removes them.
 """
 
 from __future__ import annotations
@@ -285,3 +287,85 @@ def write_summary(run: str | os.PathLike, summary: dict) -> Path:
 def save_adapter(run: str | os.PathLike, model) -> Path:
     """The PEFT adapter of `model` as RUN/adapter/, replaced whole."""
     return atomic_dir(adapter_dir(run), lambda tmp: model.save_pretrained(tmp))
+
+
+def create_run(run: str | os.PathLike) -> Path:
+    """The run folder and its checkpoints/ folder (nothing else is written yet)."""
+    (Path(run) / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    return Path(run)
+
+
+def remove_run(run: str | os.PathLike) -> None:
+    """The whole run folder, gone (--force, or a run that failed before its first checkpoint)."""
+    shutil.rmtree(run, ignore_errors=True)
+
+
+# --- metrics.jsonl -----------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """RUN/metrics.jsonl opened for appending, one JSON row per logged step. Rows reach the file at `flush` (each
+    checkpoint) and `close`; a resumed run cuts the rows past its checkpoint (`trim_metrics`)."""
+
+    def __init__(self, run: str | os.PathLike):
+        self._file = open(Path(run) / METRICS, "a")
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that is not a whole metrics row."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
+
+
+def trim_metrics(run: str | os.PathLike, step: int) -> None:
+    """Drop the metrics rows past `step` (and a line cut short): they belong to an interrupted attempt."""
+    path = Path(run) / METRICS
+    if path.exists():
+        kept = [ln for ln in path.read_text(errors="replace").splitlines() if _metrics_step(ln) <= step]
+        write_text(path, "".join(ln + "\n" for ln in kept), what="metrics")
+
+
+def remove_metrics(run: str | os.PathLike) -> None:
+    (Path(run) / METRICS).unlink(missing_ok=True)
+
+
+# --- checkpoints/ ------------------------------------------------------------------------------------------
+
+def checkpoints(run: str | os.PathLike) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    return sorted((Path(run) / CHECKPOINTS).glob("step-*.pt"))
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    return int(Path(path).stem.split("-")[1])
+
+
+def latest_checkpoint(run: str | os.PathLike) -> Path | None:
+    found = checkpoints(run)
+    return found[-1] if found else None
+
+
+def write_checkpoint(run: str | os.PathLike, step: int, save: Callable[[Path], None], keep: int = 2) -> Path:
+    """save(tmp) as checkpoints/step-<step>.pt, whole or absent; then only the `keep` newest are kept."""
+    path = atomic_write(Path(run) / CHECKPOINTS / f"step-{step:08d}.pt", save, what="checkpoint")
+    for old in checkpoints(run)[:-keep]:
+        old.unlink()
+    return path
+
+
+def discard_checkpoints_from(run: str | os.PathLike, step: int) -> None:
+    """Remove the checkpoints of `step` and later."""
+    for path in checkpoints(run):
+        if checkpoint_step(path) >= step:
+            path.unlink()

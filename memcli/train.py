@@ -7,12 +7,10 @@ input is refused there, before the run folder exists.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pickle
 import platform
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -33,15 +31,6 @@ def versions() -> dict:
 
     return {"memcli": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
             "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-def _metrics_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity for a line that is not a whole metrics row."""
-    try:
-        step = json.loads(line)["step"]
-    except (ValueError, TypeError, KeyError):
-        return math.inf
-    return step if isinstance(step, int) else math.inf
 
 
 class NonFiniteLoss(Exception):
@@ -109,16 +98,16 @@ class Trainer:
 
         # Inputs are good: from here on the run folder exists.
         if force and self.out.exists() and not resume:
-            shutil.rmtree(self.out)
+            runs.remove_run(self.out)
         created = not self.out.exists()
         self.step, self.wall, self.l_init, self.resumed = 0, 0.0, None, resume
         try:
-            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            runs.create_run(self.out)
             if not resume:
                 self.write_config()
         except OSError as e:
             if created:
-                shutil.rmtree(self.out, ignore_errors=True)
+                runs.remove_run(self.out)
             raise UserError(f"--out {self.out}: cannot create the run folder ({e.strerror or e})") from None
         if resume:
             self.load_checkpoint()
@@ -276,7 +265,7 @@ class Trainer:
                 self.l_init = self.evaluate().mean_ce
         self.log(f"{len(self.examples)} entries, {self.l} answer tokens, rank {cfg.rank}, {self.params:,} trainable "
                  f"parameters, layers {self.layers} {'/'.join(self.modules)}; L_init {self.l_init:.4f}")
-        metrics = open(self.out / "metrics.jsonl", "a")
+        metrics = runs.MetricsLog(self.out)
         self.model.train()
         recall, recall_step, stop_reason, certified_at = None, None, "budget", None
         started = time.perf_counter() - self.wall
@@ -294,7 +283,7 @@ class Trainer:
                         "exact_match": recall.exact_match, "certified": recall.certified_rate,
                         "clean_ce": round(recall.mean_ce, 6), "clean_above": round(recall.above, 6)}
                 if row is not None:
-                    metrics.write(json.dumps(row) + "\n")
+                    metrics.write(row)
                 if progress is not None:
                     progress(step, self.total_steps, row or {})
                 done = cfg.until_recall and checked and recall.certified_rate == 1.0
@@ -371,20 +360,14 @@ class Trainer:
     def discard_bad_checkpoints(self) -> str:
         """After a non-finite loss at this step: the checkpoint of the step before holds the weights that produced
         it, so only older ones are good. With none left, a run folder this invocation created is removed."""
-        for path in (self.out / "checkpoints").glob("step-*.pt"):
-            if int(path.stem.split("-")[1]) >= self.step:
-                path.unlink()
-        kept = self.latest_checkpoint()
+        runs.discard_checkpoints_from(self.out, self.step)
+        kept = runs.latest_checkpoint(self.out)
         if kept is not None:
             return f"kept the last good checkpoint {kept}"
         if not self.resumed:
-            shutil.rmtree(self.out, ignore_errors=True)
+            runs.remove_run(self.out)
             return f"no good checkpoint had been written, so {self.out} was removed"
         return "no good checkpoint is left"
-
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted((self.out / "checkpoints").glob("step-*.pt"))
-        return found[-1] if found else None
 
     def save_checkpoint(self, keep: int = 2) -> None:
         from peft import get_peft_model_state_dict
@@ -394,19 +377,16 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                  "sliding": [dataclasses.asdict(s) for s in self.sliding]}
-        path = self.out / "checkpoints" / f"step-{self.step:08d}.pt"
-        runs.atomic_write(path, lambda tmp: torch.save(state, tmp), what="checkpoint")  # whole or absent
-        for old in sorted((self.out / "checkpoints").glob("step-*.pt"))[:-keep]:
-            old.unlink()
+        runs.write_checkpoint(self.out, self.step, lambda tmp: torch.save(state, tmp), keep)  # whole or absent
 
     def load_checkpoint(self) -> None:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        path = self.latest_checkpoint()
+        path = runs.latest_checkpoint(self.out)
         if path is None:
             self.log(f"--resume: no checkpoint in {self.out}; starting from the beginning")
             self.write_config()
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            runs.remove_metrics(self.out)
             return
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
@@ -429,8 +409,5 @@ class Trainer:
             raise UserError(f"--resume: checkpoint {path} is corrupt or not from this run ({first}); delete it to "
                             "resume from an older one, or use --force to start over") from None
         # Metrics past the checkpoint belong to the interrupted attempt (a line cut short by it too): drop them.
-        mpath = self.out / "metrics.jsonl"
-        if mpath.exists():
-            kept = [ln for ln in mpath.read_text(errors="replace").splitlines() if _metrics_step(ln) <= self.step]
-            mpath.write_text("".join(ln + "\n" for ln in kept))
+        runs.trim_metrics(self.out, self.step)
         self.log(f"resuming from {path} (step {self.step})")
