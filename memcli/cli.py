@@ -9,7 +9,9 @@ import typer
 
 from .cli_bench import bench_app
 from .errors import UserError
+from .law import points as law_defaults
 from .terminal import console, out_console, parse_ints, train_progress, user_errors
+from .verify.run import VerifyOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Memorise a corpus into a LoRA adapter (MemFT), verify verbatim recall, plan adapter capacity.")
@@ -266,11 +268,12 @@ def sweep(
 def fit(
     inputs: list[Path] = typer.Argument(..., help="Sweep folders, run folders, or CSV/JSONL tables with rank (or "
                                         "params), length, delta_l and optionally l_final."),
-    capacity: str = typer.Option("rank", help="Capacity variable x: rank | params."),
-    out: Path = typer.Option(Path("law.json"), "--out", help="Law file to write; PNG plots go beside it."),
-    n_boot: int = typer.Option(200, help="Bootstrap resamples for the intervals."),
-    level: float = typer.Option(0.95, help="Interval level."),
-    seed: int = typer.Option(0, help="Bootstrap seed."),
+    capacity: str = typer.Option(law_defaults.CAPACITY, help="Capacity variable x: rank | params."),
+    out: Path = typer.Option(Path(law_defaults.LAW_FILE), "--out",
+                             help="Law file to write; PNG plots go beside it."),
+    n_boot: int = typer.Option(law_defaults.N_BOOT, help="Bootstrap resamples for the intervals."),
+    level: float = typer.Option(law_defaults.LEVEL, help="Interval level."),
+    seed: int = typer.Option(law_defaults.BOOT_SEED, help="Bootstrap seed."),
     plots: bool = typer.Option(True, help="Write pred_vs_obs.png and delta_l_vs_l.png."),
 ):
     """Fit dL = C x^alpha l^-beta + b to training runs (saturated runs, L_final <= ln 2, are dropped)."""
@@ -293,10 +296,11 @@ def plan(
     tokens: Optional[int] = typer.Option(None, help="Plan for l answer tokens instead of a corpus."),
     l_init: Optional[float] = typer.Option(None, help="L_init in nats (default: measured on CORPUS, else the "
                                            "median of the fitted runs)."),
-    margin: float = typer.Option(0.1, help="Safety margin: predicted L_final must be <= ln 2 - margin."),
-    goal: str = typer.Option("recall", help="recall: aim at the predicted L_final under which every run of the "
-                             "law recalled >= 95 % of its entries, and train at least the rank its runs recalled at "
-                             "the next measured length (when the law knows them) | loss: ln 2 - margin only (the "
+    margin: float = typer.Option(law_defaults.MARGIN,
+                                 help="Safety margin: predicted L_final must be <= ln 2 - margin."),
+    goal: str = typer.Option(law_defaults.GOAL, help="recall: aim at the predicted L_final under which every run "
+                             "of the law recalled >= 95 % of its entries, and train at least the rank its runs "
+                             "recalled at the next measured length (when the law knows them) | loss: ln 2 - margin only (the "
                              "paper's)."),
     extrapolate: bool = typer.Option(False, "--extrapolate", help="Answer for a length outside the lengths the "
                                      "law was measured on, or with a rank above the ranks it measured (refused "
@@ -340,14 +344,16 @@ def verify_cmd(
     model: Optional[str] = typer.Option(None, help="Base model name or path (.gguf for llama.cpp, e.g. a "
                                         "quantised base). \\[default: the run's model, else smollm2-135m]"),
     out: Path = typer.Option(..., "--out", help="Report folder: report.json, entries.jsonl, a PNG."),
-    backend: str = typer.Option("llama", help="llama (llama.cpp, as deployed) | torch (HF + PEFT)."),
+    backend: str = typer.Option(VerifyOptions.backend, help="llama (llama.cpp, as deployed) | torch (HF + PEFT)."),
     n_gpu_layers: Optional[int] = typer.Option(None, help="llama: layers to offload. \\[default: all when "
                                                "llama.cpp was built with GPU support, else 0]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads. \\[default: the CPUs this process may use]"),
-    batch_tokens: int = typer.Option(2048, help="Tokens per forward pass (many entries packed into one)."),
-    generate: int = typer.Option(0, help="Also run real greedy generation for K entries (spread over the "
-                                 "corpus) and compare with the teacher-forced verdicts."),
-    min_exact: float = typer.Option(1.0, help="Exit 0 when the exact-match rate is at least this, else 1."),
+    batch_tokens: int = typer.Option(VerifyOptions.batch_tokens,
+                                     help="Tokens per forward pass (many entries packed into one)."),
+    generate: int = typer.Option(VerifyOptions.generate, help="Also run real greedy generation for K entries "
+                                 "(spread over the corpus) and compare with the teacher-forced verdicts."),
+    min_exact: float = typer.Option(VerifyOptions.min_exact,
+                                    help="Exit 0 when the exact-match rate is at least this, else 1."),
     answer_tokens: Optional[int] = typer.Option(None, help="Verify only the first L answer tokens (as in "
                                                 "train). \\[default: the run's setting]"),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="As in "
@@ -355,13 +361,14 @@ def verify_cmd(
     eos: Optional[bool] = typer.Option(None, "--eos/--no-eos", help="As in train. \\[default: the run's "
                                        "setting, else off]"),
     key: Optional[str] = typer.Option(None, help="The key of a .txt corpus. \\[default: the run's setting]"),
-    risk_margin: float = typer.Option(1.0, help="An exact entry whose smallest logit margin is below this "
-                                      "(or with some p <= 0.5) is reported at risk."),
-    kv_type: str = typer.Option("f16", help="llama: KV cache type, f16 (llama.cpp's default) or f32."),
-    base: str = typer.Option("auto", help="llama, a model shipped quantised (the default model): auto = training "
-                             "(an F16 GGUF of the dequantised weights training used) | shipped (the quantised GGUF "
-                             "as deployed)."),
-    device: str = typer.Option("auto", help="torch: auto | cpu | cuda[:i]."),
+    risk_margin: float = typer.Option(VerifyOptions.risk_margin, help="An exact entry whose smallest logit margin "
+                                      "is below this (or with some p <= 0.5) is reported at risk."),
+    kv_type: str = typer.Option(VerifyOptions.kv_type,
+                                help="llama: KV cache type, f16 (llama.cpp's default) or f32."),
+    base: str = typer.Option(VerifyOptions.base, help="llama, a model shipped quantised (the default model): auto = "
+                             "training (an F16 GGUF of the dequantised weights training used) | shipped (the "
+                             "quantised GGUF as deployed)."),
+    device: str = typer.Option(VerifyOptions.device, help="torch: auto | cpu | cuda[:i]."),
     locality: Optional[str] = typer.Option(None, "--locality", is_flag=False, flag_value="", metavar="[TEXT]",
                                            help="Also compare the tuned model with its base, teacher-forced over "
                                            "TEXT (a UTF-8 file; without it, the base model's own continuations "
@@ -379,7 +386,7 @@ def verify_cmd(
     from rich.markup import escape
 
     from .terminal import print_verify_report, verify_progress
-    from .verify.run import VerifyOptions, verify
+    from .verify.run import verify
 
     options = VerifyOptions(backend=backend, n_gpu_layers=n_gpu_layers, threads=threads, batch_tokens=batch_tokens,
                             generate=generate, min_exact=min_exact, answer_tokens=answer_tokens,

@@ -17,8 +17,9 @@ import numpy as np
 from .. import runs
 from ..errors import UserError
 from .plots import PLOT_NAMES, plot_fit
-from .points import (COEFFICIENTS, N_PARAMETERS, LawError, Point, check_capacity, check_fittable, law_value,
-                     load_points, recall_frontier, recall_loss, shared_settings, split_saturated)
+from .points import (BOOT_SEED, CAPACITY, COEFFICIENTS, LAW_FILE, LEVEL, N_BOOT, N_PARAMETERS, LawError, Point,
+                     check_capacity, check_fittable, law_value, load_points, recall_frontier, recall_loss,
+                     shared_settings, split_saturated)
 from .projection import ALPHA_BOUNDS, BETA_BOUNDS, FIXED_STARTS, CoreFit, fit_core
 
 LAW_FORMAT = "memcli.law/1"
@@ -209,7 +210,7 @@ def _convergence(core: CoreFit) -> dict[str, Any]:
     }
 
 
-def fit_law(points: Sequence[Point], n_boot: int = 200, seed: int = 0, level: float = 0.95) -> LawFit:
+def fit_law(points: Sequence[Point], n_boot: int = N_BOOT, seed: int = BOOT_SEED, level: float = LEVEL) -> LawFit:
     """Fit delta_l = C x^alpha l^-beta + b to the unsaturated points, with bootstrap intervals."""
     measures = {p.capacity for p in points}
     if len(measures) > 1:
@@ -313,9 +314,9 @@ def load_law(path: Path | str, capacity: str | None = None) -> LawFit:
     return law
 
 
-def fit_and_save(inputs: Sequence[Path | str], capacity: str = "rank", out: Path | str = Path("law.json"),
-                 n_boot: int = 200, seed: int = 0, plots: bool = True,
-                 level: float = 0.95) -> tuple[LawFit, list[Path]]:
+def fit_and_save(inputs: Sequence[Path | str], capacity: str = CAPACITY, out: Path | str = Path(LAW_FILE),
+                 n_boot: int = N_BOOT, seed: int = BOOT_SEED, plots: bool = True,
+                 level: float = LEVEL) -> tuple[LawFit, list[Path]]:
     """`memcli fit`: fit the law to runs or tables, write law.json and the PNGs beside it.
 
     Returns the law and the plots written. When a file cannot be written, what this call created goes again and

@@ -15,7 +15,7 @@ import numpy as np
 from ..runs import json_safe
 from ..scoring import LN2
 from .fit import LawFit, load_law
-from .points import LawError, law_value
+from .points import GOAL, MARGIN, LawError, law_value
 
 
 def predict(law: LawFit, x, length):
@@ -81,9 +81,9 @@ def _smallest_integer(need: float, length: float, coefficients: Sequence[float],
     return x
 
 
-def plan(law: LawFit, length: float, l_init: float, margin: float = 0.1, max_rank: int = 4096,
+def plan(law: LawFit, length: float, l_init: float, margin: float = MARGIN, max_rank: int = 4096,
          params_per_rank: float | None = None, capacity: str | None = None,
-         l_init_source: str | None = None, extrapolate: bool = False, goal: str = "recall") -> Plan:
+         l_init_source: str | None = None, extrapolate: bool = False, goal: str = GOAL) -> Plan:
     """The smallest capacity whose predicted L_final = l_init - delta_l(x, l) is at most the target: ln 2 - margin
     (goal "loss", the paper's), or with goal "recall" the lower of that and the predicted L_final under which every
     run of the law recalled at least 95 % of its entries (when the law knows it); with goal "recall" the rank to
@@ -368,9 +368,9 @@ def choose_law(law: str | None, model: str | None, entries: int | None) -> tuple
     return shipped[kind], why
 
 
-def plan_from_file(law_path: Path | str, tokens: int | None, l_init: float | None, margin: float = 0.1, *,
+def plan_from_file(law_path: Path | str, tokens: int | None, l_init: float | None, margin: float = MARGIN, *,
                    capacity: str | None = None, max_rank: int = 4096, params_per_rank: float | None = None,
-                   l_init_source: str | None = None, extrapolate: bool = False, goal: str = "recall") -> Plan:
+                   l_init_source: str | None = None, extrapolate: bool = False, goal: str = GOAL) -> Plan:
     """`memcli plan` without the printing: answer "which adapter does this corpus need?" from a law file.
 
     tokens and l_init come from the command line, or are measured on a corpus by the caller, which then

@@ -24,6 +24,16 @@ from .. import runs
 from ..errors import UserError
 from ..scoring import LN2
 
+# The defaults of `memcli fit` and `memcli plan`, written once: memcli.cli's options and the functions of fit.py
+# and plan.py take them from here.
+CAPACITY = "rank"  # the capacity variable x: rank | params
+LAW_FILE = "law.json"  # fit's --out
+N_BOOT = 200  # bootstrap resamples for the intervals
+LEVEL = 0.95  # the intervals' level
+BOOT_SEED = 0  # the bootstrap's seed
+MARGIN = 0.1  # plan: the predicted L_final must reach ln 2 - margin
+GOAL = "recall"  # plan: recall | loss
+
 CAPACITIES = ("rank", "params")
 COEFFICIENTS = ("C", "alpha", "beta", "b")
 N_PARAMETERS = len(COEFFICIENTS)
