@@ -93,4 +93,4 @@ def test_every_option_of_every_command_is_in_commands_md():
         options = [o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
         section = sections.get(name, "")
         missing += [f"{name} {o}" for o in options if f"`{o}`" not in section]
-    assert missing == []
+    assert missing == [], "run python docs/option_reference.py"
