@@ -34,21 +34,25 @@ def methods_to_recall(corpus: Path, model: str, rank: int, seed: int, max_epochs
 
 class BarePeftLoop:
     """The plainest loop on the same model, placement and seed: HF forward with labels (the model's own mean CE
-    over every labelled position), backward, clip, AdamW step, no metrics."""
+    over every labelled position), backward, clip, AdamW step, no metrics. It loads its own float32 CPU model, or
+    trains the adapter of `model` (a PEFT model already on `device`, e.g. a Trainer's) with its own optimiser."""
 
-    def __init__(self, cfg: TrainConfig, examples):
-        model, tokenizer = models.load_model(models.resolve(cfg.model))
-        layers, modules = lora.resolve_placement(model, cfg.layers, cfg.modules)
-        self.model = lora.add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, layers, modules, cfg.seed)
+    def __init__(self, cfg: TrainConfig, examples, model=None, pad_id: int | None = None, device: str = "cpu"):
+        if model is None:
+            model, tokenizer = models.load_model(models.resolve(cfg.model))
+            layers, modules = lora.resolve_placement(model, cfg.layers, cfg.modules)
+            model = lora.add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, layers, modules, cfg.seed)
+            pad_id = tokenizer.pad_token_id
+        self.model = model
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
                                            weight_decay=0.0)
         self.model.train()
-        self.cfg, self.examples, self.pad_id = cfg, examples, tokenizer.pad_token_id
+        self.cfg, self.examples, self.pad_id, self.device = cfg, examples, pad_id, device
 
     def step(self, idx: list[int]) -> tuple[int, float]:
-        """(answer tokens, seconds) of one step."""
+        """(answer tokens, seconds) of one step (on a GPU: until its kernels have finished)."""
         t0 = time.perf_counter()
-        batch = forward.collate([self.examples[i] for i in idx], self.pad_id, "cpu")
+        batch = forward.collate([self.examples[i] for i in idx], self.pad_id, self.device)
         labels = torch.full_like(batch.input_ids, -100)
         labels[batch.rows[batch.mask], batch.positions[batch.mask] + 1] = batch.targets[batch.mask]
         loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
@@ -56,6 +60,8 @@ class BarePeftLoop:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
         return int(batch.mask.sum()), time.perf_counter() - t0
 
 

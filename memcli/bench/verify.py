@@ -71,8 +71,10 @@ def _gguf_pair(src, spec, tmp: Path):
     return base, adapter
 
 
-def baseline_transformers(spec, peft_dir, tokenizer, examples, n_entries, max_tokens, threads):
-    """(b): transformers generate, greedy, one entry at a time; exact iff the decoded strings are equal."""
+def baseline_transformers(spec, peft_dir, tokenizer, examples, n_entries, max_tokens, threads, device: str = "cpu",
+                          dtype: str = "float32"):
+    """(b): transformers generate, greedy, one entry at a time; exact iff the decoded strings are equal. The CPU
+    in float32 unless told (.ci/gpu_check.sh runs it on the GPU in bfloat16)."""
     import torch
 
     from .. import models
@@ -80,18 +82,18 @@ def baseline_transformers(spec, peft_dir, tokenizer, examples, n_entries, max_to
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model, _ = models.load_model(spec)
+    model, _ = models.load_model(spec, dtype, device)
     if peft_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, peft_dir)
+        model = PeftModel.from_pretrained(model, peft_dir).to(device)
     model.eval()
     load = time.perf_counter() - t0
     verdicts, tokens = {}, 0
     t0 = time.perf_counter()
     for ex in examples[:n_entries]:
         n = len(ex.target_ids) if max_tokens is None else min(max_tokens, len(ex.target_ids))
-        prompt = torch.tensor([ex.prompt_ids])
+        prompt = torch.tensor([ex.prompt_ids], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                  do_sample=False, num_beams=1, pad_token_id=tokenizer.eos_token_id)
