@@ -234,3 +234,32 @@ def test_locality_without_an_adapter_or_base_exits_2(pb8, tmp_path, text):
     result = run_cli("verify", pb8, "--model", "tiny", "--out", tmp_path / "v", "--locality", text)
     assert_refused(result, "--locality compares a tuned model with its base")
     assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.slow
+def test_merged_model_against_its_base_equals_base_plus_adapter(trained, pb8, text, tmp_path):
+    """--model MERGED.gguf --locality-base BASE.gguf (a merged model, as `export --merge` makes) gives the figures
+    of the same adapter applied at run time: here the merge is PEFT's merge_and_unload, exported by export-base."""
+    from peft import PeftModel
+
+    from memcli import models
+    from memcli.gguf.base import base_gguf, export_base
+
+    spec = models.resolve("tiny")
+    base, tok = models.load_model(spec)
+    merged = PeftModel.from_pretrained(base, trained / "adapter").merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged-hf")
+    tok.save_pretrained(tmp_path / "merged-hf")
+    export_base(tmp_path / "merged-hf", tmp_path / "merged.gguf", "f32")
+    runtime = run_cli("verify", pb8, "--lora", trained, "--out", tmp_path / "a", "--min-exact", "0",
+                      "--locality", text)
+    assert runtime.exit_code == 0, runtime.output
+    result = run_cli("verify", pb8, "--model", tmp_path / "merged.gguf", "--out", tmp_path / "m", "--min-exact", "0",
+                     "--locality", text, "--locality-base", base_gguf(spec))
+    assert result.exit_code == 0, result.output
+    want = json.loads((tmp_path / "a" / "report.json").read_text())["locality"]
+    got = json.loads((tmp_path / "m" / "report.json").read_text())["locality"]
+    assert got["tokens"] == want["tokens"] and want["kl"] > 1e-3
+    assert got["argmax_agreement"] == pytest.approx(want["argmax_agreement"], abs=0.01)
+    for key in ("kl", "ce_base", "ce_tuned"):
+        assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-4), key
