@@ -172,6 +172,15 @@ def train(
     allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys", help="Train on a corpus "
                                                           "that gives one key two different values (refused "
                                                           "otherwise: such an entry can never be recalled)."),
+    deploy: Optional[str] = typer.Option(None, help="A llama.cpp file type (q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ...): "
+                                         "train so that recall holds in the files users ship, the adapter over "
+                                         "the base quantised to it and the adapter merged and quantised (base "
+                                         "weights as quantised, the merged layer quantised in the loop); "
+                                         "--until-recall stops when llama.cpp certifies both. The certified "
+                                         "merged file is kept in RUN/deploy/."),
+    margin: Optional[float] = typer.Option(None, help="Certify a token only when its logit leads the runner-up's by "
+                                           "at least this (memft-ot trains it until it does): a safety margin "
+                                           "against rounding in other runtimes." + _default("margin")),
     gguf: Optional[str] = typer.Option(None, help="adapter.gguf for llama.cpp: auto (written when the model can be "
                                        "exported; otherwise said before step 1 and left out) | require (refuse "
                                        "before training when it cannot) | off." + _default("gguf")),
@@ -201,16 +210,54 @@ def train(
 @app.command()
 @user_errors
 def export(src: Path = typer.Argument(..., help="A run folder or a PEFT adapter folder."),
-           out: Path = typer.Option(..., "--out", help="The adapter GGUF to write."),
-           outtype: str = typer.Option("f32", help="f32 | f16 | q8_0 for the LoRA tensors."),
+           out: Path = typer.Option(..., "--out", help="The GGUF to write: the adapter, or with --merge the model."),
+           outtype: str = typer.Option("f32", help="f32 | f16 | q8_0 for the LoRA tensors of an adapter."),
+           merge: bool = typer.Option(False, "--merge", help="Write one self-contained model instead: the base with "
+                                      "the adapter merged in (float32), tokenizer included."),
+           quant: Optional[str] = typer.Option(None, help="With --merge: the file type, by llama.cpp's names (f16, "
+                                               "bf16, q8_0, q6_k, q5_k_m, q5_0, q4_k_m, q4_0, q3_k_m, ...), made by "
+                                               "llama.cpp's quantiser. \\[default: f16]"),
+           modelfile: bool = typer.Option(False, "--modelfile", help="Also write an ollama Modelfile beside --out "
+                                          "(FROM the base + ADAPTER, or FROM the merged model)."),
            model: Optional[str] = typer.Option(None, help="The base model, when the folder does not say.")):
-    """Write a LoRA adapter as a llama.cpp adapter GGUF (q/k permuted, PEFT's scale reproduced exactly)."""
+    """Write a LoRA adapter as a llama.cpp adapter GGUF (q/k permuted, PEFT's scale reproduced exactly), or with
+    --merge as one deployable model GGUF (merged, then quantised by llama.cpp)."""
     from . import models
-    from .gguf.adapter import export_adapter
 
-    info = export_adapter(src, out, outtype, base=models.resolve(model) if model else None)
-    console.print(f"wrote {out}: {info['tensors']} tensors, {info['bytes'] / 1024:.1f} KiB, base {info['model']}, "
-                  f"{info['seconds']:.2f} s", highlight=False)
+    base = models.resolve(model) if model else None
+    if quant is not None and not merge:
+        raise UserError("--quant applies to --merge (an adapter's own tensors take --outtype)")
+    if merge:
+        from .gguf.merge import export_merged
+        from .gguf.quantize import check_quant
+
+        info = export_merged(src, out, check_quant(quant or "f16", "--quant"), base=base)
+        console.print(f"wrote {out}: {info['model']} with {info['merged']} adapted tensors merged, {info['type']}, "
+                      f"{info['bytes'] / 2**20:.1f} MiB, {info['seconds']:.1f} s", highlight=False)
+        _print_quantised(info)
+    else:
+        from .gguf.adapter import export_adapter
+
+        info = export_adapter(src, out, outtype, base=base)
+        console.print(f"wrote {out}: {info['tensors']} tensors, {info['bytes'] / 1024:.1f} KiB, base "
+                      f"{info['model']}, {info['seconds']:.2f} s", highlight=False)
+    if modelfile:
+        from .deploy.files import write_modelfile
+
+        path = write_modelfile(out, merged=merge, model=info["model"])
+        console.print(f"wrote {path}: ollama create NAME -f {path}", highlight=False)
+
+
+def _print_quantised(info: dict) -> None:
+    """What llama.cpp's quantiser chose: its tensor types, and the tensors it had to fall back for."""
+    from .gguf.quantize import describe_fallbacks
+
+    if info.get("tensor_types"):
+        console.print("tensor types: " + ", ".join(f"{t} {n}" for t, n in info["tensor_types"].items()),
+                      highlight=False)
+    fallback = describe_fallbacks(info.get("fallbacks", []))
+    if fallback:
+        console.print(f"llama.cpp's quantiser fell back: {fallback}", highlight=False)
 
 
 @app.command("export-base")
@@ -218,13 +265,50 @@ def export(src: Path = typer.Argument(..., help="A run folder or a PEFT adapter 
 def export_base_cmd(hf_dir: str = typer.Argument(..., help="An HF model folder (llama, mistral, qwen2) or a "
                                                  "memcli model name."),
                     out: Path = typer.Option(..., "--out", help="The base GGUF to write."),
-                    outtype: str = typer.Option("f32", help="f32 | f16 | q8_0.")):
+                    outtype: str = typer.Option("f32", help="f32 | f16 | q8_0, written by memcli."),
+                    quant: Optional[str] = typer.Option(None, help="Instead of --outtype: any of llama.cpp's file "
+                                                        "types (q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ...), made by "
+                                                        "llama.cpp's quantiser: the base to deploy an adapter "
+                                                        "over.")):
     """Write an HF model as a llama.cpp base GGUF, tokenizer included."""
+    if quant is not None:
+        from .gguf.merge import export_quantised
+        from .gguf.quantize import check_quant
+
+        info = export_quantised(hf_dir, out, check_quant(quant, "--quant"))
+        console.print(f"wrote {out}: {info['model']}, {info['type']}, {info['bytes'] / 2**20:.1f} MiB, "
+                      f"{info['seconds']:.1f} s", highlight=False)
+        _print_quantised(info)
+        return
     from .gguf.base import export_base
 
     info = export_base(hf_dir, out, outtype)
     console.print(f"wrote {out}: {info['arch']} {info['name']}, {info['tensors']} tensors, "
                   f"{info['bytes'] / 2**20:.1f} MiB, {info['seconds']:.1f} s", highlight=False)
+
+
+@app.command()
+@user_errors
+def ask(target: Path = typer.Argument(..., help="A run folder, a model .gguf (e.g. a merged file) or an adapter "
+                                      ".gguf."),
+        prompt: str = typer.Argument(..., help="The prompt, e.g. a key: \"Ada Okafor:\"."),
+        model: Optional[str] = typer.Option(None, help="The base for a run or an adapter .gguf (a .gguf, e.g. a "
+                                            "quantised base, or a model name). \\[default: the run's model as "
+                                            "deployed: the shipped GGUF of a model shipped quantised]"),
+        max_tokens: int = typer.Option(48, help="Most tokens to generate."),
+        chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap the "
+                                                     "prompt in the chat template. \\[default: the run's setting]"),
+        stop_newline: bool = typer.Option(True, "--stop-newline/--no-stop-newline", help="Stop at a newline."),
+        n_gpu_layers: Optional[int] = typer.Option(None, help="Layers to offload. \\[default: all with GPU "
+                                                   "support]")):
+    """The greedy completion of PROMPT in llama.cpp (llama-cpp-python's own generation, not memcli's scorer)."""
+    from .ask import ask as run_ask
+
+    result = run_ask(target, prompt, model=model, max_tokens=max_tokens, chat_template=chat_template,
+                     stop_newline=stop_newline, n_gpu_layers=n_gpu_layers)
+    print(prompt + result["completion"])
+    console.print(f"({result['tokens']} tokens, stopped at {result['stopped']}; {result['model']}"
+                  f"{' + ' + result['adapter'] if result['adapter'] else ''})", highlight=False)
 
 
 # --- the memory law ----------------------------------------------------------------------------------------
@@ -376,6 +460,10 @@ def verify_cmd(
                                            "agreement, KL(base || tuned), CE of each (docs/locality.md)."),
     locality_base: Optional[str] = typer.Option(None, "--locality-base", help="With --locality and a merged "
                                                 "model as --model (no --lora): the base GGUF it is compared with."),
+    deploy: Optional[str] = typer.Option(None, help="Also certify the files users ship, for each of these "
+                                         "llama.cpp file types (e.g. q8_0,q4_k_m): the adapter merged and "
+                                         "quantised, and the adapter over the quantised base; one table, the exit "
+                                         "code follows the worst row."),
     allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys", help="Verify a "
                                                           "corpus that gives one key two different values "
                                                           "(refused otherwise: one of them can never be "
@@ -385,6 +473,7 @@ def verify_cmd(
     exact-match rate reaches --min-exact; 1: below; 2: bad input)."""
     from rich.markup import escape
 
+    from .gguf.quantize import parse_quants
     from .terminal import print_verify_report, verify_progress
     from .verify.run import verify
 
@@ -392,7 +481,8 @@ def verify_cmd(
                             generate=generate, min_exact=min_exact, answer_tokens=answer_tokens,
                             chat_template=chat_template, eos=eos, key=key, risk_margin=risk_margin, kv_type=kv_type,
                             device=device, allow_conflicting_keys=allow_conflicting_keys, base=base,
-                            locality=locality, locality_base=locality_base)
+                            locality=locality, locality_base=locality_base,
+                            deploy=tuple(parse_quants(deploy)) if deploy is not None else ())
     update, close = verify_progress()
     try:
         report = verify(corpus, out, lora=lora, model=model, options=options, progress=update,

@@ -63,6 +63,9 @@ class TrainConfig:
     check_every: int = 10
     checkpoint_every: int = 50
     log_every: int = 1
+    # deployment
+    deploy: str | None = None  # a llama.cpp file type (e.g. q4_k_m): train so that recall holds in its files
+    margin: float = 0.0  # certify a token only when its logit leads the runner-up's by this (memft-ot trains it)
     # output
     gguf: str = "auto"  # adapter.gguf: auto (when the model can be exported) | require | off
     # corpus checks
@@ -120,6 +123,7 @@ class TrainConfig:
             (self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0),
              f"--alpha must be positive, got {self.alpha}"),
             (self.clip > 0, f"--clip must be positive, got {self.clip}"),
+            (math.isfinite(self.margin) and self.margin >= 0, f"--margin must be >= 0, got {self.margin}"),
             (self.answer_tokens is None or self.answer_tokens >= 1,
              f"--answer-tokens must be at least 1, got {self.answer_tokens}"),
             (len(self.curriculum_epochs) >= 1 and self.curriculum_epochs[0] >= 1
@@ -131,6 +135,10 @@ class TrainConfig:
             (self.preserve or self.preserve_text is None, "--preserve-text is the replay text of --preserve; "
              "add --preserve"),
         ]
+        if self.deploy is not None:
+            from .gguf.quantize import check_quant
+
+            self.deploy = check_quant(self.deploy, "--deploy")
         for ok, message in checks:
             if not ok:
                 raise UserError(message)

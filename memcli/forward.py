@@ -138,12 +138,17 @@ def answer_logits(model, batch: Batch) -> torch.Tensor:
     return base.get_output_embeddings()(hidden[batch.rows, batch.positions]).float()
 
 
-def answer_ce(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-answer-token cross-entropy [B, L] (0 off the mask) and teacher-forced argmax correctness."""
+def answer_ce(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-answer-token cross-entropy [B, L] (0 off the mask), teacher-forced argmax correctness, and the logit
+    margin (target minus the best other token; detached, +inf off the mask)."""
     logits = answer_logits(model, batch)
     ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
-    correct = logits.argmax(-1) == batch.targets
-    return ce * batch.mask, correct | ~batch.mask
+    with torch.no_grad():
+        top2 = logits.topk(2, dim=-1)
+        target = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+        correct = top2.indices[..., 0] == batch.targets
+        margin = target - torch.where(correct, top2.values[..., 1], top2.values[..., 0])
+    return ce * batch.mask, correct | ~batch.mask, margin.masked_fill(~batch.mask, float("inf"))
 
 
 @dataclass
@@ -172,10 +177,11 @@ class Recall:
 
 @torch.no_grad()
 def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192,
-             prefix: FrozenPrefix | None = None) -> Recall:
+             prefix: FrozenPrefix | None = None, margin: float = 0.0) -> Recall:
     """The clean recall pass: entries sorted by length into padded batches, their answer logits reduced by the
     scoring kernel and judged by the verdict function `memcli verify` uses, so training's certification and
-    verify's agree by construction."""
+    verify's agree by construction. With `margin` > 0 an entry is certified only when every answer token's logit
+    also leads the runner-up's by at least that much (`memcli train --margin`)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
@@ -190,7 +196,8 @@ def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: 
         stats = score_logits(logits.cpu().numpy(), targets)
         lengths = np.array([len(examples[i].target_ids) for i in idx])
         for v in verdicts(stats, targets, lengths, idx):
-            exact[v.index], certified[v.index], min_p[v.index] = v.exact, v.certified, v.min_p
+            exact[v.index], min_p[v.index] = v.exact, v.min_p
+            certified[v.index] = v.certified and (margin <= 0 or v.min_margin >= margin)
             accuracy[v.index] = v.token_accuracy
         total_ce += float(-stats.logprob.sum())
         total_above += int((stats.prob > 0.5).sum())

@@ -42,6 +42,7 @@ _log_lines: collections.deque = collections.deque(maxlen=20)
 _log_callback = None
 _initialised = False
 _said: set[str] = set()  # fallback notes already printed by this process
+_captured: list[str] | None = None  # every log text while capture_log() is active
 
 
 # --- the library ---------------------------------------------------------------------------------------------
@@ -76,6 +77,8 @@ def lib():
 
         @L.llama_log_callback
         def callback(level, text, user_data):
+            if _captured is not None:
+                _captured.append(text.decode("utf-8", "replace"))
             if level in (2, 3):  # warnings and errors; continuations (5) of them are rare enough to drop
                 _log_lines.append(text.decode("utf-8", "replace").strip())
 
@@ -84,6 +87,21 @@ def lib():
         L.llama_backend_init()
         _initialised = True
     return L
+
+
+@contextlib.contextmanager
+def capture_log():
+    """Inside this block, every piece of text llama.cpp logs (all levels, as written: a line may come in several
+    pieces) is appended to the list it yields."""
+    global _captured
+    lib()
+    outer, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        if outer is not None:
+            outer.extend(_captured)
+        _captured = outer
 
 
 def last_error() -> str:

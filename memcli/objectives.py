@@ -31,19 +31,22 @@ def hard_tokens(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (ce.detach() >= LN2) & mask
 
 
-def ot_weights(ce: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5, floor: float = 0.0) -> torch.Tensor:
-    """MemFT-OT: 1 where the token is still hard (p <= threshold; the paper's threshold is 0.5), `floor` (the
-    paper's 0) on the other answer tokens."""
+def ot_weights(ce: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5, floor: float = 0.0,
+               also_hard: torch.Tensor | None = None) -> torch.Tensor:
+    """MemFT-OT: 1 where the token is still hard (p <= threshold; the paper's threshold is 0.5, or `also_hard`,
+    e.g. a logit margin still under --margin), `floor` (the paper's 0) on the other answer tokens."""
     hard = (ce.detach() >= -math.log(threshold)) & mask
+    if also_hard is not None:
+        hard = hard | (also_hard & mask)
     return torch.where(hard, 1.0, floor * mask.to(ce.dtype)).to(ce.dtype)
 
 
 def ot_loss(ce: torch.Tensor, mask: torch.Tensor, no_hard: str = "fallback", threshold: float = 0.5,
-            floor: float = 0.0) -> tuple[torch.Tensor | None, int]:
+            floor: float = 0.0, also_hard: torch.Tensor | None = None) -> tuple[torch.Tensor | None, int]:
     """MemFT-OT objective and the number of tokens it trains as hard (p <= threshold). With none in the batch and
     no floor, "fallback" returns the plain mean (an SFT step, as the reference code does) and "skip" returns None
     (no update, as the formula)."""
-    w = ot_weights(ce, mask, threshold, floor)
+    w = ot_weights(ce, mask, threshold, floor, also_hard)
     n_hard = int((w == 1.0).logical_and(mask).sum().item())
     if n_hard == 0 and floor == 0:
         if no_hard == "skip":

@@ -239,6 +239,11 @@ def gguf_path(run: str | os.PathLike) -> Path:
     return Path(run) / GGUF
 
 
+def deployed_path(run: str | os.PathLike, quant: str) -> Path:
+    """RUN/deploy/merged.<type>.gguf: the merged model `train --deploy` certified in llama.cpp."""
+    return Path(run) / "deploy" / f"merged.{quant}.gguf"
+
+
 def read_config(run: str | os.PathLike) -> dict:
     """RUN/config.yaml, or UserError naming it when it cannot be read or has no `settings` mapping."""
     import yaml

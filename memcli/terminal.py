@@ -258,6 +258,25 @@ def verify_table(report: dict):
     return table
 
 
+def deploy_table(rows: list[dict], totals: dict):
+    """verify --deploy's survival table: one row per deployment form and type, the verified weights first."""
+    from rich.table import Table
+
+    table = Table("form", "type", "size", "exact", "certified", "at risk", "smallest margin", title="recall where "
+                  "it ships (llama.cpp)")
+
+    def margin(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    n = totals["entries"]
+    table.add_row("verified", "(above)", "", f"{totals['exact']}/{n}", f"{totals['certified']}/{n}",
+                  str(totals["at_risk"]), margin(totals.get("min_margin")))
+    for r in rows:
+        table.add_row(r["form"], r["type"], f"{r['bytes'] / 2**20:.1f} MiB", f"{r['exact']}/{r['entries']}",
+                      f"{r['certified']}/{r['entries']}", str(r["at_risk"]), margin(r["min_margin"]))
+    return table
+
+
 def print_verify_report(report: dict, corpus, out) -> None:
     """The table, the entries not recalled or at risk, generation's disagreements and PASS/FAIL, on stdout."""
     out_console.print(verify_table(report))
@@ -275,7 +294,15 @@ def print_verify_report(report: dict, corpus, out) -> None:
                           f"{d['teacher_forced_first_failure']}, generation {d['generated_first_divergence']}; at "
                           f"position {d['position']} the margins are {d['teacher_forced_margin']} (teacher-forced) "
                           f"and {d['generated_margin']} (generation): {kind}", highlight=False)
+    if report.get("deploy"):
+        out_console.print(deploy_table(report["deploy"], t))
     verdict = "PASS" if report["passed"] else "FAIL"
     min_exact = report["settings"]["min_exact"]
+    if report.get("deploy"):
+        worst = min([t["exact_match_rate"]] + [r["exact_match_rate"] for r in report["deploy"]])
+        out_console.print(f"[bold]{verdict}[/]: worst exact match over every form {worst:.2%} (required "
+                          f"{min_exact:.2%}). Report: {out}/report.json, {out}/entries.jsonl, {out}/deploy/",
+                          highlight=False)
+        return
     out_console.print(f"[bold]{verdict}[/]: exact match {t['exact_match_rate']:.2%} (required {min_exact:.2%}). "
                       f"Report: {out}/report.json, {out}/entries.jsonl", highlight=False)

@@ -69,7 +69,14 @@ class Trainer:
         self.device = models.pick_device(cfg.device)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.spec = models.resolve(cfg.model)
-        model, self.tokenizer = models.load_model(self.spec, dtype, self.device)
+        self.deploy, self.deploy_rows = None, None  # --deploy: the merged form's switch; llama.cpp's last verdict
+        if cfg.deploy is not None:  # the base as llama.cpp's quantiser makes it at that type
+            from .deploy.qat import quantised_base
+
+            self.quant_base, model = quantised_base(self.spec, cfg.deploy, dtype, self.device, log)
+            self.tokenizer = models.load_tokenizer(self.spec)
+        else:
+            model, self.tokenizer = models.load_model(self.spec, dtype, self.device)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         n_ctx = getattr(model.config, "max_position_embeddings", None)
         self.examples = corpus.prepare(entries, self.tokenizer, chat_template=cfg.chat_template, eos=cfg.eos,
@@ -79,6 +86,12 @@ class Trainer:
         self.params = lora.trainable_parameters(self.model)
         self.l = corpus.answer_tokens(self.examples)
         self.gguf_blocker = self.check_gguf()  # before step 1: can adapter.gguf be written at the end?
+        if cfg.deploy is not None:
+            from .deploy.qat import DeployTarget
+
+            if self.gguf_blocker is not None or cfg.gguf == "off":
+                raise UserError(f"--deploy makes and checks GGUF files: {self.gguf_blocker or 'not with --gguf off'}")
+            self.deploy = DeployTarget(self.model, models.hf_dir(self.spec), self.quant_base)
         self.replay = self.replay_text()  # --preserve's replay windows (a bad --preserve-text is refused here)
         self.preserve = None  # the preserve term, built when the run starts (memcli.preserve.Preserve)
         self.prefix = None  # the frozen layers' output, built when the run starts (forward.FrozenPrefix)
@@ -201,18 +214,63 @@ class Trainer:
         return prefix
 
     def evaluate(self) -> forward.Recall:
-        """A clean pass over every entry (from the frozen prefix when there is one)."""
-        return forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=self.prefix)
+        """A clean pass over every entry (from the frozen prefix when there is one); with --deploy, in both
+        deployment forms, an entry recalled only where both recall it."""
+        if self.deploy is None:
+            return forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=self.prefix,
+                                    margin=self.cfg.margin)
+        from .deploy.qat import worst
+
+        return worst([forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=self.prefix,
+                                       margin=self.cfg.margin) for _ in self.deploy.forms()])
+
+    def answer_ce(self, batch):
+        """Per-token CE, correctness and logit margin; with --deploy, each token's worse form (the higher CE and
+        lower margin, correct only in both), so the objective trains a token while either deployed file could get
+        it wrong."""
+        if self.deploy is None:
+            return forward.answer_ce(self.model, batch)
+        (ce_a, ok_a, m_a), (ce_m, ok_m, m_m) = [forward.answer_ce(self.model, batch) for _ in self.deploy.forms()]
+        return torch.maximum(ce_a, ce_m), ok_a & ok_m, torch.minimum(m_a, m_m)
+
+    def check_deployed(self) -> bool:
+        """llama.cpp's verdict on both deployed files of --deploy's type, made from the adapter as it is now (the
+        merged file kept in RUN/deploy/); True when both certify every entry. A failure to make or score them
+        is a warning (recorded in summary.json), never the loss of the run."""
+        import tempfile
+
+        from .deploy.check import check_deployed
+
+        self.deploy_step = self.step
+        try:
+            with tempfile.TemporaryDirectory(prefix=".deploy-", dir=self.out) as work:
+                peft = Path(work) / "adapter"
+                self.model.save_pretrained(peft)
+                self.deploy_rows = check_deployed(peft, self.spec, self.cfg.deploy, self.examples, Path(work),
+                                                  keep_merged=runs.deployed_path(self.out, self.cfg.deploy))
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            self.deploy_rows = None
+            self.deploy_error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            self.log(f"warning: the deployed files could not be checked in llama.cpp: {self.deploy_error}")
+            return False
+        self.deploy_error = None
+        ok = all(r["certified"] == r["entries"] for r in self.deploy_rows)
+        self.log(f"step {self.step}: llama.cpp on the deployed {self.cfg.deploy} files: " + ", ".join(
+            f"{r['form']} {r['certified']}/{r['entries']} certified" for r in self.deploy_rows)
+            + ("" if ok else "; training on"))
+        return ok
 
     # --- the objective -----------------------------------------------------------------------------------
-    def objective(self, ce, correct, batch, idx):
-        """(loss or None to skip the step, number of hard tokens)."""
+    def objective(self, ce, correct, batch, idx, margin=None):
+        """(loss or None to skip the step, number of hard tokens). With --margin, MemFT-OT also trains a token
+        whose logit margin is still under it."""
         hard = int(hard_tokens(ce, batch.mask).sum())
         method = self.cfg.method
         if method == "sft":
             return weighted_mean(ce, sft_weights(ce, batch.mask)), hard
         if method == "memft-ot":
-            return ot_loss(ce, batch.mask, self.cfg.no_hard_tokens, self.cfg.train_threshold, self.cfg.floor)
+            under = margin < self.cfg.margin if (margin is not None and self.cfg.margin > 0) else None
+            return ot_loss(ce, batch.mask, self.cfg.no_hard_tokens, self.cfg.train_threshold, self.cfg.floor, under)
         if self.sw_form == "temporal":  # OT weights, skipping steps with nothing above threshold
             return ot_loss(ce, batch.mask, "skip")
         return sliding_loss(ce, batch.mask, correct, [self.sliding[i] for i in idx], SlidingConfig()), hard
@@ -222,8 +280,8 @@ class Trainer:
         """One optimiser step on the samples idx; returns its metrics row."""
         t0 = time.perf_counter()
         batch = forward.collate([self.examples[i] for i in idx], self.pad_id, self.device, self.prefix, idx)
-        ce, correct = forward.answer_ce(self.model, batch)
-        loss, hard = self.objective(ce, correct, batch, idx)
+        ce, correct, margin = self.answer_ce(batch)
+        loss, hard = self.objective(ce, correct, batch, idx, margin)
         kept = None
         if loss is not None and self.preserve is not None:
             kept = self.preserve.loss(self.model, step)
@@ -287,6 +345,9 @@ class Trainer:
                 if progress is not None:
                     progress(step, self.total_steps, row or {})
                 done = cfg.until_recall and checked and recall.certified_rate == 1.0
+                if done and self.deploy is not None:  # llama.cpp on the deployed files decides
+                    done = self.check_deployed()
+                    metrics.write(json.dumps({"step": step, "deploy": self.deploy_rows}) + "\n")
                 self.wall = time.perf_counter() - started
                 if step % cfg.checkpoint_every == 0 or done:
                     metrics.flush()
@@ -318,6 +379,12 @@ class Trainer:
             "certified_at_step": certified_at, "wall_seconds": round(self.wall, 3), "seed": cfg.seed,
             "gguf": None, "gguf_error": self.gguf_blocker,
         }
+        if self.deploy is not None:
+            if getattr(self, "deploy_step", None) != self.step:
+                self.check_deployed()
+            summary["deploy"] = {"type": cfg.deploy, "forms": self.deploy_rows, "error": self.deploy_error,
+                                 "merged_gguf": runs.deployed_path(self.out, cfg.deploy).name,
+                                 "base_gguf": str(self.quant_base), "tensor_types": self.deploy.types}
         # The trained adapter and its summary first: whatever locality and export do next, they are kept.
         runs.save_adapter(self.out, self.model)
         runs.write_summary(self.out, summary)

@@ -59,7 +59,7 @@ def test_saved_adapter_reloads_with_the_same_probabilities(pb8, tmp_path):
     trainer.model.eval()
     batch = forward.collate(trainer.examples, trainer.pad_id, "cpu")
     with torch.no_grad():
-        trained_ce, _ = forward.answer_ce(trainer.model, batch)
+        trained_ce, _, _ = forward.answer_ce(trainer.model, batch)
         base, _ = models.load_model(models.resolve("tiny"))
         reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
         reloaded_ce, _ = forward.answer_ce(reloaded, batch)

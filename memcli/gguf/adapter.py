@@ -35,6 +35,7 @@ from .hf import HFModel, iter_hf_tensors, permute_rope_rows, read_base, read_hf,
 from .reader import read_gguf
 
 _PREFIX = "base_model.model."
+MERGED_KEY = "memcli.merged_adapter"  # set in a merged model GGUF: no adapter is applied to it again
 
 
 def _adapter_source(src: Path) -> tuple[Path, str | None]:
@@ -321,6 +322,9 @@ def check_pair(adapter_gguf: str | os.PathLike, base_gguf_path: str | os.PathLik
 
     if base.get("general.type", "model") != "model":
         raise UserError(f"base {base_gguf_path} is not a model GGUF (general.type={base.get('general.type')!r})")
+    if base.get(MERGED_KEY):
+        raise UserError(f"base {base_gguf_path} already has an adapter merged into it ({base.get(MERGED_KEY)}); "
+                        "verify it without --lora, or apply the adapter to the unmerged base")
     if info["arch"] != base.get("general.architecture"):
         refuse(f"architecture {info['arch']} vs {base.get('general.architecture')}")
     if info["fingerprint"] is not None:

@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .. import models, runs
 from ..errors import UserError
 from . import reader
@@ -20,9 +22,11 @@ from .hf import HFModel, gguf_array, iter_hf_tensors, llama3_rope_factors, read_
 
 
 def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32",
-                name: str | None = None) -> dict:
+                name: str | None = None, deltas: dict | None = None, metadata: dict | None = None) -> dict:
     """Write an HF model of a supported family (memcli.models.ARCHITECTURES) as a llama.cpp base GGUF. Returns a summary.
-    `hf_dir` may also be a memcli model name (its HF folder, built into the cache if needed, is exported)."""
+    `hf_dir` may also be a memcli model name (its HF folder, built into the cache if needed, is exported).
+    `deltas` (HF tensor name -> float32 array of its shape) are added to those weights in float32 before they
+    are written: a LoRA merged into the model (memcli.gguf.merge). `metadata`: extra string keys to record."""
     import gguf
     from transformers import AutoTokenizer
 
@@ -82,6 +86,8 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
         if isinstance(getattr(tok, "chat_template", None), str):
             w.add_chat_template(tok.chat_template)
         w.add_string("memcli.source", str(hf.folder))
+        for key, value in (metadata or {}).items():
+            w.add_string(key, str(value))
         gnames = dict(pairs)
         if hf.rope_scaling is not None and hf.rope_scaling[0] == "llama3":  # per-frequency factors, kept in F32
             w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(hf))
@@ -89,6 +95,8 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
             w.add_tensor(gname, array)
         for hf_name, array in iter_hf_tensors(hf, [n for n, _ in pairs]):
             gname = gnames[hf_name]
+            if deltas and hf_name in deltas:  # a merged LoRA, added in float32 before any layout change
+                array = np.asarray(array, dtype=np.float32) + deltas[hf_name]
             data, raw = reader.encode(gguf_array(hf, hf_name, gname, array), outtype)
             w.add_tensor(gname, data, raw_dtype=raw)
         w.write_header_to_file()
@@ -132,12 +140,8 @@ def dequantised_gguf(spec: models.ModelSpec, outtype: str) -> Path:
     return out
 
 
-def base_gguf(spec: models.ModelSpec) -> Path:
-    """The base GGUF llama.cpp loads for a model: the shipped GGUF, the given .gguf, or an F32 export of the HF
-    folder built once into the cache (next to the HF cache, under gguf/) and reused."""
-    if spec.gguf_path is not None:
-        return spec.gguf_path
-    folder = models.hf_dir(spec)
+def folder_stamp(folder: Path) -> str:
+    """A short identity of an HF folder's weights (its path, and its files' sizes and times): cache key."""
     stamp = hashlib.sha256()
     stamp.update(str(folder.resolve()).encode())
     for part in ("config.json", "tokenizer.json", "model.safetensors", "model.safetensors.index.json"):
@@ -145,7 +149,16 @@ def base_gguf(spec: models.ModelSpec) -> Path:
         if p.exists():
             st = p.stat()
             stamp.update(f"{part}:{st.st_size}:{st.st_mtime_ns}".encode())
-    out = models.cache_dir() / "gguf" / f"{folder.name}-{stamp.hexdigest()[:10]}.f32.gguf"
+    return stamp.hexdigest()[:10]
+
+
+def base_gguf(spec: models.ModelSpec) -> Path:
+    """The base GGUF llama.cpp loads for a model: the shipped GGUF, the given .gguf, or an F32 export of the HF
+    folder built once into the cache (next to the HF cache, under gguf/) and reused."""
+    if spec.gguf_path is not None:
+        return spec.gguf_path
+    folder = models.hf_dir(spec)
+    out = models.cache_dir() / "gguf" / f"{folder.name}-{folder_stamp(folder)}.f32.gguf"
     if not out.exists():
         export_base(folder, out, "f32", name=spec.name)
     return out

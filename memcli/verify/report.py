@@ -45,6 +45,7 @@ class Totals:
     ce_sum: float = 0.0
     min_p: float = math.inf
     min_margin_exact: float = math.inf  # the smallest margin among exact entries
+    min_margin: float = math.inf  # the smallest margin of any answer token (negative: a greedy error)
     failing_lines: list[int] = field(default_factory=list)
     at_risk_lines: list[int] = field(default_factory=list)
     non_finite: int = 0  # entries with a NaN or infinite statistic (min p, min margin, CE): null in the report
@@ -64,6 +65,7 @@ class Totals:
         self.above_threshold += v.answer_tokens - len(v.sub_threshold)
         self.ce_sum += v.ce * v.answer_tokens
         self.min_p = min(self.min_p, v.min_p) if not math.isnan(v.min_p) else math.nan
+        self.min_margin = min(self.min_margin, v.min_margin) if not math.isnan(v.min_margin) else math.nan
         if v.exact:
             self.min_margin_exact = min(self.min_margin_exact, v.min_margin)
         if not v.exact and len(self.failing_lines) < KEEP_LINES:
@@ -82,7 +84,7 @@ class Totals:
             "above_threshold": self.above_threshold / t,
             "at_risk": self.at_risk,
             "min_p": _finite(self.min_p),
-            "min_margin_exact": _finite(self.min_margin_exact),
+            "min_margin_exact": _finite(self.min_margin_exact), "min_margin": _finite(self.min_margin),
             "failing_lines": self.failing_lines, "at_risk_lines": self.at_risk_lines,
             "non_finite_entries": self.non_finite, "non_finite_lines": self.non_finite_lines,
         }

@@ -57,6 +57,7 @@ class VerifyOptions:
     base: str = "auto"  # llama, a model shipped quantised: auto/training (F16 of training's weights) or shipped
     locality: str | None = None  # None: off; "": the default reference; else a text file (verify/locality.py)
     locality_base: str | None = None  # the base GGUF a merged --model is compared with
+    deploy: tuple = ()  # llama.cpp file types: also certify both deployment forms of each (memcli.verify.deploy)
 
     def validate(self) -> None:
         checks = [
@@ -68,6 +69,7 @@ class VerifyOptions:
             (self.risk_margin >= 0, f"--risk-margin must be >= 0, got {self.risk_margin}"),
             (self.base in BASE_CHOICES, f"--base must be one of {', '.join(BASE_CHOICES)}, got '{self.base}'"),
             (self.kv_type in ("f16", "f32"), f"--kv-type must be f16 or f32, got '{self.kv_type}'"),
+            (not self.deploy or self.backend == "llama", "--deploy verifies in llama.cpp: use --backend llama"),
             (self.answer_tokens is None or self.answer_tokens >= 1,
              f"--answer-tokens must be at least 1, got {self.answer_tokens}"),
         ]
@@ -301,7 +303,7 @@ def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: di
                      "model": inp.base.spec.name, "backend": opts.backend, "batch_tokens": opts.batch_tokens,
                      "threads": opts.threads, "n_gpu_layers": opts.n_gpu_layers, "generate": opts.generate,
                      "min_exact": opts.min_exact, "risk_margin": opts.risk_margin, "kv_type": opts.kv_type,
-                     "share_prefix": opts.share_prefix,
+                     "share_prefix": opts.share_prefix, "deploy": list(opts.deploy),
                      "chat_template": inp.chat_template, "eos": inp.eos, "key": inp.key,
                      "answer_tokens": inp.answer_tokens, **backend_settings},
         "backend": backend.describe(),
@@ -327,6 +329,9 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
     from . import locality
 
     locality_text = locality.windows(inp, opts, log)  # a bad --locality TEXT is refused before any model loads
+    if opts.deploy and inp.src.run_dir is None and inp.src.peft_dir is None:
+        raise UserError("--deploy needs --lora as a run folder or PEFT adapter folder (the merged form is made from "
+                        "the adapter's weights)")
     with ExitStack() as stack:  # closes, in reverse: the report folder (unless committed), backend, temp export
         backend, backend_settings = open_backend(inp, opts, stack, log)
         setup_s = time.perf_counter() - t_start
@@ -337,8 +342,18 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
         measured = locality.measure(backend, locality_text, opts, log) if locality_text is not None else None
         if measured is not None:
             measured["seconds"] = round(time.perf_counter() - t0, 3)
+        deploy = None
+        if opts.deploy:
+            from .deploy import certify_deploy, plain_options
+
+            plain = plain_options(opts)
+            deploy = certify_deploy(inp, opts, writer.tmp, lambda b, sink: stream_pass(b, inp, plain, sink, None, log),
+                                    log)
         report = build_report(inp, opts, backend, backend_settings, done, generation, setup_s,
                               time.perf_counter() - t_start, measured)
+        if deploy is not None:
+            report["deploy"] = deploy
+            report["passed"] = report["passed"] and all(r["exact_match_rate"] >= opts.min_exact for r in deploy)
         t = report["totals"]
         writer.commit(report, done.plot, f"{Path(corpus_path).name}: exact {t['exact']}/{t['entries']}, certified "
                                          f"{t['certified']}, at risk {t['at_risk']} ({opts.backend})")

@@ -1,0 +1,210 @@
+"""Deployment: merged and quantised GGUFs made as llama.cpp makes them, certified per form, trained against.
+
+Expectations come from outside the code under test: llama.cpp's quantiser called directly (llama_cpp's
+llama_model_quantize) and the tensors it writes, llama.cpp's logits of the base with the adapter applied at run
+time, gguf-py's Q8_0 quantiser, and llama-cpp-python's own greedy generation.
+"""
+
+import ctypes
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memcli import models
+from memcli.bench.agree import llama_logits
+from memcli.gguf.adapter import export_adapter
+from memcli.gguf.base import base_gguf, export_base
+from memcli.gguf.reader import read_gguf
+
+from conftest import run_cli, run_memcli
+from test_export import make_adapter, max_diff, phonebook_ids
+
+
+@pytest.fixture(scope="module")
+def tiny_spec():
+    return models.resolve("tiny")
+
+
+@pytest.fixture(scope="module")
+def seqs(tiny_tokenizer):
+    return phonebook_ids(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_spec, seqs):
+    """A PEFT adapter (r=4, alpha=8, random non-zero A and B) on all linear modules of layers 1 and 2 of tiny."""
+    folder = tmp_path_factory.mktemp("peft") / "adapter"
+    adapted, _ = make_adapter(tiny_spec, folder, seqs, r=4, lora_alpha=8)
+    return folder, adapted
+
+
+def llama_quantize(src: Path, dst: Path, ftype: int) -> None:
+    """llama.cpp's quantiser, called directly (not through memcli)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("quant,ftype", [("q8_0", 7), ("q4_0", 2), ("q4_k_m", 15)])
+def test_quantised_base_is_llama_cpps(tiny_spec, seqs, tmp_path, quant, ftype):
+    """export-base --quant gives the logits of the same model quantised by llama.cpp's quantiser directly."""
+    out = tmp_path / f"tiny.{quant}.gguf"
+    result = run_cli("export-base", "tiny", "--quant", quant, "--out", out)
+    assert result.exit_code == 0, result.output
+    f32 = tmp_path / "tiny.f32.gguf"
+    export_base(models.hf_dir(tiny_spec), f32, "f32")
+    theirs = tmp_path / f"theirs.{quant}.gguf"
+    llama_quantize(f32, theirs, ftype)
+    ours, expected = llama_logits(out, seqs, n_threads=1), llama_logits(theirs, seqs, n_threads=1)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, expected))
+    types = {t.type for t in read_gguf(out).tensors.values()}
+    assert types != {0}  # quantised, not F32
+    if quant == "q4_k_m":  # tiny's rows of 64 are not whole 256-blocks: llama.cpp falls back, and memcli says so
+        assert "fell back" in result.output and "not divisible by 256" in result.output
+
+
+def test_merged_f32_is_base_plus_adapter(adapter, tiny_spec, seqs, tmp_path):
+    """The merged F32 file gives llama.cpp's logits of the base with the adapter applied at run time, and
+    torch + PEFT's; F16 stays within float16 rounding of them."""
+    folder, adapted = adapter
+    merged = tmp_path / "merged.f32.gguf"
+    assert run_cli("export", folder, "--merge", "--quant", "f32", "--out", merged, "--model", "tiny").exit_code == 0
+    lora = tmp_path / "adapter.gguf"
+    export_adapter(folder, lora, base=tiny_spec)
+    runtime = llama_logits(base_gguf(tiny_spec), seqs, lora, n_threads=1)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(llama_logits(merged, seqs, n_threads=1), runtime)) < 1e-3
+    assert max_diff(llama_logits(merged, seqs, n_threads=1), adapted, seqs) < 1e-3
+    half = tmp_path / "merged.f16.gguf"
+    assert run_cli("export", folder, "--merge", "--out", half, "--model", "tiny").exit_code == 0  # f16: the default
+    from peft import PeftModel
+
+    merged_torch = PeftModel.from_pretrained(models.load_model(tiny_spec)[0], folder).merge_and_unload()
+    expected = merged_torch.model.layers[1].mlp.up_proj.weight.detach().numpy()  # PEFT's own merge
+    stored = read_gguf(half).array("blk.1.ffn_up.weight").astype(np.float32)
+    assert np.abs(stored - expected).max() <= np.abs(expected).max() * 2**-10  # float16 rounding only
+    assert np.abs(stored - read_gguf(merged).array("blk.1.ffn_up.weight")).max() > 0  # and it is F16
+    assert read_gguf(half).get("memcli.merged_adapter")
+
+
+def test_fake_quantisation_is_what_the_quantised_file_holds(tiny_spec, tmp_path):
+    """qat.roundtrip(w, type) equals the tensor llama.cpp's quantiser writes (read back and dequantised by
+    gguf-py), for K-quant and legacy types, and gguf-py's own Q8_0 round trip."""
+    import gguf
+    import llama_cpp
+
+    from memcli.deploy.qat import roundtrip
+
+    f32 = tmp_path / "tiny.f32.gguf"
+    export_base(models.hf_dir(tiny_spec), f32, "f32")
+    name = "blk.1.ffn_down.weight"  # rows of 256: every K-quant applies without a fallback
+    w = read_gguf(f32).array(name)
+    Q = gguf.GGMLQuantizationType
+    assert np.array_equal(roundtrip(w, Q.Q8_0), gguf.quants.dequantize(gguf.quants.quantize(w, Q.Q8_0), Q.Q8_0))
+    for qtype, ftype in ((Q.Q4_K, 15), (Q.Q6_K, 18), (Q.Q5_0, 8), (Q.Q4_0, 2), (Q.Q3_K, 12)):
+        dst = tmp_path / f"pure.{qtype.name}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.pure = ftype, True  # every tensor to the type itself
+        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+        t = next(t for t in gguf.GGUFReader(dst).tensors if t.name == name)
+        assert t.tensor_type == qtype
+        theirs = gguf.quants.dequantize(np.asarray(t.data), qtype).reshape(w.shape)
+        ours = roundtrip(w, qtype)
+        assert np.array_equal(ours, theirs), qtype.name
+        assert 0 < np.abs(ours - w).max() < 0.5 * np.abs(w).max()  # it did round
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--merge", "--quant", "q9_9"], "--quant must be one of"),
+    (["--merge", "--quant", "iq2_xxs"], "importance matrix"),
+    (["--quant", "q4_k_m"], "--quant applies to --merge"),
+])
+def test_bad_quant_types_exit_2_before_any_work(adapter, tmp_path, args, message):
+    folder, _ = adapter
+    out = tmp_path / "m.gguf"
+    result = run_cli("export", folder, *args, "--out", out, "--model", "tiny")
+    assert result.exit_code == 2 and message in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_deploy_types_exit_2(pb8, adapter, tmp_path):
+    folder, _ = adapter
+    result = run_cli("verify", pb8, "--lora", folder, "--model", "tiny", "--out", tmp_path / "v", "--deploy", "q4_k_x")
+    assert result.exit_code == 2 and "--deploy must be one of" in result.output and not (tmp_path / "v").exists()
+    result = run_cli("verify", pb8, "--model", "tiny", "--out", tmp_path / "v", "--deploy", "q8_0")
+    assert result.exit_code == 2 and "--deploy needs --lora" in result.output and not (tmp_path / "v").exists()
+    result = run_cli("train", pb8, "--model", "tiny", "--out", tmp_path / "r", "--deploy", "q5")
+    assert result.exit_code == 2 and "--deploy must be one of" in result.output and not (tmp_path / "r").exists()
+    result = run_cli("export-base", "tiny", "--quant", "Q8_K", "--out", tmp_path / "b.gguf")
+    assert result.exit_code == 2 and not (tmp_path / "b.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def deploy_run(pb8, tmp_path_factory):
+    """tiny trained on pb8 with --deploy q8_0 until llama.cpp certifies both deployed forms (or 300 steps)."""
+    run = tmp_path_factory.mktemp("deploy") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_cli("train", pb8, "--model", "tiny", "--out", run, "--deploy", "q8_0", "--until-recall",
+                         "--max-steps", "300", "--lr", "0.02", "--check-every", "20")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_train_deploy_certifies_the_deployed_files(deploy_run, pb8):
+    """--deploy's summary records llama.cpp's verdict on both forms; the merged file it keeps recalls every
+    entry under llama-cpp-python's own greedy generation (`memcli ask`)."""
+    summary = json.loads((deploy_run / "summary.json").read_text())
+    d = summary["deploy"]
+    assert d["type"] == "q8_0" and d["error"] is None
+    assert {r["form"] for r in d["forms"]} == {"merged", "adapter"}
+    assert summary["stop_reason"] == "certified"
+    assert all(r["certified"] == r["entries"] == 8 for r in d["forms"])
+    merged = deploy_run / "deploy" / "merged.q8_0.gguf"
+    assert {t.type for t in read_gguf(merged).tensors.values()} >= {8}  # Q8_0 tensors
+    for row in map(json.loads, pb8.read_text().splitlines()[:3]):
+        key, value = row.get("query") or row.get("key"), row.get("target") or row.get("value")
+        result = run_cli("ask", merged, key, "--max-tokens", "16")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.splitlines()[0].startswith(key + value)
+
+
+def test_verify_deploy_prints_and_records_the_survival_table(deploy_run, pb8, tmp_path):
+    out = tmp_path / "v"
+    result = run_cli("verify", pb8, "--lora", deploy_run, "--out", out, "--deploy", "f32,q8_0")
+    assert result.exit_code == 0, result.output
+    assert "recall where it ships" in result.output
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["form"], r["type"]): r for r in report["deploy"]}
+    assert set(rows) == {("merged", "f32"), ("adapter", "f32"), ("merged", "q8_0"), ("adapter", "q8_0")}
+    main = [json.loads(x) for x in (out / "entries.jsonl").read_text().splitlines()]
+    for form in ("merged", "adapter"):  # F32 deployment is the verified weights themselves: the same verdicts
+        lines = [json.loads(x) for x in (out / "deploy" / f"{form}-f32.jsonl").read_text().splitlines()]
+        assert [e["exact"] for e in lines] == [e["exact"] for e in main]
+        assert max(abs(a["min_margin"] - b["min_margin"]) for a, b in zip(lines, main)) < 1e-2
+    assert rows[("merged", "q8_0")]["certified"] == 8  # what train --deploy certified
+    assert not any(p.name.startswith(".memcli-deploy") for p in tmp_path.iterdir())
+
+
+def test_ask_with_a_run_and_adapter_over_a_quantised_base(deploy_run, pb8, tmp_path):
+    """ask RUN uses the run's adapter over its base; ask ADAPTER --model BASE.gguf over a base quantised by
+    llama.cpp itself (q8_0: the type the run was trained against)."""
+    row = json.loads(pb8.read_text().splitlines()[0])
+    key, value = row.get("query") or row.get("key"), row.get("target") or row.get("value")
+    base = Path(json.loads((deploy_run / "summary.json").read_text())["deploy"]["base_gguf"])
+    theirs = tmp_path / "base.q8_0.gguf"
+    llama_quantize(base_gguf(models.resolve("tiny")), theirs, 7)
+    result = run_memcli("ask", deploy_run / "adapter.gguf", key, "--model", theirs, "--max-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith(key + value)
+    assert run_cli("ask", deploy_run, key).exit_code == 0
+    bad = run_cli("ask", tmp_path / "missing", key)
+    assert bad.exit_code == 2 and "does not exist" in bad.output
