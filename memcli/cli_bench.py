@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import UserError
-from .terminal import out_console, parse_ints, user_errors
+from .terminal import console, out_console, parse_ints, user_errors
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
 
@@ -67,6 +67,39 @@ def bench_train_cmd(entries: int = typer.Option(32, help="PhoneBook entries."),
     from .bench.train import main
 
     main(entries, model or models.DEFAULT_MODEL, rank, seed, max_epochs, check_every, throughput_steps, recall)
+
+
+@bench_app.command("deploy")
+@user_errors
+def bench_deploy_cmd(out: Path = typer.Option(..., "--out", help="Study folder: results.jsonl (resumable), runs/."),
+                     entries: int = typer.Option(20, help="PhoneBook entries (generated, seed 2026)."),
+                     model: Optional[str] = typer.Option(None, help="\\[default: smollm2-135m]"),
+                     methods: str = typer.Option("sft,memft-ot,memft-sw", help="Comma-separated methods."),
+                     variant: list[str] = typer.Option(["plain", "deploy"], help="plain | deploy (--deploy "
+                                                       "--quant) | margin=M (--margin M); repeatable."),
+                     seeds: str = typer.Option("0", help="Comma-separated seeds."),
+                     quant: str = typer.Option("q4_k_m", help="The type `deploy` trains for."),
+                     types: str = typer.Option("f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0", help="Types whose deployed "
+                                               "forms are scored after each run."),
+                     check_every: int = 10, max_steps: int = typer.Option(600, help="Budget per run.")):
+    """Recall in the deployed files (merged and adapter, per type) after plain, --deploy and --margin training,
+    with each variant's steps and time against the plain run of the same method and seed."""
+    from . import models
+    from .bench.deploy import format_table, run_study, variant_settings
+    from .datagen import generate_phonebook, write_jsonl
+    from .gguf.quantize import check_quant, parse_quants
+
+    corpus = out / f"pb{entries}.jsonl"
+    for v in variant:  # every input checked before any work
+        variant_settings(v, check_quant(quant, "--quant"))
+    parse_quants(types, "--types")
+    if not corpus.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(corpus, generate_phonebook(entries, 2026))
+    rows = run_study(out, corpus, model or models.DEFAULT_MODEL, [m.strip() for m in methods.split(",")], variant,
+                     parse_ints(seeds, "--seeds"), quant, parse_quants(types, "--types"), check_every, max_steps,
+                     log=lambda m: console.print(m, highlight=False, markup=False))
+    out_console.print(format_table(rows), highlight=False)
 
 
 @bench_app.command("agree")
