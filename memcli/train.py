@@ -69,7 +69,8 @@ class Trainer:
         self.device = models.pick_device(cfg.device)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.spec = models.resolve(cfg.model)
-        self.deploy, self.deploy_rows = None, None  # --deploy: the merged form's switch; llama.cpp's last verdict
+        # --deploy: the merged form's switch; llama.cpp's last verdict on the deployed files, its step and error
+        self.deploy, self.deploy_rows, self.deploy_step, self.deploy_error = None, None, None, None
         if cfg.deploy is not None:  # the base as llama.cpp's quantiser makes it at that type
             from .deploy.qat import quantised_base
 
@@ -380,7 +381,7 @@ class Trainer:
             "gguf": None, "gguf_error": self.gguf_blocker,
         }
         if self.deploy is not None:
-            if getattr(self, "deploy_step", None) != self.step:
+            if self.deploy_step != self.step:
                 self.check_deployed()
             summary["deploy"] = {"type": cfg.deploy, "forms": self.deploy_rows, "error": self.deploy_error,
                                  "merged_gguf": runs.deployed_path(self.out, cfg.deploy).name,
