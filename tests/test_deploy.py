@@ -69,6 +69,7 @@ def test_quantised_base_is_llama_cpps(tiny_spec, seqs, tmp_path, quant, ftype):
         assert "fell back" in result.output and "not divisible by 256" in result.output
 
 
+@pytest.mark.slow  # three exports and four llama.cpp loads
 def test_merged_f32_is_base_plus_adapter(adapter, tiny_spec, seqs, tmp_path):
     """The merged F32 file gives llama.cpp's logits of the base with the adapter applied at run time, and
     torch + PEFT's; F16 stays within float16 rounding of them."""
@@ -159,6 +160,7 @@ def deploy_run(pb8, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # training to certified recall in both deployed forms, or exports of every form
 def test_train_deploy_certifies_the_deployed_files(deploy_run, pb8):
     """--deploy's summary records llama.cpp's verdict on both forms; the merged file it keeps recalls every
     entry under llama-cpp-python's own greedy generation (`memcli ask`)."""
@@ -177,6 +179,7 @@ def test_train_deploy_certifies_the_deployed_files(deploy_run, pb8):
         assert result.stdout.splitlines()[0].startswith(key + value)
 
 
+@pytest.mark.slow  # training to certified recall in both deployed forms, or exports of every form
 def test_verify_deploy_prints_and_records_the_survival_table(deploy_run, pb8, tmp_path):
     out = tmp_path / "v"
     result = run_cli("verify", pb8, "--lora", deploy_run, "--out", out, "--deploy", "f32,q8_0")
@@ -194,6 +197,7 @@ def test_verify_deploy_prints_and_records_the_survival_table(deploy_run, pb8, tm
     assert not any(p.name.startswith(".memcli-deploy") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow  # training to certified recall in both deployed forms, or exports of every form
 def test_ask_with_a_run_and_adapter_over_a_quantised_base(deploy_run, pb8, tmp_path):
     """ask RUN uses the run's adapter over its base; ask ADAPTER --model BASE.gguf over a base quantised by
     llama.cpp itself (q8_0: the type the run was trained against)."""
