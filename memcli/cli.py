@@ -229,7 +229,7 @@ def export(src: Path = typer.Argument(..., help="A run folder or a PEFT adapter 
         raise UserError("--quant applies to --merge (an adapter's own tensors take --outtype)")
     if merge:
         from .gguf.merge import export_merged
-        from .gguf.quantize import check_quant
+        from .quants import check_quant
 
         info = export_merged(src, out, check_quant(quant or "f16", "--quant"), base=base)
         console.print(f"wrote {out}: {info['model']} with {info['merged']} adapted tensors merged, {info['type']}, "
@@ -273,7 +273,7 @@ def export_base_cmd(hf_dir: str = typer.Argument(..., help="An HF model folder (
     """Write an HF model as a llama.cpp base GGUF, tokenizer included."""
     if quant is not None:
         from .gguf.merge import export_quantised
-        from .gguf.quantize import check_quant
+        from .quants import check_quant
 
         info = export_quantised(hf_dir, out, check_quant(quant, "--quant"))
         console.print(f"wrote {out}: {info['model']}, {info['type']}, {info['bytes'] / 2**20:.1f} MiB, "
@@ -473,7 +473,7 @@ def verify_cmd(
     exact-match rate reaches --min-exact; 1: below; 2: bad input)."""
     from rich.markup import escape
 
-    from .gguf.quantize import parse_quants
+    from .quants import parse_quants
     from .terminal import print_verify_report, verify_progress
     from .verify.run import verify
 

@@ -87,7 +87,7 @@ def bench_deploy_cmd(out: Path = typer.Option(..., "--out", help="Study folder: 
     from . import models
     from .bench.deploy import format_table, run_study, variant_settings
     from .datagen import generate_phonebook, write_jsonl
-    from .gguf.quantize import check_quant, parse_quants
+    from .quants import check_quant, parse_quants
 
     corpus = out / f"pb{entries}.jsonl"
     for v in variant:  # every input checked before any work

@@ -136,7 +136,7 @@ class TrainConfig:
              "add --preserve"),
         ]
         if self.deploy is not None:
-            from .gguf.quantize import check_quant
+            from .quants import check_quant
 
             self.deploy = check_quant(self.deploy, "--deploy")
         for ok, message in checks:

@@ -69,13 +69,12 @@ class Trainer:
         self.device = models.pick_device(cfg.device)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.spec = models.resolve(cfg.model)
-        # --deploy: the merged form's switch; llama.cpp's last verdict on the deployed files, its step and error
-        self.deploy, self.deploy_rows, self.deploy_step, self.deploy_error = None, None, None, None
+        self.deploy = None  # --deploy: memcli.deploy.training
         if cfg.deploy is not None:  # the base as llama.cpp's quantiser makes it at that type
-            from .deploy.qat import quantised_base
+            from .deploy.training import Deployment
 
-            self.quant_base, model = quantised_base(self.spec, cfg.deploy, dtype, self.device, log)
-            self.tokenizer = models.load_tokenizer(self.spec)
+            self.deploy = Deployment(self.spec, cfg.deploy, log)
+            model, self.tokenizer = self.deploy.load_base(dtype, self.device), models.load_tokenizer(self.spec)
         else:
             model, self.tokenizer = models.load_model(self.spec, dtype, self.device)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -87,12 +86,8 @@ class Trainer:
         self.params = lora.trainable_parameters(self.model)
         self.l = corpus.answer_tokens(self.examples)
         self.gguf_blocker = self.check_gguf()  # before step 1: can adapter.gguf be written at the end?
-        if cfg.deploy is not None:
-            from .deploy.qat import DeployTarget
-
-            if self.gguf_blocker is not None or cfg.gguf == "off":
-                raise UserError(f"--deploy makes and checks GGUF files: {self.gguf_blocker or 'not with --gguf off'}")
-            self.deploy = DeployTarget(self.model, models.hf_dir(self.spec), self.quant_base)
+        if self.deploy is not None:
+            self.deploy.attach(self.model, self.gguf_blocker or ("not with --gguf off" if cfg.gguf == "off" else None))
         self.replay = self.replay_text()  # --preserve's replay windows (a bad --preserve-text is refused here)
         self.preserve = None  # the preserve term, built when the run starts (memcli.preserve.Preserve)
         self.prefix = None  # the frozen layers' output, built when the run starts (forward.FrozenPrefix)
@@ -216,50 +211,17 @@ class Trainer:
 
     def evaluate(self) -> forward.Recall:
         """A clean pass over every entry (from the frozen prefix when there is one); with --deploy, in both
-        deployment forms, an entry recalled only where both recall it."""
-        if self.deploy is None:
+        deployment forms."""
+        def clean():
             return forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=self.prefix,
                                     margin=self.cfg.margin)
-        from .deploy.qat import worst
-
-        return worst([forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=self.prefix,
-                                       margin=self.cfg.margin) for _ in self.deploy.forms()])
+        return clean() if self.deploy is None else self.deploy.evaluate(clean)
 
     def answer_ce(self, batch):
-        """Per-token CE, correctness and logit margin; with --deploy, each token's worse form (the higher CE and
-        lower margin, correct only in both), so the objective trains a token while either deployed file could get
-        it wrong."""
-        if self.deploy is None:
+        """Per-token CE, correctness and logit margin; with --deploy, each token's worse deployment form."""
+        def once():
             return forward.answer_ce(self.model, batch)
-        (ce_a, ok_a, m_a), (ce_m, ok_m, m_m) = [forward.answer_ce(self.model, batch) for _ in self.deploy.forms()]
-        return torch.maximum(ce_a, ce_m), ok_a & ok_m, torch.minimum(m_a, m_m)
-
-    def check_deployed(self) -> bool:
-        """llama.cpp's verdict on both deployed files of --deploy's type, made from the adapter as it is now (the
-        merged file kept in RUN/deploy/); True when both certify every entry. A failure to make or score them
-        is a warning (recorded in summary.json), never the loss of the run."""
-        import tempfile
-
-        from .deploy.check import check_deployed
-
-        self.deploy_step = self.step
-        try:
-            with tempfile.TemporaryDirectory(prefix=".deploy-", dir=self.out) as work:
-                peft = Path(work) / "adapter"
-                self.model.save_pretrained(peft)
-                self.deploy_rows = check_deployed(peft, self.spec, self.cfg.deploy, self.examples, Path(work),
-                                                  keep_merged=runs.deployed_path(self.out, self.cfg.deploy))
-        except Exception as e:  # noqa: BLE001 - see the docstring
-            self.deploy_rows = None
-            self.deploy_error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            self.log(f"warning: the deployed files could not be checked in llama.cpp: {self.deploy_error}")
-            return False
-        self.deploy_error = None
-        ok = all(r["certified"] == r["entries"] for r in self.deploy_rows)
-        self.log(f"step {self.step}: llama.cpp on the deployed {self.cfg.deploy} files: " + ", ".join(
-            f"{r['form']} {r['certified']}/{r['entries']} certified" for r in self.deploy_rows)
-            + ("" if ok else "; training on"))
-        return ok
+        return once() if self.deploy is None else self.deploy.answer_ce(once)
 
     # --- the objective -----------------------------------------------------------------------------------
     def objective(self, ce, correct, batch, idx, margin=None):
@@ -347,8 +309,8 @@ class Trainer:
                     progress(step, self.total_steps, row or {})
                 done = cfg.until_recall and checked and recall.certified_rate == 1.0
                 if done and self.deploy is not None:  # llama.cpp on the deployed files decides
-                    done = self.check_deployed()
-                    metrics.write(json.dumps({"step": step, "deploy": self.deploy_rows}) + "\n")
+                    done = self.deploy.check(self.model, self.examples, self.out, step)
+                    metrics.write(json.dumps({"step": step, "deploy": self.deploy.rows}) + "\n")
                 self.wall = time.perf_counter() - started
                 if step % cfg.checkpoint_every == 0 or done:
                     metrics.flush()
@@ -381,11 +343,7 @@ class Trainer:
             "gguf": None, "gguf_error": self.gguf_blocker,
         }
         if self.deploy is not None:
-            if self.deploy_step != self.step:
-                self.check_deployed()
-            summary["deploy"] = {"type": cfg.deploy, "forms": self.deploy_rows, "error": self.deploy_error,
-                                 "merged_gguf": runs.deployed_path(self.out, cfg.deploy).name,
-                                 "base_gguf": str(self.quant_base), "tensor_types": self.deploy.types}
+            summary["deploy"] = self.deploy.summary(self.model, self.examples, self.out, self.step)
         # The trained adapter and its summary first: whatever locality and export do next, they are kept.
         runs.save_adapter(self.out, self.model)
         runs.write_summary(self.out, summary)

@@ -69,16 +69,18 @@ def test_no_module_over_500_lines():
 # Bottom to top. A module belongs to the first layer naming it or a package above it.
 LAYERS = [
     ("core", ["memcli", "memcli.errors", "memcli.signals", "memcli.runs", "memcli.scoring", "memcli.batching",
-              "memcli.verdicts", "memcli.corpus", "memcli.datagen", "memcli.gguf.reader"]),
+              "memcli.verdicts", "memcli.corpus", "memcli.datagen", "memcli.gguf.reader", "memcli.quants"]),
     ("models", ["memcli.models", "memcli.config", "memcli.llamacpp"]),
     ("gguf", ["memcli.gguf"]),
+    # the llama.cpp scorer, torch-free: `verify` runs it, and so does `train --deploy` on the files it makes
+    ("llama", ["memcli.verify.llama", "memcli.verify.checks", "memcli.verify.report"]),
     ("torch", ["memcli.lora", "memcli.objectives", "memcli.forward", "memcli.train", "memcli.sweep", "memcli.locality",
-               "memcli.preserve"]),
-    ("commands", ["memcli.verify", "memcli.law"]),
+               "memcli.preserve", "memcli.deploy"]),
+    ("commands", ["memcli.verify", "memcli.law", "memcli.ask"]),
     ("interface", ["memcli.terminal", "memcli.doctor", "memcli.cli", "memcli.cli_bench", "memcli.__main__",
                    "memcli.bench"]),
 ]
-TORCH_FREE = ("core", "models", "gguf")  # no module-level import of torch, transformers or peft
+TORCH_FREE = ("core", "models", "gguf", "llama")  # no module-level import of torch, transformers or peft
 HEAVY = ("torch", "transformers", "peft")
 
 

@@ -16,7 +16,7 @@ def score_forms(forms: list[Deployed], examples, *, batch_tokens: int = 2048, th
     from ..gguf.adapter import check_pair
     from ..verify.llama import LlamaBackend
     from ..verify.report import Totals
-    from ..verify.verdicts import verdicts
+    from ..verdicts import verdicts
 
     rows = []
     for d in forms:

@@ -140,26 +140,3 @@ def _type_name(t: int) -> str:
 
     return gguf.GGMLQuantizationType(t).name.lower()
 
-
-def quantised_base(spec, quant: str, dtype: str, device: str, log=print):
-    """(the base GGUF of `spec` at type `quant`, made once by llama.cpp's quantiser, and the torch model loaded
-    from it: the weights llama.cpp multiplies with, dequantised)."""
-    from .. import models
-    from ..gguf.merge import deployed_base
-
-    log(f"--deploy {quant}: training against the base as llama.cpp quantises it to {quant}")
-    path = deployed_base(spec, quant)
-    model, _ = models.load_model(models.resolve(str(path)), dtype, device)
-    return path, model
-
-
-def worst(recalls):
-    """One forward.Recall from the recall of each form: an entry is recalled (certified) only where every form
-    recalls (certifies) it; its min p and token accuracy are the lowest, the mean CE the highest."""
-    from ..forward import Recall
-
-    def each(name, pick):
-        return [pick(vals) for vals in zip(*(getattr(r, name) for r in recalls))]
-
-    return Recall(max(r.mean_ce for r in recalls), each("exact", all), each("certified", all), each("min_p", min),
-                  min(r.above for r in recalls), each("token_accuracy", min))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import models
 from ..errors import UserError
+from ..quants import check_quant
 from . import quantize as q
 from .adapter import MERGED_KEY, _adapter_source, _resolve_base, adapter_pairs
 from .base import export_base, folder_stamp
@@ -46,7 +47,7 @@ def _write(folder: Path, out: Path, quant: str, name: str, deltas: dict | None, 
            threads: int | None) -> dict:
     """export_base (float) and, for other types, llama.cpp's quantiser on a temporary float file beside `out`."""
     t0 = time.perf_counter()
-    quant = q.check_quant(quant)
+    quant = check_quant(quant)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / f'model.{quant}.gguf'}")
     ftype = _float_type(folder, quant)
@@ -68,7 +69,7 @@ def _write(folder: Path, out: Path, quant: str, name: str, deltas: dict | None, 
 def export_merged(src: str | os.PathLike, out: str | os.PathLike, quant: str = "f16",
                   base: models.ModelSpec | None = None, threads: int | None = None) -> dict:
     """Write a run's (or PEFT folder's) LoRA merged into its base as a model GGUF of type `quant`."""
-    quant = q.check_quant(quant, "--quant")
+    quant = check_quant(quant, "--quant")
     deltas, spec, name = merge_deltas(src, base)
     info = _write(models.hf_dir(spec), Path(out), quant, f"{name} + memcli LoRA", deltas,
                   {MERGED_KEY: str(Path(src).resolve())}, threads)
@@ -79,7 +80,7 @@ def export_merged(src: str | os.PathLike, out: str | os.PathLike, quant: str = "
 def export_quantised(model: str, out: str | os.PathLike, quant: str, threads: int | None = None) -> dict:
     """Write a model (a memcli name or an HF folder) as a base GGUF of type `quant` (the weights training uses,
     quantised by llama.cpp): the base an adapter is deployed over."""
-    quant = q.check_quant(quant, "--quant")
+    quant = check_quant(quant, "--quant")
     spec = models.resolve(model)
     info = _write(models.hf_dir(spec), Path(out), quant, spec.name, None, {}, threads)
     info.update(model=spec.name)

@@ -1,8 +1,7 @@
 """Quantising a model GGUF with llama.cpp's own quantiser (`llama_model_quantize`, through llama-cpp-python), as
 users do before shipping a model to llama.cpp, ollama or LM Studio.
 
-`QUANT_TYPES` are the file types memcli offers by llama.cpp's usual names (`llama-quantize`'s): the ones that
-need no importance matrix. `check_quant` refuses anything else before any work; `quantize` first asks llama.cpp
+The types are memcli.quants' (llama.cpp's names, checked before any work). `quantize` first asks llama.cpp
 for a dry run (it chooses every tensor's type without writing anything, so a model the type cannot take is
 refused in one line before a byte is written), then writes the file and reports what llama.cpp chose: its
 per-tensor types and the tensors it had to fall back for (rows not divisible by a K-quant's 256-element
@@ -20,33 +19,10 @@ from pathlib import Path
 
 from .. import runs
 from ..errors import UserError
+from ..quants import check_quant
 
-# name -> llama_ftype constant in llama_cpp (LLAMA_FTYPE_MOSTLY_<NAME>); f32 is LLAMA_FTYPE_ALL_F32.
-QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
-               "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
-_NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
-                  "iq4_xs", "iq4_nl", "q2_k_s", "tq1_0", "tq2_0")
 _FALLBACK = re.compile(r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)"
                        r".*-> falling back to\s+(\S+)")
-
-
-def check_quant(name: str, what: str = "--quant") -> str:
-    """The lower-case type name; UserError for a name llama.cpp's quantiser does not offer here."""
-    key = str(name).strip().lower()
-    if key in QUANT_TYPES:
-        return key
-    if key in _NEEDS_IMATRIX:
-        raise UserError(f"{what} {name}: llama.cpp needs an importance matrix (imatrix) for this type, which memcli "
-                        f"does not make; choose one of {', '.join(QUANT_TYPES)}")
-    raise UserError(f"{what} must be one of {', '.join(QUANT_TYPES)}, got '{name}'")
-
-
-def parse_quants(text: str, what: str = "--deploy") -> list[str]:
-    """A comma-separated list of types, checked (duplicates dropped, order kept)."""
-    names = [t for t in (p.strip() for p in str(text).split(",")) if t]
-    if not names:
-        raise UserError(f"{what} needs at least one type, e.g. q8_0,q4_k_m")
-    return list(dict.fromkeys(check_quant(n, what) for n in names))
 
 
 def _ftype(L, name: str) -> int:
