@@ -52,7 +52,7 @@ def test_sweep_fits_end_to_end_and_resumes(tmp_path):
     examples = corpus_mod.load_examples(corpus, tok)
     batch = forward.collate(examples, tok.pad_token_id, "cpu")
     with torch.no_grad():
-        ce, _ = forward.answer_ce(base, batch)
+        ce, _, _ = forward.answer_ce(base, batch)
     l_init = (ce.sum() / batch.mask.sum()).item()
     result = run_cli("plan", corpus, "--law", law, "--model", "tiny", "--extrapolate")
     assert result.exit_code == 0, result.output

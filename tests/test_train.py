@@ -62,9 +62,9 @@ def test_saved_adapter_reloads_with_the_same_probabilities(pb8, tmp_path):
         trained_ce, _, _ = forward.answer_ce(trainer.model, batch)
         base, _ = models.load_model(models.resolve("tiny"))
         reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
-        reloaded_ce, _ = forward.answer_ce(reloaded, batch)
+        reloaded_ce, _, _ = forward.answer_ce(reloaded, batch)
         with reloaded.disable_adapter():
-            base_ce, _ = forward.answer_ce(reloaded, batch)
+            base_ce, _, _ = forward.answer_ce(reloaded, batch)
     assert torch.allclose(trained_ce, reloaded_ce, atol=1e-6)
     assert not torch.allclose(trained_ce, base_ce, atol=1e-2)  # the adapter is really there
 
@@ -87,12 +87,12 @@ def test_l_init_is_measured_once_with_the_adapter_disabled(pb8, tmp_path, monkey
     monkeypatch.setattr(forward, "evaluate", spy)
     batch = forward.collate(trainer.examples, trainer.pad_id, "cpu")
     with torch.no_grad():
-        adapted_ce, _ = forward.answer_ce(trainer.model, batch)
+        adapted_ce, _, _ = forward.answer_ce(trainer.model, batch)
     summary = trainer.run()
 
     base, tok = models.load_model(models.resolve("tiny"))  # the plain base model, no PEFT at all
     with torch.no_grad():
-        ce, _ = forward.answer_ce(base, forward.collate(corpus.load_examples(pb8, tok), tok.pad_token_id, "cpu"))
+        ce, _, _ = forward.answer_ce(base, forward.collate(corpus.load_examples(pb8, tok), tok.pad_token_id, "cpu"))
     n = batch.mask.sum()
     assert summary["l_init"] == pytest.approx((ce.sum() / n).item(), rel=1e-5)
     assert (adapted_ce - ce).abs().max() > 0.5  # the adapter does change the per-token loss
