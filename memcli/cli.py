@@ -453,11 +453,12 @@ def verify_cmd(
                              "training (an F16 GGUF of the dequantised weights training used) | shipped (the "
                              "quantised GGUF as deployed)."),
     device: str = typer.Option(VerifyOptions.device, help="torch: auto | cpu | cuda[:i]."),
-    locality: Optional[str] = typer.Option(None, "--locality", is_flag=False, flag_value="", metavar="[TEXT]",
+    locality: Optional[str] = typer.Option(None, "--locality", metavar="[TEXT]",
                                            help="Also compare the tuned model with its base, teacher-forced over "
                                            "TEXT (a UTF-8 file; without it, the base model's own continuations "
-                                           "of short prompts, generated once and cached): greedy next-token "
-                                           "agreement, KL(base || tuned), CE of each (docs/locality.md)."),
+                                           "of short prompts, generated once and cached; also written "
+                                           "--locality=): greedy next-token agreement, KL(base || tuned), CE of "
+                                           "each (docs/locality.md)."),
     locality_base: Optional[str] = typer.Option(None, "--locality-base", help="With --locality and a merged "
                                                 "model as --model (no --lora): the base GGUF it is compared with."),
     deploy: Optional[str] = typer.Option(None, help="Also certify the files users ship, for each of these "
@@ -496,3 +497,15 @@ def verify_cmd(
 # --- benchmarks: memcli bench (cli_bench.py) -------------------------------------------------------------
 
 app.add_typer(bench_app, name="bench")
+
+
+def main() -> None:
+    """The `memcli` command. `--locality` takes an optional TEXT, which click cannot express: given last, or
+    followed by another option, it is rewritten to `--locality=` (the default reference) before parsing."""
+    import sys
+
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--locality" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            args[i] = "--locality="
+    app(args=args, prog_name="memcli")

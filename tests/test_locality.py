@@ -167,6 +167,19 @@ def test_zero_adapter_agrees_everywhere_with_kl_zero(zero_adapter, pb8, text, tm
 
 
 @pytest.mark.slow
+def test_locality_without_text_uses_the_reference_as_a_user_types_it(zero_adapter, pb8, tmp_path):
+    """`--locality` with no TEXT, followed by another option, as a user types it (the memcli command, a process)."""
+    from conftest import run_memcli
+
+    done = run_memcli("verify", pb8, "--lora", zero_adapter / "adapter.gguf", "--model", "tiny", "--locality",
+                      "--out", tmp_path / "v", "--min-exact", "0")
+    assert done.returncode == 0, done.stderr
+    loc = json.loads((tmp_path / "v" / "report.json").read_text())["locality"]
+    assert loc["text"].startswith("reference") and loc["tokens"] == 24 * 127
+    assert loc["argmax_agreement"] == 1.0 and loc["kl"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "llama"])
 def test_trained_adapter_locality_matches_plain_torch_and_peft(trained, pb8, text, tmp_path, backend):
     want = independent_locality(trained / "adapter", text)
