@@ -73,7 +73,7 @@ class Trainer:
         if cfg.deploy is not None:  # the base as llama.cpp's quantiser makes it at that type
             from .deploy.training import Deployment
 
-            self.deploy = Deployment(self.spec, cfg.deploy, log)
+            self.deploy = Deployment(self.spec, cfg.deploy, self.log)
             model, self.tokenizer = self.deploy.load_base(dtype, self.device), models.load_tokenizer(self.spec)
         else:
             model, self.tokenizer = models.load_model(self.spec, dtype, self.device)
@@ -310,7 +310,7 @@ class Trainer:
                 done = cfg.until_recall and checked and recall.certified_rate == 1.0
                 if done and self.deploy is not None:  # llama.cpp on the deployed files decides
                     done = self.deploy.check(self.model, self.examples, self.out, step)
-                    metrics.write(json.dumps({"step": step, "deploy": self.deploy.rows}) + "\n")
+                    metrics.write({"step": step, "deploy": self.deploy.rows})
                 self.wall = time.perf_counter() - started
                 if step % cfg.checkpoint_every == 0 or done:
                     metrics.flush()
