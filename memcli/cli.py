@@ -498,14 +498,3 @@ def verify_cmd(
 
 app.add_typer(bench_app, name="bench")
 
-
-def main() -> None:
-    """The `memcli` command. `--locality` takes an optional TEXT, which click cannot express: given last, or
-    followed by another option, it is rewritten to `--locality=` (the default reference) before parsing."""
-    import sys
-
-    args = sys.argv[1:]
-    for i, arg in enumerate(args):
-        if arg == "--locality" and (i + 1 == len(args) or args[i + 1].startswith("-")):
-            args[i] = "--locality="
-    app(args=args, prog_name="memcli")
