@@ -22,7 +22,8 @@ def test_preserve_term_is_zero_for_the_base_and_the_full_kl_when_topk_holds_ever
     from memcli.locality import as_examples
 
     monkeypatch.setattr(preserve, "TOP_K", 49152)  # tiny has SmolLM2's vocabulary
-    trainer = Trainer(TrainConfig(corpus=str(pb8), model="tiny", preserve=True, dropout=0.0, gguf="off"),
+    trainer = Trainer(TrainConfig(corpus=str(pb8), model="tiny", preserve=True, preserve_weight=1.0, dropout=0.0,
+                                  gguf="off"),
                       tmp_path / "run", log=lambda m: None)
     trainer.replay = trainer.replay[:2]  # the full vocabulary per position: keep the replay text small
     term = trainer.preserve_term()
