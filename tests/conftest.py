@@ -45,5 +45,10 @@ def start_memcli(*args, **env) -> subprocess.Popen:
     environment variables."""
     import os
 
+    import signal
+
+    def default_sigint():  # a test run started in the background inherits SIGINT ignored; a user's shell does not
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     return subprocess.Popen([sys.executable, "-m", "memcli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env}, preexec_fn=default_sigint)
