@@ -318,9 +318,11 @@ struct Outputs {
     i64* rank;
 };
 
-void score_block(SweepFn sweep, const float* logits, const i64* targets, i64 rows, i64 vocab, int n_threads,
-                 const Outputs& out) {
-    // Rows are handed out dynamically in small batches; a batch is at least ~16k entries of work.
+// row_fn(r) for every row of a [rows, vocab] block, on up to n_threads threads (the calling one included). Rows are
+// handed out dynamically in small batches of at least ~16k entries of work; no thread is started that would get
+// less than ~64k entries.
+template <typename RowFn>
+void for_each_row(i64 rows, i64 vocab, int n_threads, const RowFn& row_fn) {
     const i64 batch = std::max<i64>(1, (i64{1} << 14) / std::max<i64>(vocab, 1));
     std::atomic<i64> next{0};
     auto worker = [&] {
@@ -328,21 +330,9 @@ void score_block(SweepFn sweep, const float* logits, const i64* targets, i64 row
             const i64 begin = next.fetch_add(batch);
             if (begin >= rows) return;
             const i64 end = std::min(rows, begin + batch);
-            for (i64 r = begin; r < end; ++r) {
-                const float* row = logits + r * vocab;
-                const RowResult res = finish_row(row, vocab, targets[r], sweep(row, vocab, targets[r]));
-                out.logprob[r] = res.logprob;
-                out.prob[r] = res.prob;
-                out.argmax[r] = res.argmax;
-                out.target_logit[r] = res.target_logit;
-                out.best_other[r] = res.best_other;
-                out.margin[r] = res.margin;
-                out.rank[r] = res.rank;
-            }
+            for (i64 r = begin; r < end; ++r) row_fn(r);
         }
     };
-
-    // Don't start threads that would get less than ~64k entries each; the calling thread works too.
     const i64 useful = std::max<i64>(1, (rows * vocab) >> 16);
     const int threads = static_cast<int>(std::min<i64>(n_threads, useful));
     std::vector<std::thread> pool;
@@ -353,6 +343,21 @@ void score_block(SweepFn sweep, const float* logits, const i64* targets, i64 row
     }
     worker();
     for (auto& th : pool) th.join();
+}
+
+void score_block(SweepFn sweep, const float* logits, const i64* targets, i64 rows, i64 vocab, int n_threads,
+                 const Outputs& out) {
+    for_each_row(rows, vocab, n_threads, [&](i64 r) {
+        const float* row = logits + r * vocab;
+        const RowResult res = finish_row(row, vocab, targets[r], sweep(row, vocab, targets[r]));
+        out.logprob[r] = res.logprob;
+        out.prob[r] = res.prob;
+        out.argmax[r] = res.argmax;
+        out.target_logit[r] = res.target_logit;
+        out.best_other[r] = res.best_other;
+        out.margin[r] = res.margin;
+        out.rank[r] = res.rank;
+    });
 }
 
 template <typename T>
@@ -462,25 +467,7 @@ nb::object kl_rows(const LogitsArray& p, const LogitsArray& q, int n_threads) {
     {
         nb::gil_scoped_release no_gil;
         double* o = out.get();
-        std::atomic<i64> next{0};
-        const i64 batch = std::max<i64>(1, (i64{1} << 14) / std::max<i64>(vocab, 1));
-        auto worker = [&] {
-            for (;;) {
-                const i64 begin = next.fetch_add(batch);
-                if (begin >= rows) return;
-                const i64 end = std::min(rows, begin + batch);
-                for (i64 r = begin; r < end; ++r) o[r] = kl_row(a + r * vocab, b + r * vocab, vocab);
-            }
-        };
-        const i64 useful = std::max<i64>(1, (rows * vocab) >> 16);
-        const int threads = static_cast<int>(std::min<i64>(n_threads, useful));
-        std::vector<std::thread> pool;
-        try {
-            for (int k = 1; k < threads; ++k) pool.emplace_back(worker);
-        } catch (const std::system_error&) {
-        }
-        worker();
-        for (auto& th : pool) th.join();
+        for_each_row(rows, vocab, n_threads, [&](i64 r) { o[r] = kl_row(a + r * vocab, b + r * vocab, vocab); });
     }
     return numpy_vector(std::move(out), n);
 }
