@@ -27,6 +27,7 @@ def resolve_target(target: str | os.PathLike, model: str | None) -> Target:
     """What `ask` runs: a run folder, an adapter .gguf (over --model or the model it names) or a model .gguf."""
     from . import models, runs
     from .gguf.adapter import adapter_info
+    from .gguf.base import base_gguf
     from .gguf.reader import read_gguf
 
     path = Path(target)
@@ -37,7 +38,7 @@ def resolve_target(target: str | os.PathLike, model: str | None) -> Target:
             raise UserError(f"{path} is not a run folder with an adapter.gguf (write one with `memcli export "
                             f"{path} --out {path}/adapter.gguf`)")
         settings = runs.read_settings(path)
-        return Target(_deployed_base(models.resolve(model or settings.get("model"))), runs.gguf_path(path), settings)
+        return Target(base_gguf(models.resolve(model or settings.get("model"))), runs.gguf_path(path), settings)
     if path.suffix != ".gguf":
         raise UserError(f"{path}: expected a run folder, a model .gguf or an adapter .gguf")
     kind = read_gguf(path).get("general.type", "model")
@@ -45,17 +46,10 @@ def resolve_target(target: str | os.PathLike, model: str | None) -> Target:
         info = adapter_info(path)
         if model is None and info["model"] is None:
             raise UserError(f"adapter {path} does not name its base model: give --model BASE.gguf")
-        return Target(_deployed_base(models.resolve(model or info["model"])), path, {})
+        return Target(base_gguf(models.resolve(model or info["model"])), path, {})
     if model is not None:
         raise UserError(f"{path} is a model GGUF: --model applies to an adapter or a run folder")
     return Target(path, None, {})
-
-
-def _deployed_base(spec) -> Path:
-    """The base GGUF a user deploys an adapter over: the shipped or given GGUF, else an F32 export of the folder."""
-    from .gguf.base import base_gguf
-
-    return base_gguf(spec)
 
 
 def ask(target: str | os.PathLike, prompt: str, *, model: str | None = None, max_tokens: int = 48,

@@ -28,13 +28,13 @@ def _logprobs(backend, examples, batch_tokens):
 
 def candidate_bases(spec) -> dict[str, Path]:
     """The base GGUFs to compare, by name, each exported once into the cache where it is not shipped."""
-    from ..gguf.base import base_gguf, dequantised_gguf
+    from ..gguf.base import base_gguf, cached_base
     from ..verify.sources import verify_base
 
     if spec.gguf_path is None:  # an HF model: verify decodes its F32 export
-        return {"f32 export (verify's)": base_gguf(spec), "f16 export": dequantised_gguf(spec, "f16")}
+        return {"f32 export (verify's)": base_gguf(spec), "f16 export": cached_base(spec, "f16")}
     return {"shipped": base_gguf(spec), "dequantised f16": verify_base(spec, "training")[0],
-            "dequantised f32": dequantised_gguf(spec, "f32")}
+            "dequantised f32": cached_base(spec, "f32")}
 
 
 def bench_base(entries: int = 200, model: str | None = None, threads: int | None = None,

@@ -30,7 +30,8 @@ def make_forms(run: Path, spec: models.ModelSpec, adapter_gguf: Path, quant: str
                forms=FORMS) -> list[Deployed]:
     """Both forms of type `quant` for the run: the merged file into `work` (it is the run's own), the quantised
     base from the cache (built once per model and type)."""
-    from ..gguf.merge import deployed_base, export_merged
+    from ..gguf.base import cached_base
+    from ..gguf.merge import export_merged
 
     made = []
     if "merged" in forms:
@@ -38,7 +39,7 @@ def make_forms(run: Path, spec: models.ModelSpec, adapter_gguf: Path, quant: str
         info = export_merged(run, out, quant, base=spec)
         made.append(Deployed("merged", quant, out, None, out.stat().st_size, info.get("fallbacks", [])))
     if "adapter" in forms:
-        base = deployed_base(spec, quant)
+        base = cached_base(spec, quant)
         made.append(Deployed("adapter", quant, base, adapter_gguf,
                              base.stat().st_size + adapter_gguf.stat().st_size, []))
     return made

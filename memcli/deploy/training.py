@@ -80,10 +80,10 @@ def quantised_base(spec, quant: str, dtype: str, device: str, log=print):
     """(the base GGUF of `spec` at type `quant`, made once by llama.cpp's quantiser, and the torch model loaded
     from it: the weights llama.cpp multiplies with, dequantised)."""
     from .. import models
-    from ..gguf.merge import deployed_base
+    from ..gguf.base import cached_base
 
     log(f"--deploy {quant}: training against the base as llama.cpp quantises it to {quant}")
-    path = deployed_base(spec, quant)
+    path = cached_base(spec, quant)
     model, _ = models.load_model(models.resolve(str(path)), dtype, device)
     return path, model
 

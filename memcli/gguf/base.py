@@ -1,13 +1,16 @@
 """Base models as llama.cpp GGUFs: `export_base` writes an HF model of a supported family (memcli.models.ARCHITECTURES)
 with its hyperparameters (memcli.gguf.arch: Gemma 3's and Phi-3's own), weights (q/k rows permuted for the Llama
 graph, Gemma 3's norms + 1) and tokenizer (tokens, types, merges,
-the pre-tokenizer llama.cpp knows by name, special ids, add-BOS/EOS, chat template); `base_gguf` is the base
-GGUF llama.cpp loads for a model: the shipped GGUF, or an export built once into the cache.
+the pre-tokenizer llama.cpp knows by name, special ids, add-BOS/EOS, chat template); `write_model` writes any of
+llama.cpp's file types (a float export, then llama.cpp's quantiser); `cached_base` is a model's training weights
+as a type, made once into the cache; `base_gguf` is the base GGUF llama.cpp loads for a model: the shipped GGUF,
+or the F32 export from the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
@@ -16,9 +19,13 @@ import numpy as np
 
 from .. import models, runs
 from ..errors import UserError
+from ..quants import check_quant
 from . import reader
 from .arch import write_family_keys
-from .hf import HFModel, gguf_array, iter_hf_tensors, llama3_rope_factors, read_base
+from .hf import HFModel, gguf_array, iter_hf_tensors, llama3_rope_factors, read_base, read_hf
+from .quantize import quantize
+
+_F32_LIMIT = 2 * 10**9  # parameters up to which the float file llama.cpp's quantiser reads is F32 (else F16)
 
 
 def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32",
@@ -130,14 +137,36 @@ def _write_rope_scaling(w, hf: HFModel) -> None:
             w.add_rope_scaling_yarn_attn_factor(float(attention))
 
 
-def dequantised_gguf(spec: models.ModelSpec, outtype: str) -> Path:
-    """The weights training loads for a model (its HF folder: for a model shipped quantised, the dequantised
-    weights), exported once into the cache as an `outtype` GGUF and reused."""
-    folder = models.hf_dir(spec)
-    out = models.cache_dir() / "gguf" / f"{folder.name}-dequantised.{outtype}.gguf"
-    if not out.exists():
-        export_base(folder, out, outtype, name=spec.name)
-    return out
+def _float_type(folder: Path, quant: str) -> str:
+    """The float type of the file llama.cpp's quantiser reads (or the type itself for f32/f16)."""
+    if quant in ("f32", "f16"):
+        return quant
+    n = sum(math.prod(s) for s in read_hf(folder).shapes.values())
+    return "f32" if n <= _F32_LIMIT else "f16"
+
+
+def write_model(folder: Path, out: Path, quant: str, name: str, deltas: dict | None, metadata: dict,
+           threads: int | None) -> dict:
+    """A model GGUF of any llama.cpp type: export_base (float; `deltas` merged) and, for the other types,
+    llama.cpp's quantiser (memcli.gguf.quantize) on a temporary float file beside `out`."""
+    t0 = time.perf_counter()
+    quant = check_quant(quant)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as {out / f'model.{quant}.gguf'}")
+    ftype = _float_type(folder, quant)
+    if ftype == quant:
+        info = export_base(folder, out, quant, name=name, deltas=deltas, metadata=metadata)
+        info.update(type=quant, tensor_types=None, fallbacks=[])
+    else:
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.{ftype}.tmp")
+        try:
+            export_base(folder, tmp, ftype, name=name, deltas=deltas, metadata=metadata)
+            info = quantize(tmp, out, quant, threads)
+        finally:
+            tmp.unlink(missing_ok=True)
+        info.update(name=name, arch=read_hf(folder).arch)
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return info
 
 
 def folder_stamp(folder: Path) -> str:
@@ -155,11 +184,15 @@ def folder_stamp(folder: Path) -> str:
 def base_gguf(spec: models.ModelSpec) -> Path:
     """The base GGUF llama.cpp loads for a model: the shipped GGUF, the given .gguf, or an F32 export of the HF
     folder built once into the cache (next to the HF cache, under gguf/) and reused."""
-    if spec.gguf_path is not None:
-        return spec.gguf_path
-    folder = models.hf_dir(spec)
-    out = models.cache_dir() / "gguf" / f"{folder.name}-{folder_stamp(folder)}.f32.gguf"
-    if not out.exists():
-        export_base(folder, out, "f32", name=spec.name)
-    return out
+    return spec.gguf_path if spec.gguf_path is not None else cached_base(spec, "f32")
 
+
+def cached_base(spec: models.ModelSpec, quant: str, threads: int | None = None) -> Path:
+    """The weights training loads for `spec` (its HF folder: for a model shipped quantised, the dequantised
+    weights) as a GGUF of type `quant`, made once into the cache (export and quantiser are deterministic) and
+    reused: verify's F16 base, and the quantised base an adapter is deployed over."""
+    folder = models.hf_dir(spec)
+    out = models.cache_dir() / "gguf" / f"{folder.name}-{folder_stamp(folder)}.{quant}.gguf"
+    if not out.exists():
+        write_model(folder, out, quant, spec.name, None, {}, threads)
+    return out

@@ -180,7 +180,7 @@ def verify_base(spec: ModelSpec, choice: str = "auto") -> tuple[Path, dict]:
     and its verdicts are those of the weights training saw. `shipped` decodes the shipped GGUF: the deployment
     check (the quantised model users run), whose activations llama.cpp quantises too, so close calls can flip.
     A .gguf given with --model is used as given; an HF model is exported once to F32."""
-    from ..gguf.base import base_gguf, dequantised_gguf
+    from ..gguf.base import base_gguf, cached_base
 
     if spec.gguf_path is None:
         return base_gguf(spec), {"kind": "hf-f32", "why": "an F32 export of the HF weights the adapter was trained on"}
@@ -189,6 +189,6 @@ def verify_base(spec: ModelSpec, choice: str = "auto") -> tuple[Path, dict]:
     if choice == "shipped":
         return spec.gguf_path, {"kind": "shipped", "why": "--base shipped: the quantised GGUF as deployed (activations "
                                 "quantised by llama.cpp too: close calls can differ from the weights training saw)"}
-    return dequantised_gguf(spec, "f16"), {
+    return cached_base(spec, "f16"), {
         "kind": "training-f16", "why": "the dequantised weights training used, in F16: faster than the shipped Q4_1 "
         "in llama.cpp and faithful to training's weights (--base shipped checks the deployed file)"}
