@@ -10,31 +10,46 @@ from .. import models
 from .files import Deployed, make_forms
 
 
-def score_forms(forms: list[Deployed], examples, *, batch_tokens: int = 2048, threads: int | None = None,
-                log=None) -> list[dict]:
-    """One row per form: exact, certified, at risk, smallest margin over `examples`, and which entries fail."""
+def score_form(d: Deployed, run_pass, log=None, **backend_options) -> dict:
+    """One deployment form in llama.cpp: the adapter's pair checked, a backend loaded on the form's files,
+    `run_pass(backend)` (opens it and runs the teacher-forced pass; returns its verify.report.Totals), and the
+    form's row of the deploy table. `backend_options` go to verify.llama.LlamaBackend."""
     from ..gguf.adapter import check_pair
     from ..verify.llama import LlamaBackend
-    from ..verify.report import Totals
+
+    t0 = time.perf_counter()
+    if d.adapter is not None:
+        check_pair(d.adapter, d.model)
+    with LlamaBackend(d.model, d.adapter, log=log, **backend_options) as backend:
+        s = run_pass(backend).summary()
+    return {"form": d.form, "type": d.type, "bytes": d.bytes, "model_gguf": d.model.name, "entries": s["entries"],
+            "exact": s["exact"], "exact_match_rate": s["exact_match_rate"], "certified": s["certified"],
+            "at_risk": s["at_risk"], "min_margin": s["min_margin"], "min_p": s["min_p"],
+            "failing_lines": s["failing_lines"], "fallbacks": len(d.fallbacks),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def score_forms(forms: list[Deployed], examples, *, batch_tokens: int = 2048, threads: int | None = None,
+                log=None) -> list[dict]:
+    """One row per form over a list of examples, with the indices of the entries not certified."""
     from ..verdicts import verdicts
+    from ..verify.report import Totals
 
     rows = []
     for d in forms:
-        t0 = time.perf_counter()
-        if d.adapter is not None:
-            check_pair(d.adapter, d.model)
-        totals, failing = Totals(), []
-        with LlamaBackend(d.model, d.adapter, threads=threads, log=log) as backend:
+        uncertified = []
+
+        def run_pass(backend):
+            totals = Totals()
             backend.open(examples, batch_tokens)
             for batch in backend.score(examples, batch_tokens):
                 for v in verdicts(batch.stats, batch.targets, batch.lengths, batch.indices):
                     totals.add(v, v.index)
                     if not v.certified:
-                        failing.append(v.index)
-        s = totals.summary()
-        rows.append({"form": d.form, "type": d.type, "bytes": d.bytes, "entries": s["entries"], "exact": s["exact"],
-                     "certified": s["certified"], "at_risk": s["at_risk"], "min_margin": s["min_margin"],
-                     "uncertified": failing, "seconds": round(time.perf_counter() - t0, 3)})
+                        uncertified.append(v.index)
+            return totals
+
+        rows.append({**score_form(d, run_pass, log=log, threads=threads), "uncertified": uncertified})
     return rows
 
 

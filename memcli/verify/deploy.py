@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 
-
 class _Lines:
     """The `entry` sink of a pass, writing JSON lines to one file."""
 
@@ -32,23 +31,12 @@ class _Lines:
         self._f.close()
 
 
-def row(d, totals: dict, seconds: float) -> dict:
-    """One row of the deploy table."""
-    return {"form": d.form, "type": d.type, "bytes": d.bytes, "model_gguf": d.model.name,
-            "entries": totals["entries"], "exact": totals["exact"], "exact_match_rate": totals["exact_match_rate"],
-            "certified": totals["certified"], "at_risk": totals["at_risk"], "min_margin": totals["min_margin"],
-            "min_p": totals["min_p"], "failing_lines": totals["failing_lines"], "fallbacks": len(d.fallbacks),
-            "seconds": round(seconds, 3)}
-
-
 def certify_deploy(inp, opts, report_dir: Path, score, log) -> list[dict]:
     """The deploy table for `opts.deploy` (types). `score(backend, sink)` runs the teacher-forced pass of the
     corpus on an opened backend and returns its Pass (memcli.verify.run.stream_pass)."""
-    import time
-
+    from ..deploy.check import score_form
     from ..deploy.files import make_forms
-    from ..gguf.adapter import check_pair, export_adapter
-    from .llama import LlamaBackend
+    from ..gguf.adapter import export_adapter
 
     src = inp.src
     spec = inp.base.token_spec  # the model training used: both forms are made from its weights
@@ -61,19 +49,17 @@ def certify_deploy(inp, opts, report_dir: Path, score, log) -> list[dict]:
         for quant in opts.deploy:
             for d in make_forms(src.run_dir or src.peft_dir, spec, adapter, quant, work):
                 log(f"deploy: {d.form} {d.type} ({d.model.name}{' + adapter' if d.adapter else ''})")
-                t0 = time.perf_counter()
-                if d.adapter is not None:
-                    check_pair(d.adapter, d.model)
-                backend = LlamaBackend(d.model, d.adapter, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads,
-                                       kv_type=opts.kv_type, share_prefix=opts.share_prefix, log=log)
                 sink = _Lines(report_dir / "deploy" / f"{d.form}-{d.type}.jsonl")
-                try:
+
+                def run_pass(backend):
                     backend.open(None, opts.batch_tokens)
-                    done = score(backend, sink)
+                    return score(backend, sink).totals
+
+                try:
+                    rows.append(score_form(d, run_pass, log=log, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads,
+                                           kv_type=opts.kv_type, share_prefix=opts.share_prefix))
                 finally:
                     sink.close()
-                    backend.close()
-                rows.append(row(d, done.totals.summary(), time.perf_counter() - t0))
                 if d.form == "merged":
                     d.model.unlink(missing_ok=True)  # the run's own file: made again by `memcli export --merge`
     finally:
