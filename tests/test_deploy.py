@@ -182,7 +182,7 @@ def test_train_deploy_certifies_the_deployed_files(deploy_run, pb8):
 @pytest.mark.slow  # training to certified recall in both deployed forms, or exports of every form
 def test_verify_deploy_prints_and_records_the_survival_table(deploy_run, pb8, tmp_path):
     out = tmp_path / "v"
-    result = run_cli("verify", pb8, "--lora", deploy_run, "--out", out, "--deploy", "f32,q8_0")
+    result = run_cli("verify", pb8, "--lora", deploy_run, "--out", out, "--deploy", "f32,q8_0", "--base", "training")
     assert result.exit_code == 0, result.output
     assert "recall where it ships" in result.output
     report = json.loads((out / "report.json").read_text())
@@ -195,6 +195,24 @@ def test_verify_deploy_prints_and_records_the_survival_table(deploy_run, pb8, tm
         assert max(abs(a["min_margin"] - b["min_margin"]) for a, b in zip(lines, main)) < 1e-2
     assert rows[("merged", "q8_0")]["certified"] == 8  # what train --deploy certified
     assert not any(p.name.startswith(".memcli-deploy") for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow  # training to certified recall in both deployed forms, or exports of every form
+def test_verify_of_a_deploy_run_certifies_what_it_was_trained_for(deploy_run, pb8, tmp_path):
+    """verify --lora RUN of a --deploy q8_0 run, nothing else asked: its adapter over the base as llama.cpp
+    quantises it to Q8_0 (not the float base), and both deployed forms of Q8_0 in the table."""
+    out = tmp_path / "v"
+    result = run_cli("verify", pb8, "--lora", deploy_run, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["base"]["kind"] == "deploy-q8_0"
+    assert {t.type for t in read_gguf(Path(report["settings"]["base_gguf"])).tensors.values()} >= {8}  # Q8_0
+    assert {(r["form"], r["type"]) for r in report["deploy"]} == {("merged", "q8_0"), ("adapter", "q8_0")}
+    assert all(r["certified"] == 8 for r in report["deploy"])
+    assert report["totals"]["certified"] == 8
+    result = run_cli("verify", pb8, "--lora", deploy_run, "--out", tmp_path / "t", "--base", "training")
+    report = json.loads((tmp_path / "t" / "report.json").read_text())  # asked for the float base: no table
+    assert report["settings"]["base"]["kind"] != "deploy-q8_0" and "deploy" not in report
 
 
 @pytest.mark.slow  # training to certified recall in both deployed forms, or exports of every form

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -107,6 +107,11 @@ class Inputs:
                                     answer_tokens=self.answer_tokens, n_ctx=n_ctx, chunk=self.chunk)
 
 
+def run_deploy(inp: Inputs) -> str | None:
+    """The type a `train --deploy TYPE` run was trained for, when verify decodes the run's own model (no --model)."""
+    return inp.src.settings.get("deploy") if inp.model is None else None
+
+
 def resolve_inputs(corpus_path, lora, model: str | None, opts: VerifyOptions) -> Inputs:
     """The corpus options (the option, else the run's setting), the corpus scanned (format errors and
     conflicting keys first, before any model loads), the base and its tokenizer."""
@@ -140,8 +145,8 @@ def _open_llama(inp: Inputs, opts: VerifyOptions, stack: ExitStack, log) -> tupl
     if src.given is not None and src.gguf is None and src.run_dir is None:
         # a bare PEFT folder is exported onto this base, so check_pair below cannot tell: check here
         check_base(recorded_base(src, inp.base.peft_base, spec), spec, src.given)
-    base, base_info = verify_base(spec, opts.base)
-    if base_info["kind"] in ("training-f16", "shipped"):
+    base, base_info = verify_base(spec, opts.base, run_deploy(inp))
+    if base_info["kind"] not in ("given", "hf-f32"):
         log(f"base: {base.name} ({base_info['why']})")
     adapter = src.gguf
     if src.given is not None and (adapter is None or gguf_is_stale(src)):
@@ -329,6 +334,10 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
     from . import locality
 
     locality_text = locality.windows(inp, opts, log)  # a bad --locality TEXT is refused before any model loads
+    if not opts.deploy and opts.backend == "llama" and opts.base == "auto" and run_deploy(inp):  # its promise
+        opts = replace(opts, deploy=(run_deploy(inp),))
+        log(f"{inp.src.given} was trained with --deploy {opts.deploy[0]}: certifying both of its deployed forms "
+            f"(--deploy {opts.deploy[0]})")
     if opts.deploy and inp.src.run_dir is None and inp.src.peft_dir is None:
         raise UserError("--deploy needs --lora as a run folder or PEFT adapter folder (the merged form is made from "
                         "the adapter's weights)")

@@ -171,8 +171,11 @@ def recorded_base(src: AdapterSource, peft_base: str | None, spec):
 BASE_CHOICES = ("auto", "training", "shipped")
 
 
-def verify_base(spec: ModelSpec, choice: str = "auto") -> tuple[Path, dict]:
+def verify_base(spec: ModelSpec, choice: str = "auto", deploy: str | None = None) -> tuple[Path, dict]:
     """The base GGUF llama.cpp verifies on, and why (report.json's `base`).
+
+    `deploy`: the type a `train --deploy TYPE` run was trained for; `auto` then decodes the base as llama.cpp
+    quantises it to TYPE (the weights that run trained against; its float base is not what it promises).
 
     A model that ships as a quantised GGUF (the default model) is trained on its dequantised weights. `auto` and
     `training` decode an F16 export of exactly those weights (built once into the cache): measured on this
@@ -182,6 +185,9 @@ def verify_base(spec: ModelSpec, choice: str = "auto") -> tuple[Path, dict]:
     A .gguf given with --model is used as given; an HF model is exported once to F32."""
     from ..gguf.base import base_gguf, cached_base
 
+    if deploy is not None and choice == "auto":
+        return cached_base(spec, deploy), {"kind": f"deploy-{deploy}", "why": f"the run was trained with --deploy "
+                                           f"{deploy}: its base as llama.cpp quantises it to {deploy}"}
     if spec.gguf_path is None:
         return base_gguf(spec), {"kind": "hf-f32", "why": "an F32 export of the HF weights the adapter was trained on"}
     if spec.kind != "wheel":
