@@ -85,7 +85,7 @@ def bench_deploy_cmd(out: Path = typer.Option(..., "--out", help="Study folder: 
     """Recall in the deployed files (merged and adapter, per type) after plain, --deploy and --margin training,
     with each variant's steps and time against the plain run of the same method and seed."""
     from . import models
-    from .bench.deploy import format_table, run_study, variant_settings
+    from .bench.deploy import format_summary, format_table, run_study, variant_settings
     from .datagen import generate_phonebook, write_jsonl
     from .quants import check_quant, parse_quants
 
@@ -99,7 +99,7 @@ def bench_deploy_cmd(out: Path = typer.Option(..., "--out", help="Study folder: 
     rows = run_study(out, corpus, model or models.DEFAULT_MODEL, [m.strip() for m in methods.split(",")], variant,
                      parse_ints(seeds, "--seeds"), quant, parse_quants(types, "--types"), check_every, max_steps,
                      log=lambda m: console.print(m, highlight=False, markup=False))
-    out_console.print(format_table(rows), highlight=False)
+    out_console.print(format_table(rows) + "\n\n" + format_summary(rows), highlight=False)
 
 
 @bench_app.command("agree")

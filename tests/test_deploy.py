@@ -230,3 +230,21 @@ def test_ask_with_a_run_and_adapter_over_a_quantised_base(deploy_run, pb8, tmp_p
     assert run_cli("ask", deploy_run, key).exit_code == 0
     bad = run_cli("ask", tmp_path / "missing", key)
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_deploy_study_summary_medians_and_means():
+    """bench deploy's summary over seeds, against figures worked by hand from made-up rows."""
+    from memcli.bench.deploy import format_summary
+
+    def row(method, variant, seed, steps, train_s, q4, certified=True):
+        survival = [{"form": f, "type": "q4_k_m", "exact": e, "entries": 20} for f, e in zip(("merged", "adapter"), q4)]
+        return {"method": method, "variant": variant, "seed": seed, "steps": steps, "train_s": train_s,
+                "certified_in_training": certified, "survival": survival}
+
+    rows = [row("sft", "plain", 0, 100, 50.0, (5, 6)), row("sft", "plain", 1, 200, 100.0, (7, 9)),
+            row("sft", "deploy", 0, 150, 150.0, (20, 20)), row("sft", "deploy", 1, 200, 200.0, (19, 20), False)]
+    lines = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]: [c.strip() for c in line.strip("|").split("|")]
+             for line in format_summary(rows).splitlines() if line.startswith("| sft")}
+    # plain: median steps 150, means 6.0 and 7.5; deploy: ratios 1.5 and 1.0 (steps), 3.0 and 2.0 (time)
+    assert lines[("sft", "plain")][2:] == ["2", "2/2", "150", "1.00x", "1.00x", "6.0", "7.5"]
+    assert lines[("sft", "deploy")][2:] == ["2", "1/2", "175", "1.25x", "2.50x", "19.5", "20.0"]

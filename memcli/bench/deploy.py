@@ -11,6 +11,7 @@ type.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -102,4 +103,35 @@ def format_table(rows: list[dict]) -> str:
                                         f"{r['train_s']:.0f}", ratio]
                                        + [cells.get((form, t), "-") for t in types for form in ("merged", "adapter")])
                      + " |")
+    return "\n".join(lines)
+
+
+def format_summary(rows: list[dict]) -> str:
+    """Markdown: one line per (method, variant) over its seeds: median steps, the median per-seed ratio of steps
+    and training time to the plain run of the same method and seed, and the mean exact recall of every form and
+    type."""
+    plain = {(r["method"], r["seed"]): r for r in rows if r["variant"] == "plain"}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["variant"]), []).append(r)
+    types = list(dict.fromkeys(s["type"] for r in rows for s in r["survival"]))
+    entries = max((s["entries"] for r in rows for s in r["survival"]), default=0)
+    head = ["method", "variant", "seeds", "certified", "median steps", "vs plain: steps", "vs plain: train time"]
+    head += [f"{form} {t}" for t in types for form in ("merged", "adapter")]
+    lines = [f"(mean exact of {entries} entries over the seeds; ratios: median over seeds of the run against the "
+             "plain run of its method and seed)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, variant), group in groups.items():
+        pairs = [(r, plain[(method, r["seed"])]) for r in group if (method, r["seed"]) in plain]
+        steps = [r["steps"] / p["steps"] for r, p in pairs if p["steps"]]
+        times = [r["train_s"] / p["train_s"] for r, p in pairs if p["train_s"]]
+        cells = []
+        for t in types:
+            for form in ("merged", "adapter"):
+                got = [s["exact"] for r in group for s in r["survival"] if (s["form"], s["type"]) == (form, t)]
+                cells.append(f"{statistics.mean(got):.1f}" if got else "-")
+        certified = sum(bool(r["certified_in_training"]) for r in group)
+        lines.append("| " + " | ".join([method, variant, str(len(group)), f"{certified}/{len(group)}",
+                                        f"{statistics.median(r['steps'] for r in group):g}",
+                                        f"{statistics.median(steps):.2f}x" if steps else "-",
+                                        f"{statistics.median(times):.2f}x" if times else "-"] + cells) + " |")
     return "\n".join(lines)
