@@ -46,7 +46,7 @@ class TrainConfig:
     dropout: float = 0.1
     # preserve: keep the base's next-token distribution on unrelated text (memcli.preserve)
     preserve: bool = False
-    preserve_weight: float = 5.0
+    preserve_weight: float = 100.0
     preserve_text: str | None = None
     # optimiser
     lr: float = 1e-2
