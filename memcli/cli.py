@@ -449,10 +449,9 @@ def verify_cmd(
                                       "is below this (or with some p <= 0.5) is reported at risk."),
     kv_type: str = typer.Option(VerifyOptions.kv_type,
                                 help="llama: KV cache type, f16 (llama.cpp's default) or f32."),
-    base: str = typer.Option(VerifyOptions.base, help="llama: auto (a `train --deploy TYPE` run: its base as "
-                             "llama.cpp quantises it to TYPE, both TYPE forms added to the table; else training) | "
-                             "training (the float weights training used: for a model shipped quantised, an F16 GGUF "
-                             "of them) | shipped (a model shipped quantised: the GGUF as deployed)."),
+    base: str = typer.Option(VerifyOptions.base, help="llama: auto (a `train --deploy TYPE` run: its base quantised "
+                             "to TYPE, both TYPE forms in the table; else training) | training (the float weights "
+                             "training used) | shipped (a model shipped quantised: the GGUF as deployed)."),
     device: str = typer.Option(VerifyOptions.device, help="torch: auto | cpu | cuda[:i]."),
     locality: Optional[str] = typer.Option(None, "--locality", metavar="[TEXT]",
                                            help="Also compare the tuned model with its base, teacher-forced over "
