@@ -334,10 +334,11 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
     from . import locality
 
     locality_text = locality.windows(inp, opts, log)  # a bad --locality TEXT is refused before any model loads
-    if not opts.deploy and opts.backend == "llama" and opts.base == "auto" and run_deploy(inp):  # its promise
-        opts = replace(opts, deploy=(run_deploy(inp),))
-        log(f"{inp.src.given} was trained with --deploy {opts.deploy[0]}: certifying both of its deployed forms "
-            f"(--deploy {opts.deploy[0]})")
+    trained_for = run_deploy(inp)
+    if trained_for and not opts.deploy and opts.backend == "llama" and opts.base == "auto":  # what the run promises
+        opts = replace(opts, deploy=(trained_for,))
+        log(f"{inp.src.given} was trained with --deploy {trained_for}: certifying both of its deployed forms "
+            f"(--deploy {trained_for})")
     if opts.deploy and inp.src.run_dir is None and inp.src.peft_dir is None:
         raise UserError("--deploy needs --lora as a run folder or PEFT adapter folder (the merged form is made from "
                         "the adapter's weights)")
