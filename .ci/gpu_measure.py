@@ -139,7 +139,7 @@ def shape_folder(shape: str, folder: Path) -> Path:
     """config.json of SHAPE and the borrowed tokenizer's files; no weights."""
     from transformers import AutoConfig
 
-    from memcli import models
+    from memcli.core import models
 
     tokenizer = models.source_tokenizer(TOKENIZER_FROM)
     if (folder / "config.json").exists():
@@ -171,13 +171,12 @@ def random_model(folder: Path, dtype: str, device: str, seed: int = 0):
 def train(args) -> None:
     """memcli's training step (MemFT-OT, whole model and from the frozen prefix as `memcli train` runs it) against
     a bare PEFT loop, alternating step by step on the same batches and the same adapted model."""
-    import torch
 
-    from memcli import models
-    from memcli.bench.train import BarePeftLoop
-    from memcli.config import TrainConfig
-    from memcli.datagen import generate_phonebook, write_jsonl
-    from memcli.train import Trainer
+    from memcli.commands.bench.train import BarePeftLoop
+    from memcli.core import models
+    from memcli.core.datagen import generate_phonebook, write_jsonl
+    from memcli.training.config import TrainConfig
+    from memcli.training.trainer import Trainer
 
     work = Path(args.work)
     device = models.pick_device(args.device)
@@ -240,7 +239,7 @@ def train(args) -> None:
 
 
 def make_model(args) -> None:
-    from memcli import models
+    from memcli.core import models
 
     device = models.pick_device(args.device)
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
@@ -260,8 +259,8 @@ def make_model(args) -> None:
 
 def generate(args) -> None:
     """transformers generate, greedy, one entry at a time (memcli bench verify's baseline b) on the device."""
-    from memcli import models
-    from memcli.bench.verify import _context, baseline_transformers
+    from memcli.commands.bench.verify import _context, baseline_transformers
+    from memcli.core import models
 
     device = models.pick_device(args.device)
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
@@ -288,7 +287,7 @@ def verify_report(args) -> None:
 def verdicts(args) -> None:
     """Per entry: exact and the first failing position, compared between report folders (the first is the
     reference); certified is compared apart (a p at 0.5 can fall either way between backends)."""
-    from memcli.verify.report import iter_entries
+    from memcli.commands.verify.report import iter_entries
 
     def rows(folder):
         return {r["line"]: r for r in iter_entries(folder)}

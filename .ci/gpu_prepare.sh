@@ -66,7 +66,7 @@ ls "$PAYLOAD.tmp/wheels"
 python .ci/gpu_payload.py closure "$PAYLOAD.tmp"
 
 echo "== SmolLM2's tokenizer (what tiny is built from)"
-TOKENIZER="$(python -c "from memcli import models; models.source_tokenizer('smollm2-135m'); print(models.tokenizer_copy_dir('smollm2-135m'))")"
+TOKENIZER="$(python -c "from memcli.core import models; models.source_tokenizer('smollm2-135m'); print(models.tokenizer_copy_dir('smollm2-135m'))")"
 cp -r "$TOKENIZER" "$PAYLOAD.tmp/tokenizers/"
 ls -la "$PAYLOAD.tmp/tokenizers/$(basename "$TOKENIZER")"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from memcli.cli import app
+from memcli.cli.app import app
 
 
 def walk(group, prefix):
@@ -24,7 +24,8 @@ def cell(s):
 
 out = ["## Option reference", "",
        "Every option of every command with its default, as `memcli COMMAND --help` prints them (`tests/test_docs.py`",
-       "checks that none is missing here; `python docs/option_reference.py` rewrites this section). `train`'s defaults are `TrainConfig`'s ([examples/train.yaml](../examples/train.yaml)).", ""]
+       "checks that none is missing here; `python docs/option_reference.py` rewrites this section). `train`'s defaults "
+       "are `TrainConfig`'s ([examples/train.yaml](../examples/train.yaml)).", ""]
 root = typer.main.get_command(app)
 for name, cmd in walk(root, []):
     out += [f"### `memcli {name}`", ""]

@@ -1,19 +1,6 @@
-"""The `memcli` command (console script and `python -m memcli`)."""
+"""`python -m memcli`: the memcli command (memcli.cli.app.main)."""
 
-import sys
-
-from .cli import app
-
-
-def main() -> None:
-    """`--locality` takes an optional TEXT, which typer cannot express: given last, or followed by another option,
-    it is rewritten to `--locality=` (the default reference) before parsing."""
-    args = sys.argv[1:]
-    for i, arg in enumerate(args):
-        if arg == "--locality" and (i + 1 == len(args) or args[i + 1].startswith("-")):
-            args[i] = "--locality="
-    app(args=args, prog_name="memcli")
-
+from memcli.cli.app import main
 
 if __name__ == "__main__":
     main()

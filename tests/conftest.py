@@ -1,18 +1,13 @@
 import json
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATA = Path(__file__).resolve().parent / "data"  # small copies of the shared formats, always present
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from memcli import models
+    from memcli.core import models
 
     return models.load_tokenizer(models.resolve("tiny"))
 
@@ -20,35 +15,42 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def pb8(tmp_path_factory) -> Path:
     """8 generated PhoneBook entries."""
-    from memcli.datagen import generate_phonebook
+    from memcli.core.datagen import generate_phonebook
 
     path = tmp_path_factory.mktemp("corpus") / "pb8.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in generate_phonebook(8, seed=0)))
     return path
 
 
-def run_cli(*args):
-    """memcli in-process (fast); returns click's Result with exit_code, stdout and stderr."""
-    from memcli.cli import app
+# --- the tiny model, briefly trained (test_verify.py, test_verify_stream.py) -------------------------------
 
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+@pytest.fixture(scope="module")
+def tiny_run(pb8, tmp_path_factory):
+    """A tiny run trained for a few steps on pb8: some entries recalled, some not (5 of 8 exact, 2 certified)."""
+    import torch
+
+    from memcli.training.config import TrainConfig
+    from memcli.training.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("verify") / "run"
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=40, lr=0.02, check_every=1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is as fast, and immune to a busy machine's other work
+    try:
+        Trainer(cfg, run, log=lambda m: None).run()
+    finally:
+        torch.set_num_threads(threads)
+    return run
 
 
-def run_memcli(*args, timeout=600) -> subprocess.CompletedProcess:
-    """memcli as a user runs it: a separate process."""
-    return subprocess.run([sys.executable, "-m", "memcli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_run, tmp_path_factory):
+    """The run's adapter GGUF on its own (no run folder beside it)."""
+    from memcli.gguf.adapter import export_adapter
 
-
-def start_memcli(*args, **env) -> subprocess.Popen:
-    """memcli started as a separate process and left running (stdout and stderr piped as text); `env` adds
-    environment variables."""
-    import os
-
-    import signal
-
-    def default_sigint():  # a test run started in the background inherits SIGINT ignored; a user's shell does not
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    return subprocess.Popen([sys.executable, "-m", "memcli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env}, preexec_fn=default_sigint)
+    path = tmp_path_factory.mktemp("gguf") / "adapter.gguf"
+    if (tiny_run / "adapter.gguf").exists():  # train writes it
+        shutil.copy(tiny_run / "adapter.gguf", path)
+    else:
+        export_adapter(tiny_run, path)
+    return path

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from memcli import models
+from memcli.core import models
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ CASES = [
 # The families of issue 22, in tests marked slow (tests/test_families.py builds them as a second group).
 # gemma3: 6 layers (5 sliding, 1 global, as Gemma 3 270M/1B), a window of 8 tokens that the test sequences exceed,
 # head_dim 32 != hidden/heads, q/k norms, tied embeddings, Gemma's SentencePiece (no dummy prefix).
-# phi3: Phi-3-mini style (SentencePiece, fused qkv/gate_up); phi4-mini: partial rotary 0.75, LongRoPE, tied, byte-level BPE.
+# phi3: Phi-3-mini style (SentencePiece, fused qkv/gate_up); phi4-mini: partial rotary 0.75, LongRoPE, tied,
+# byte-level BPE.
 # llama-tjson: a Llama 2 folder as transformers 5 saves it, its SentencePiece BPE given as tokenizer.json alone.
 MORE_CASES = [
     # llama.cpp's CPU GELU reads an F16 table (ggml-cpu/vec.h, GGML_GELU_FP16): 2e-3 from torch on this model
@@ -92,15 +93,15 @@ def smollm_tokenizer():
 
 
 def sentencepiece_tokenizer(folder: Path, model_type: str = "bpe", gemma: bool = False):
-    """A Llama 2 style tokenizer folder: a SentencePiece model (BPE or unigram) with byte fallback (<unk> 0, <s> 1, </s> 2),
-    trained in a second on generated PhoneBook text, and tokenizer_config.json. `gemma`: Gemma's layout instead
+    """A Llama 2 style tokenizer folder: a SentencePiece model (BPE or unigram) with byte fallback (<unk> 0, <s> 1,
+    </s> 2), trained in a second on generated PhoneBook text, and tokenizer_config.json. `gemma`: Gemma's layout instead
     (<pad> 0, <eos> 1, <bos> 2, <unk> 3, no "▁" put before the text)."""
     import json
 
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from memcli.datagen import generate_phonebook
+    from memcli.core.datagen import generate_phonebook
 
     folder.mkdir(parents=True, exist_ok=True)
     text = folder / "text.txt"
@@ -130,7 +131,8 @@ def build_model(case: Case, folder: Path, **sizes) -> Path:
     import transformers
 
     spm_kind = case.tokenizer.partition("-")[2]
-    tokenizer = (sentencepiece_tokenizer(folder, "unigram" if spm_kind == "unigram" else "bpe", gemma=spm_kind == "gemma")
+    spm_type = "unigram" if spm_kind == "unigram" else "bpe"
+    tokenizer = (sentencepiece_tokenizer(folder, spm_type, gemma=spm_kind == "gemma")
                  if case.tokenizer.startswith("spm") else smollm_tokenizer())
     if spm_kind == "phi3":  # Phi-3 adds <|endoftext|> after the SentencePiece pieces (llama.cpp's vocabulary code for
         # a model named phi3 looks it up)
@@ -145,7 +147,7 @@ def build_model(case: Case, folder: Path, **sizes) -> Path:
              "num_key_value_heads": 2, "initializer_range": 0.3, "max_position_embeddings": 512, **case.extra, **sizes}
     config = config_cls(vocab_size=len(tokenizer), tie_word_embeddings=case.tied, rope_parameters=rope,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
-    if case.model_type in ("gemma3_text", "phi3"):  # their configs default to a padding id of the real model's vocabulary
+    if case.model_type in ("gemma3_text", "phi3"):  # their configs default to the real model's padding id
         config.pad_token_id = tokenizer.pad_token_id
     state = torch.random.get_rng_state()
     torch.manual_seed(zlib.crc32(case.name.encode()))  # every case its own weights

@@ -13,24 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import assert_refused, run_cli, run_memcli
 
-from conftest import run_cli, run_memcli
-from memcli import models
-from memcli.corpus import Example, read_corpus
-from memcli.errors import UserError
-from memcli.config import TrainConfig
+from memcli.core import models
+from memcli.core.corpus import Example, read_corpus
+from memcli.core.errors import UserError
+from memcli.training.config import TrainConfig
 
 NOWHERE = "/proc/memcli-cannot-create"  # a folder nobody, root included, can create
 
-
-def assert_refused(result, *needles):
-    """Exit code 2, exactly one error line, mentioning every needle (whitespace-normalised), no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert result.stderr.count("error:") == 1, result.stderr
-    assert "Traceback" not in result.output
-    error = " ".join(result.stderr[result.stderr.index("error:"):].split())
-    for needle in needles:
-        assert needle in error, (needle, error)
 
 
 def strict_json(text: str):
@@ -50,7 +41,7 @@ def tiny_run(pb8, tmp_path_factory):
     """A tiny run of two steps (recall does not matter here), with adapter/ and adapter.gguf."""
     import torch
 
-    from memcli.train import Trainer
+    from memcli.training.trainer import Trainer
 
     run = tmp_path_factory.mktemp("bad") / "run"
     threads = torch.get_num_threads()
@@ -144,11 +135,11 @@ def test_fit_out_that_cannot_be_created(bad_parent, tmp_path):
 
 
 def test_fit_leaves_no_plots_when_the_law_cannot_be_written(tmp_path, monkeypatch):
-    import memcli.law.fit
+    import memcli.commands.law.fit
 
     def disk_full(law, path):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(memcli.law.fit, "save_law", disk_full)
+    monkeypatch.setattr(memcli.commands.law.fit, "save_law", disk_full)
     table = law_table(tmp_path / "runs.csv", with_l_final=True)
     out = tmp_path / "out" / "law.json"
     assert_refused(run_cli("fit", table, "--out", out, "--n-boot", "5"), str(out), "No space left on device")
@@ -288,9 +279,9 @@ def test_corrupt_checkpoint_on_resume(finished_run, damage):
 # --- 5. token ids outside the base's vocabulary -------------------------------------------------------------
 
 def test_prompt_ids_outside_the_vocabulary_are_refused_by_both_backends(tiny_run):
+    from memcli.commands.verify.peft_backend import TorchBackend
     from memcli.gguf.base import base_gguf
-    from memcli.verify.llama import LlamaBackend
-    from memcli.verify.torch import TorchBackend
+    from memcli.llama.scorer import LlamaBackend
 
     spec = models.resolve("tiny")
     n_vocab = 49152
@@ -349,8 +340,8 @@ def test_report_stays_valid_json_when_the_model_gives_nan(tiny_run, pb8, tmp_pat
 
 
 def test_report_json_writer_nulls_every_non_finite_float(tmp_path):
-    from memcli.runs import json_safe
-    from memcli.verify.report import ReportWriter
+    from memcli.commands.verify.report import ReportWriter
+    from memcli.core.runs import json_safe
 
     writer = ReportWriter(tmp_path / "r")
     writer.entry({"a": math.inf, "b": [np.float32("nan"), 1.5]})
@@ -430,8 +421,8 @@ def test_a_bare_peft_folder_on_another_base_is_refused(tiny_run, pb8, other_tiny
 
 def test_gemma3_with_vision_is_refused_in_one_line(tmp_path):
     """A Gemma 3 with vision (model_type gemma3) is refused naming the text-only family memcli supports."""
-    from memcli import models
-    from memcli.errors import UserError
+    from memcli.core import models
+    from memcli.core.errors import UserError
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
     with pytest.raises(UserError, match="Gemma 3 with vision.*gemma3_text"):

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from memcli.bench.methods import Regime, bits_per_parameter, first_exact_step, parse_variant, table_rows
-from memcli.errors import UserError
+from memcli.commands.bench.methods import Regime, bits_per_parameter, first_exact_step, parse_variant, table_rows
+from memcli.core.errors import UserError
 
 
 def test_variants_are_train_settings():
@@ -15,8 +15,8 @@ def test_variants_are_train_settings():
     assert name == "memft-ot train_threshold=0.9 dropout=0"
     assert settings == {"method": "memft-ot", "train_threshold": 0.9, "dropout": 0.0}
     assert parse_variant("sft preserve=true")[1] == {"method": "sft", "preserve": True}
-    for bad in ("memft-ot preserve=maybe", "memft-ot rank=4", "memft-ot batch_size=4", "memft-ot check_every=2", "memft-ot bogus=1",
-                "memft-ot train_threshold", "sgd", "memft-ot dropout=2"):
+    for bad in ("memft-ot preserve=maybe", "memft-ot rank=4", "memft-ot batch_size=4", "memft-ot check_every=2",
+                "memft-ot bogus=1", "memft-ot train_threshold", "sgd", "memft-ot dropout=2"):
         with pytest.raises(UserError):
             parse_variant(bad)
 

@@ -4,11 +4,11 @@ checked against what can be known without it (the corpus it generated, the token
 import json
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
-from memcli import corpus, models
-from memcli.bench.phonebook import CAPACITY, write_phonebook
-from memcli.datagen import generate_phonebook
+from memcli.commands.bench.phonebook import CAPACITY, write_phonebook
+from memcli.core import corpus, models
+from memcli.core.datagen import generate_phonebook
 
 
 def test_generated_phonebooks_beyond_the_generators_names_keep_keys_unique(tmp_path):

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from helpers import DATA, run_cli
 
-from conftest import DATA
-from memcli.corpus import Entry, answer_tokens, load_examples, read_corpus, select_prefix, tokenize
-from memcli.datagen import RANDOM_KEY, generate_phonebook, generate_random_tokens
-from memcli.errors import UserError
-from memcli.forward import collate
+from memcli.core.corpus import Entry, answer_tokens, load_examples, read_corpus, select_prefix, tokenize
+from memcli.core.datagen import RANDOM_KEY, generate_phonebook, generate_random_tokens
+from memcli.core.errors import UserError
+from memcli.training.forward import collate
 
 
 def write(tmp_path, name, lines):
@@ -137,7 +137,7 @@ def test_default_model_tokenises_like_llama_cpp_on_its_shipped_gguf():
     training uses is the one llama.cpp applies to the same file."""
     from llama_cpp import Llama
 
-    from memcli import models
+    from memcli.core import models
 
     spec = models.resolve("smollm2-135m")
     tokenizer = models.load_tokenizer(spec)
@@ -155,7 +155,7 @@ def test_default_model_tokenises_like_llama_cpp_on_its_shipped_gguf():
 # --- streaming: the corpus read and tokenised in chunks ---------------------------------------------------------
 
 def test_scan_refuses_the_pair_read_corpus_names_and_counts_entries(tmp_path):
-    from memcli.corpus import scan_corpus
+    from memcli.core.corpus import scan_corpus
 
     rows = [{"query": "A:", "target": "1"}, {"query": "B:", "target": "2"}, {"query": "B:", "target": "2"},
             {"query": "C:", "target": "3"}, {"query": "A:", "target": "1"}, {"query": "C:", "target": "4"},
@@ -174,7 +174,7 @@ def test_scan_refuses_the_pair_read_corpus_names_and_counts_entries(tmp_path):
 
 
 def test_a_digest_collision_falls_back_to_the_exact_check(tmp_path, monkeypatch):
-    from memcli import corpus
+    from memcli.core import corpus
 
     path = write(tmp_path, "c.jsonl", [{"query": "A:", "target": "1"}, {"query": "B:", "target": "2"}])
     monkeypatch.setattr(corpus._Digests, "candidate", lambda self: (0, 1))  # a false alarm: A and B differ
@@ -204,8 +204,6 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
 
 
 def test_train_reads_a_corpus_and_a_config_with_a_byte_order_mark(tmp_path):
-    from conftest import run_cli
-
     corpus = tmp_path / "c.jsonl"
     corpus.write_bytes(b'\xef\xbb\xbf{"query": "Ada:", "target": "6123"}\n')
     config = tmp_path / "settings.yaml"
@@ -218,7 +216,7 @@ def test_train_reads_a_corpus_and_a_config_with_a_byte_order_mark(tmp_path):
 
 @pytest.mark.parametrize("options", [{}, {"chat_template": True, "eos": True}, {"answer_tokens": 45}])
 def test_streamed_chunks_are_the_examples_prepare_gives(tiny_tokenizer, options):
-    from memcli.corpus import iter_prepared, prepare, scan_corpus
+    from memcli.core.corpus import iter_prepared, prepare, scan_corpus
 
     path = DATA / "phonebook_llama_PB1000_head20.jsonl"
     whole = prepare(read_corpus(path), tiny_tokenizer, **options)
@@ -235,7 +233,7 @@ def test_streamed_chunks_are_the_examples_prepare_gives(tiny_tokenizer, options)
 
 
 def test_one_long_value_streams_its_prefix(tiny_tokenizer):
-    from memcli.corpus import iter_prepared, scan_corpus
+    from memcli.core.corpus import iter_prepared, scan_corpus
 
     path = DATA / "long_context_random_3000chars.jsonl"
     ((_, (ex,)),) = list(iter_prepared(scan_corpus(path), tiny_tokenizer, answer_tokens=7))

@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_adapter, max_diff, phonebook_ids, run_cli, run_memcli
 
-from memcli import models
-from memcli.bench.agree import llama_logits
+from memcli.commands.bench.agree import llama_logits
+from memcli.core import models
+from memcli.core.gguf_reader import read_gguf
 from memcli.gguf.adapter import export_adapter
 from memcli.gguf.base import base_gguf, export_base
-from memcli.gguf.reader import read_gguf
-
-from conftest import run_cli, run_memcli
-from test_export import make_adapter, max_diff, phonebook_ids
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +97,7 @@ def test_fake_quantisation_is_what_the_quantised_file_holds(tiny_spec, tmp_path)
     import gguf
     import llama_cpp
 
-    from memcli.deploy.qat import roundtrip
+    from memcli.training.deploy_aware import roundtrip
 
     f32 = tmp_path / "tiny.f32.gguf"
     export_base(models.hf_dir(tiny_spec), f32, "f32")
@@ -118,6 +116,60 @@ def test_fake_quantisation_is_what_the_quantised_file_holds(tiny_spec, tmp_path)
         ours = roundtrip(w, qtype)
         assert np.array_equal(ours, theirs), qtype.name
         assert 0 < np.abs(ours - w).max() < 0.5 * np.abs(w).max()  # it did round
+
+
+def test_the_merged_form_in_training_is_the_quantised_merge_peft_makes(adapter, tiny_spec, seqs):
+    """`train --deploy`'s merged form (a forward hook on every adapted layer) gives the logits of PEFT's own
+    merge_and_unload with each merged weight rounded as llama.cpp's quantiser rounds it, passes the gradient on
+    to A and B, and leaves the adapter form PEFT's own forward. Fails loudly if a PEFT upgrade changes the
+    public API the hook uses (get_delta_weight, active_adapters, get_base_layer)."""
+    import gguf
+    from peft import PeftModel
+
+    from memcli.gguf.base import cached_base
+    from memcli.training.deploy_aware import DeployTarget, roundtrip
+
+    folder, adapted = adapter
+    quant_base = cached_base(tiny_spec, "q8_0")
+    ids = torch.tensor([seqs[0]])
+
+    def peft_model():
+        model, _ = models.load_model(tiny_spec)
+        return PeftModel.from_pretrained(model, folder)
+
+    expected = peft_model().merge_and_unload()
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(quant_base).tensors}
+    rounded = 0
+    with torch.no_grad():
+        for name, module in expected.named_modules():
+            if ".layers.1." in name or ".layers.2." in name:
+                if isinstance(module, torch.nn.Linear):
+                    layer, kind = name.split(".layers.")[1].split(".", 1)
+                    gname = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                             "mlp.down_proj": "ffn_down"}[kind]
+                    w = module.weight.detach().numpy()
+                    module.weight.copy_(torch.from_numpy(roundtrip(w, types[f"blk.{layer}.{gname}.weight"])))
+                    rounded += 1
+        want = expected(ids).logits
+    assert rounded == 14
+
+    model = peft_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    target = DeployTarget(model, models.hf_dir(tiny_spec), quant_base)
+    with torch.no_grad():
+        plain = model(ids).logits
+    with target.form("merged"):
+        merged = model(ids).logits
+    assert torch.allclose(merged, want, atol=1e-4), float((merged - want).abs().max())
+    assert not torch.allclose(merged, plain, atol=1e-3)  # the rounding shows
+    merged.sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert len(grads) == 28 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    lp = torch.log_softmax(plain[0].double(), -1)
+    got = lp[torch.arange(len(seqs[0]) - 1), torch.tensor(seqs[0][1:])].numpy()
+    assert np.abs(got - adapted[0]).max() < 1e-4  # the adapter form is PEFT's own forward
 
 
 @pytest.mark.parametrize("args,message", [
@@ -221,7 +273,7 @@ def test_ask_with_a_run_and_adapter_over_a_quantised_base(deploy_run, pb8, tmp_p
     llama.cpp itself (q8_0: the type the run was trained against)."""
     row = json.loads(pb8.read_text().splitlines()[0])
     key, value = row.get("query") or row.get("key"), row.get("target") or row.get("value")
-    base = Path(json.loads((deploy_run / "summary.json").read_text())["deploy"]["base_gguf"])
+    assert Path(json.loads((deploy_run / "summary.json").read_text())["deploy"]["base_gguf"]).exists()
     theirs = tmp_path / "base.q8_0.gguf"
     llama_quantize(base_gguf(models.resolve("tiny")), theirs, 7)
     result = run_memcli("ask", deploy_run / "adapter.gguf", key, "--model", theirs, "--max-tokens", "16")
@@ -234,7 +286,7 @@ def test_ask_with_a_run_and_adapter_over_a_quantised_base(deploy_run, pb8, tmp_p
 
 def test_deploy_study_summary_medians_and_means():
     """bench deploy's summary over seeds, against figures worked by hand from made-up rows."""
-    from memcli.bench.deploy import format_summary
+    from memcli.commands.bench.deploy_study import format_summary
 
     def row(method, variant, seed, steps, train_s, q4, certified=True):
         survival = [{"form": f, "type": "q4_k_m", "exact": e, "entries": 20} for f, e in zip(("merged", "adapter"), q4)]

@@ -71,7 +71,7 @@ def test_no_session_wording():
 def _commands():
     import typer
 
-    from memcli.cli import app
+    from memcli.cli.app import app
 
     def walk(group, prefix):
         for name, sub in sorted(group.commands.items()):

@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SEVEN, lora_target, make_adapter, max_diff, phonebook_ids, run_cli
 
-from memcli import models
-from memcli.bench.agree import llama_logits
-from memcli.errors import UserError
-from memcli.gguf import reader as gguf_reader
+from memcli.commands.bench.agree import llama_logits
+from memcli.core import gguf_reader as gguf_reader
+from memcli.core import models
+from memcli.core.errors import UserError
+from memcli.core.gguf_reader import read_gguf
 from memcli.gguf.adapter import adapter_info, check_pair, export_adapter
 from memcli.gguf.base import base_gguf, export_base
 from memcli.gguf.fingerprint import gguf_fingerprint, hf_fingerprint
 from memcli.gguf.hf import permute_rope_rows
-from memcli.gguf.reader import read_gguf
 
 DATA = Path(__file__).resolve().parent / "data"
-SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOL = 1e-3
 
 
@@ -45,54 +45,6 @@ def tiny_spec():
 def tiny_base(tiny_spec) -> Path:
     return base_gguf(tiny_spec)
 
-
-def phonebook_ids(tokenizer, n=5) -> list[list[int]]:
-    rows = [json.loads(line) for line in (DATA / "phonebook_llama_PB1000_head20.jsonl").read_text().splitlines()]
-    return [tokenizer(r["query"]).input_ids + tokenizer(" " + r["target"], add_special_tokens=False).input_ids
-            for r in rows[:n]]
-
-
-def log_softmax(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def next_token_logprobs(logits, seq) -> np.ndarray:
-    """log p(seq[t+1] | seq[:t+1]) for every position."""
-    lp = log_softmax(logits)
-    return lp[np.arange(len(seq) - 1), seq[1:]]
-
-
-def max_diff(llama_logits, torch_logprobs, seqs) -> float:
-    return max(float(np.abs(next_token_logprobs(a, s) - b).max())
-               for a, b, s in zip(llama_logits, torch_logprobs, seqs))
-
-
-def lora_target(layers, modules) -> str:
-    return r".*\.layers\.({})\.(self_attn|mlp)\.({})".format("|".join(map(str, layers)), "|".join(modules))
-
-
-def make_adapter(spec, out: Path, seqs, seed=0, std=0.3, **lora_kwargs):
-    """A PEFT adapter on `spec` with seeded random non-zero A and B, saved to `out`; returns the torch next-token
-    log-probabilities of `seqs` with the adapter and without it."""
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = models.load_model(spec)
-    lora_kwargs.setdefault("target_modules", lora_target((1, 2), SEVEN))
-    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **lora_kwargs))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    peft_model.eval()
-    peft_model.save_pretrained(out)
-    with torch.no_grad():
-        adapted = [next_token_logprobs(peft_model(torch.tensor([s])).logits[0], s) for s in seqs]
-        with peft_model.disable_adapter():
-            plain = [next_token_logprobs(peft_model(torch.tensor([s])).logits[0], s) for s in seqs]
-    return adapted, plain
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +155,7 @@ def test_adapter_reads_back(plain_adapter, tiny_spec, tmp_path, outtype):
     assert fields["adapter.lora.alpha"] == 4.0
     assert fields["memcli.model"] == "tiny"
     assert fields["memcli.base.fingerprint"] == hf_fingerprint(models.hf_dir(tiny_spec)).structure
-    assert fields["memcli.lora.scale_folded"] is True
+    assert fields["memcli.training.lora.scale_folded"] is True
     assert {t.name for t in reader.tensors} == set(expected)
     assert "blk.1.attn_q.weight.lora_a" in expected and "blk.2.ffn_down.weight.lora_b" in expected
     for t in reader.tensors:
@@ -566,10 +518,8 @@ def test_bench_agree_on_a_partly_recalled_run(pb8, tmp_path):
     """`memcli bench agree`: torch + PEFT and llama.cpp (tiny F32 base, exported adapter) reach the same verdict on
     every entry of a run that recalls some entries and not others, and the verdicts are those of training's
     clean pass (summary.json's exact_match): one verdict function for all three."""
-    from conftest import run_cli
-
-    from memcli.config import TrainConfig
-    from memcli.train import Trainer
+    from memcli.training.config import TrainConfig
+    from memcli.training.trainer import Trainer
 
     run = tmp_path / "run"
     Trainer(TrainConfig(corpus=str(pb8), model="tiny", max_steps=40, lr=0.02, check_every=1000), run,

@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from families import BY_NAME, CASES, MORE_CASES, Reference, build_model
-from memcli import models
-from memcli.bench.agree import llama_logits
-from memcli.errors import UserError
+from helpers import run_cli
+
+from memcli.commands.bench.agree import llama_logits
+from memcli.core import models
+from memcli.core.errors import UserError
+from memcli.core.gguf_reader import read_gguf
 from memcli.gguf.adapter import check_pair
 from memcli.gguf.base import export_base
 from memcli.gguf.fingerprint import gguf_fingerprint, hf_fingerprint
-from memcli.gguf.reader import read_gguf
-
 
 pytestmark = pytest.mark.slow  # every family against llama.cpp's converters (minutes)
 
@@ -75,8 +75,8 @@ def built(name: str, root: Path, reference: Reference, pb8: Path) -> dict:
 
 
 def build_all(root: Path, reference: Reference, pb8: Path, cases) -> None:
-    from memcli.config import TrainConfig
-    from memcli.train import Trainer
+    from memcli.training.config import TrainConfig
+    from memcli.training.trainer import Trainer
 
     jobs, built_cases = [], {}
     for case in cases:
@@ -85,7 +85,7 @@ def build_all(root: Path, reference: Reference, pb8: Path, cases) -> None:
         folder = build_model(case, where / "hf")
         ours = where / "memcli.f32.gguf"
         export_base(folder, ours)
-        corpus = pb8  # values without a leading space: SentencePiece cases too (memcli.corpus.tokenize)
+        corpus = pb8  # values without a leading space: SentencePiece cases too (memcli.core.corpus.tokenize)
         run = where / "run"
         Trainer(TrainConfig(corpus=str(corpus), model=str(folder), modules=["all-linear"], layers=[0, 1], rank=4,
                             max_steps=40, lr=0.03, dropout=0.0, check_every=1000, device="cpu", dtype="float32"),
@@ -193,7 +193,8 @@ def test_tokenisation_equals_transformers(family):
 
     tok = models.load_tokenizer(models.resolve(str(family["folder"])))
     llm = Llama(model_path=str(family["ours"]), vocab_only=True, verbose=False)
-    texts = [json.loads(line)["query"] + json.loads(line)["target"] for line in family["corpus"].read_text().splitlines()]
+    rows = [json.loads(line) for line in family["corpus"].read_text().splitlines()]
+    texts = [r["query"] + r["target"] for r in rows]
     texts += ["digits 123 4567  17 spaces  here\n\n x", "it's they'll I'M", "naïve café ÄÖÜ 日本語", "a\r\n\tb"]
     if not family["case"].tokenizer.startswith("spm"):
         # SentencePiece: llama.cpp puts its "▁" before any text, transformers 5 not before one that starts with
@@ -261,7 +262,7 @@ def test_gemma_tokenizer_json_only(family_root, reference, pb8, tmp_path):
 def test_phi3_module_names(family_root, reference, pb8, tmp_path):
     """Phi-3's LoRA placement names are its fused projections: the default is the middle layer's gate_up_proj and
     down_proj, all-linear adds qkv_proj and o_proj, and a Llama name is refused with the model's list."""
-    from memcli.lora import resolve_placement
+    from memcli.training.lora import resolve_placement
 
     model, _ = models.load_model(models.resolve(str(built("phi3", family_root, reference, pb8)["folder"])))
     assert resolve_placement(model, None, None) == ([1], ["gate_up_proj", "down_proj"])
@@ -289,7 +290,8 @@ def test_trained_adapter_on_the_converter_base_matches_torch(family, pb8, refere
         return
     # llama.cpp's own adapter converter, from the same PEFT folder: the same logits
     theirs_adapter = llama_logits(theirs, seqs, family["converter_adapter"], n_threads=1)
-    gaps = (max_diff(theirs_adapter, adapted, seqs), max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs_adapter)))
+    gaps = (max_diff(theirs_adapter, adapted, seqs),
+            max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs_adapter)))
     print(f"MEASURED adapter {family['case'].name}: converter adapter vs torch+PEFT {gaps[0]:.2e}, "
           f"memcli vs converter adapter logits {gaps[1]:.2e}")
     assert gaps[0] < family["case"].tol and gaps[1] < 1e-3
@@ -377,8 +379,8 @@ def test_quantised_bases_pair(family_root, reference, pb8, tmp_path):
 def greedy(base: Path, adapter: Path, prompt: list[int], n: int) -> list[int]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(base), lora_path=str(adapter), n_ctx=128, n_threads=1, n_threads_batch=1, logits_all=True,
-                type_k=0, type_v=0, verbose=False)
+    llm = Llama(model_path=str(base), lora_path=str(adapter), n_ctx=128, n_threads=1, n_threads_batch=1,
+                logits_all=True, type_k=0, type_v=0, verbose=False)
     try:
         out, seq = [], list(prompt)
         llm.eval(seq)
@@ -392,11 +394,8 @@ def greedy(base: Path, adapter: Path, prompt: list[int], n: int) -> list[int]:
 
 
 def test_verify_verdicts_equal_greedy_generation(family, pb8, tmp_path):
-    from conftest import run_cli
-
-    from memcli.corpus import load_examples
-
-    from memcli.datagen import generate_phonebook
+    from memcli.core.corpus import load_examples
+    from memcli.core.datagen import generate_phonebook
 
     run, folder = family["run"], family["folder"]
     corpus = tmp_path / "pb8+4.jsonl"  # the 8 trained entries and 4 the adapter never saw

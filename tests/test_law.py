@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from memcli.law.fit import LawFit, fit_and_save, fit_law, load_law, save_law
-from memcli.law.plan import plan, plan_from_file, predict
-from memcli.law.points import LawError, Point, law_value, load_points, split_saturated
-from memcli.scoring import LN2
-from memcli.terminal import print_fit, print_plan, print_written
+from memcli.cli.terminal import print_fit, print_plan, print_written
+from memcli.commands.law.fit import LawFit, fit_and_save, fit_law, load_law, save_law
+from memcli.commands.law.plan import plan, plan_from_file, predict
+from memcli.commands.law.points import LawError, Point, law_value, load_points, split_saturated
+from memcli.core.scoring import LN2
 
 TRUTH = {"C": 2.0, "alpha": 0.6, "beta": 0.5, "b": 0.1}
 TRUE = tuple(TRUTH.values())
@@ -122,7 +122,7 @@ def test_predict_is_vectorised():
 def test_r2_and_mape_match_a_hand_computation():
     """R², MAPE and the predicted column, recomputed here with plain numpy from the residuals of the fit's own
     coefficients over the runs it kept (saturated ones excluded); the held-out check likewise from its
-    coefficients on the longest length. Nothing of memcli.law is used for the expected values."""
+    coefficients on the longest length. Nothing of memcli.commands.law is used for the expected values."""
     points = synthetic(seed=5, noise=0.05, kind="multiplicative", l_init=3.0)
     fit = fit_law(points, n_boot=0)
     kept = [p for p in points if p.l_final > math.log(2.0)]
@@ -183,7 +183,8 @@ def test_plan_in_parameters_reports_the_rank():
 
 
 def test_plan_flags_extrapolation_and_limits(exact_law):
-    with pytest.raises(LawError, match=r"10,000 answer tokens is outside the lengths .* \(100 to 3,200\).*--extrapolate"):
+    outside = r"10,000 answer tokens is outside the lengths .* \(100 to 3,200\).*--extrapolate"
+    with pytest.raises(LawError, match=outside):
         plan(exact_law, 10000, 2.0)
     far = plan(exact_law, 10000, 2.0, extrapolate=True)
     assert far.status == "ok" and far.x > 64

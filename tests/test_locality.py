@@ -1,4 +1,4 @@
-"""Locality (memcli.locality, memcli verify --locality, train's summary): base against tuned over a text.
+"""Locality (memcli.training.locality, memcli verify --locality, train's summary): base against tuned over a text.
 
 Expectations come from hand-computed distributions, from a plain torch + PEFT computation written here (not
 memcli's code), and from the other backend (llama.cpp against torch)."""
@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 import pytest
+from helpers import assert_refused, run_cli, run_memcli
 
-from conftest import run_cli
-from memcli.scoring import kl_logits, kl_numpy, native_available
+from memcli.core.scoring import kl_logits, kl_numpy, native_available
 
 needs_native = pytest.mark.skipif(not native_available(), reason="native kernel not built")
 IMPLS = ["numpy", pytest.param("native", marks=needs_native)]
@@ -71,12 +71,12 @@ def test_native_kl_equals_the_reference_on_a_real_sized_block():
 
 
 def test_totals_of_a_known_block():
-    from memcli.locality import Totals
+    from memcli.training.locality import LocalityTotals
 
     # position 0: P = Q = softmax([0, ln 3]); position 1: P = [1/2, 1/2], Q = softmax([0, 1.5]) -> argmax 0 vs 1
     p = np.array([[0.0, math.log(3.0)], [0.0, 0.0]], np.float32)
     q = np.array([[0.0, math.log(3.0)], [0.0, 1.5]], np.float32)
-    t = Totals()
+    t = LocalityTotals()
     t.add(p, q, np.array([1, 0]))
     r = t.result("hand")
     kl1 = 0.5 * math.log((1 + math.exp(1.5)) / 2) + 0.5 * math.log((1 + math.exp(1.5)) / (2 * math.exp(1.5)))
@@ -104,8 +104,9 @@ def text(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero_adapter(tmp_path_factory):
     """A PEFT adapter on tiny that changes nothing (LoRA's B is zero at initialisation), saved, and its GGUF."""
-    from memcli import lora, models
+    from memcli.core import models
     from memcli.gguf.adapter import export_adapter
+    from memcli.training import lora
 
     folder = tmp_path_factory.mktemp("zero")
     spec = models.resolve("tiny")
@@ -119,8 +120,8 @@ def zero_adapter(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(pb8, tmp_path_factory):
     """A tiny run of a few steps with a high learning rate: an adapter that moves the model."""
-    from memcli.config import TrainConfig
-    from memcli.train import Trainer
+    from memcli.training.config import TrainConfig
+    from memcli.training.trainer import Trainer
 
     run = tmp_path_factory.mktemp("trained") / "run"
     Trainer(TrainConfig(corpus=str(pb8), model="tiny", max_steps=6, lr=0.05, check_every=1000), run,
@@ -133,7 +134,7 @@ def independent_locality(peft_dir, text_path, window=128):
     import torch
     from peft import PeftModel
 
-    from memcli import models
+    from memcli.core import models
 
     spec = models.resolve("tiny")
     base, tok = models.load_model(spec)
@@ -169,8 +170,6 @@ def test_zero_adapter_agrees_everywhere_with_kl_zero(zero_adapter, pb8, text, tm
 @pytest.mark.slow
 def test_locality_without_text_uses_the_reference_as_a_user_types_it(zero_adapter, pb8, tmp_path):
     """`--locality` with no TEXT, followed by another option, as a user types it (the memcli command, a process)."""
-    from conftest import run_memcli
-
     done = run_memcli("verify", pb8, "--lora", zero_adapter / "adapter.gguf", "--model", "tiny", "--locality",
                       "--out", tmp_path / "v", "--min-exact", "0")
     assert done.returncode == 0, done.stderr
@@ -205,7 +204,8 @@ def test_train_records_locality_on_the_reference(trained):
 
 @pytest.mark.slow
 def test_reference_is_made_once_and_reused(monkeypatch):
-    from memcli import locality, models
+    from memcli.core import models
+    from memcli.training import locality
 
     spec = models.resolve("tiny")
     first = locality.reference_windows(spec, "measure")
@@ -222,8 +222,6 @@ def test_reference_is_made_once_and_reused(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "empty", "short", "binary", "not-utf8"])
 def test_bad_locality_text_exits_2(trained, pb8, tmp_path, case):
-    from test_bad_input import assert_refused
-
     path = tmp_path / "text.txt"
     needle = {"missing": "no such file", "empty": "is empty", "short": "shorter than one window",
               "binary": "binary", "not-utf8": "not UTF-8"}[case]
@@ -242,8 +240,6 @@ def test_bad_locality_text_exits_2(trained, pb8, tmp_path, case):
 
 
 def test_locality_without_an_adapter_or_base_exits_2(pb8, tmp_path, text):
-    from test_bad_input import assert_refused
-
     result = run_cli("verify", pb8, "--model", "tiny", "--out", tmp_path / "v", "--locality", text)
     assert_refused(result, "--locality compares a tuned model with its base")
     assert not (tmp_path / "v").exists()
@@ -255,7 +251,7 @@ def test_merged_model_against_its_base_equals_base_plus_adapter(trained, pb8, te
     of the same adapter applied at run time: here the merge is PEFT's merge_and_unload, exported by export-base."""
     from peft import PeftModel
 
-    from memcli import models
+    from memcli.core import models
     from memcli.gguf.base import base_gguf, export_base
 
     spec = models.resolve("tiny")

@@ -5,8 +5,18 @@ import math
 import pytest
 import torch
 
-from memcli.objectives import (LN2, Curriculum, SlidingConfig, SlidingState, hard_tokens, ot_loss, ot_weights,
-                               sliding_loss, sliding_weights, weighted_mean)
+from memcli.training.objectives import (
+    LN2,
+    Curriculum,
+    SlidingConfig,
+    SlidingState,
+    hard_tokens,
+    ot_loss,
+    ot_weights,
+    sliding_loss,
+    sliding_weights,
+    weighted_mean,
+)
 
 
 def t(*values):

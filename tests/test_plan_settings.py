@@ -9,13 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
-from memcli import runs
-from memcli.config import TrainConfig
-from memcli.law.fit import fit_law
-from memcli.law.plan import plan, train_command
-from memcli.law.points import LawError, Point, shared_settings
+from memcli.commands.law.fit import fit_law
+from memcli.commands.law.plan import plan, train_command
+from memcli.commands.law.points import LawError, Point, shared_settings
+from memcli.core import runs
+from memcli.training.config import TrainConfig
 
 
 def fake_run(folder, **settings):
@@ -67,7 +67,7 @@ def test_train_command_realises_the_law_settings(tmp_path, monkeypatch):
             seen["cfg"] = cfg
             raise Stop
 
-    monkeypatch.setattr("memcli.train.Trainer", Capture)
+    monkeypatch.setattr("memcli.training.trainer.Trainer", Capture)
     with pytest.raises(Stop):
         run_cli(*shlex.split(command)[1:])
     cfg = seen["cfg"]
@@ -91,7 +91,7 @@ def test_plan_refuses_lengths_outside_the_measured_range_unless_asked():
 
 
 def test_recall_loss_and_the_recall_goal():
-    from memcli.law.points import recall_loss
+    from memcli.commands.law.points import recall_loss
 
     def p(l_final, exact):
         return Point(x=1, length=10, delta_l=1.0, l_final=l_final, exact_match=exact)
@@ -151,7 +151,7 @@ def smallest_rank_by_search(law_path, length, l_init):
 @pytest.mark.parametrize("kind", ["random"])
 @pytest.mark.slow  # the default model
 def test_the_default_model_plans_with_its_shipped_law(tmp_path, kind):
-    from memcli import models
+    from memcli.core import models
 
     laws = models.shipped_laws(models.resolve(None))
     assert set(laws) == {"random"} and all(p.is_file() for p in laws.values())
@@ -201,7 +201,7 @@ def test_a_kind_without_a_shipped_law_is_said_with_its_reason(tmp_path):
 
 
 def test_recall_frontier_is_the_smallest_rank_above_which_every_run_recalled():
-    from memcli.law.points import recall_frontier
+    from memcli.commands.law.points import recall_frontier
 
     def p(r, n, exact):
         return Point(x=r, length=n, delta_l=1.0, l_final=1.0, exact_match=exact)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers import assert_refused, run_cli
 
-from conftest import run_cli
-from memcli.config import TrainConfig
-from memcli.train import Trainer
+from memcli.training.config import TrainConfig
+from memcli.training.trainer import Trainer
 
 
 def train(pb8, out, **settings):
@@ -18,8 +18,8 @@ def train(pb8, out, **settings):
 def test_preserve_term_is_zero_for_the_base_and_the_full_kl_when_topk_holds_everything(pb8, tmp_path, monkeypatch):
     """At initialisation (LoRA's B = 0) the tuned model is the base: the term is 0. With TOP_K = the vocabulary the
     coarsened KL is the full KL(base || tuned), computed here directly from the two models' logits."""
-    from memcli import forward, preserve
-    from memcli.locality import as_examples
+    from memcli.training import forward, preserve
+    from memcli.training.locality import as_examples
 
     monkeypatch.setattr(preserve, "TOP_K", 49152)  # tiny has SmolLM2's vocabulary
     trainer = Trainer(TrainConfig(corpus=str(pb8), model="tiny", preserve=True, preserve_weight=1.0, dropout=0.0,
@@ -74,8 +74,6 @@ def test_preserve_resumes_where_an_uninterrupted_run_ends(pb8, tmp_path):
 
 @pytest.mark.parametrize("case", ["without-preserve", "short", "missing"])
 def test_bad_preserve_text_exits_2_and_leaves_no_run_folder(pb8, tmp_path, case):
-    from test_bad_input import assert_refused
-
     text = tmp_path / "t.txt"
     text.write_text("Too short." if case != "missing" else "")
     if case == "missing":

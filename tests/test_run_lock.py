@@ -5,30 +5,16 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from helpers import ONE_THREAD, run_memcli, start_memcli, wait_for
 
-from conftest import run_memcli, start_memcli
-from memcli.errors import UserError
-from memcli.runs import RunLock
+from memcli.core.errors import UserError
+from memcli.core.runs import RunLock
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two trainings at once on a 2-core machine
-HOLD = ("import sys, time\nfrom memcli.runs import RunLock\nlock = RunLock(sys.argv[1])\nprint('held', flush=True)\n"
-        "time.sleep(600)\n")
+HOLD = ("import sys, time\nfrom memcli.core.runs import RunLock\nlock = RunLock(sys.argv[1])\n"
+        "print('held', flush=True)\ntime.sleep(600)\n")
 
-
-def wait_for(ready, proc, timeout=300):
-    """Poll until ready() while proc runs; fail (with its stderr) if it ends first."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"memcli ended (exit {proc.returncode}) before the moment the test waits for:\n{err[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("timed out")
-        time.sleep(0.02)
 
 
 def test_a_held_lock_names_its_holder_and_a_killed_holder_blocks_nothing(tmp_path):

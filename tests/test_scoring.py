@@ -1,11 +1,11 @@
-"""Tests of memcli.scoring: the numpy reference on hand-made rows, and the native kernel against the reference."""
+"""Tests of memcli.core.scoring: the numpy reference on hand-made rows, and the native kernel against the reference."""
 
 import math
 
 import numpy as np
 import pytest
 
-from memcli.scoring import TokenStats, native_available, score_logits, score_numpy
+from memcli.core.scoring import TokenStats, native_available, score_logits, score_numpy
 
 FLOAT_FIELDS = ("logprob", "prob", "target_logit", "best_other", "margin")
 INT_FIELDS = ("argmax", "rank")

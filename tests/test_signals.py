@@ -7,14 +7,12 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import run_cli, start_memcli
-from test_run_lock import ONE_THREAD, wait_for
+from helpers import ONE_THREAD, run_cli, start_memcli, wait_for
 
 WRITE_SLOWLY = """
 import sys, time
-from memcli import runs
-from memcli.signals import handle_sigterm
+from memcli.core import runs
+from memcli.core.signals import handle_sigterm
 
 handle_sigterm()
 
@@ -49,7 +47,7 @@ def test_sigterm_mid_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path):
 
 @pytest.fixture(scope="module")
 def pb3000(tmp_path_factory):
-    from memcli.datagen import generate_phonebook
+    from memcli.core.datagen import generate_phonebook
 
     path = tmp_path_factory.mktemp("corpus") / "pb3000.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in generate_phonebook(3000, seed=1)))

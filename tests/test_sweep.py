@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.mark.slow  # trains a grid of cells, twice
@@ -46,7 +46,9 @@ def test_sweep_fits_end_to_end_and_resumes(tmp_path):
     # plan CORPUS: l counted and L_init measured on the corpus with the plain base model.
     import torch
 
-    from memcli import corpus as corpus_mod, forward, models
+    from memcli.core import corpus as corpus_mod
+    from memcli.core import models
+    from memcli.training import forward
 
     base, tok = models.load_model(models.resolve("tiny"))
     examples = corpus_mod.load_examples(corpus, tok)
@@ -114,15 +116,15 @@ def test_rerun_with_other_settings_is_refused_and_force_retrains(tmp_path):
 def test_one_cells_failed_export_does_not_stop_the_sweep(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from memcli.gguf import adapter as gguf_adapter
+    from memcli.training import trainer  # the exporter as the loop calls it
 
-    real = gguf_adapter.export_adapter
+    real = trainer.export_adapter
 
     def fails_for_rank1(src, out, *args, **kwargs):
         if Path(src).name == "rank1-l6":
             raise RuntimeError("no space left on device")
         return real(src, out, *args, **kwargs)
-    monkeypatch.setattr(gguf_adapter, "export_adapter", fails_for_rank1)
+    monkeypatch.setattr(trainer, "export_adapter", fails_for_rank1)
     result = run_cli(*_small_sweep(tmp_path, "--method", "sft"))
     assert result.exit_code == 0, result.output
     sweep = tmp_path / "sweep"
@@ -139,7 +141,7 @@ def test_help_texts_keep_their_brackets():
     import typer
     from rich.text import Text
 
-    from memcli.cli import app
+    from memcli.cli.app import app
 
     def commands(cmd, path):
         yield path, cmd
@@ -160,8 +162,8 @@ def test_dead_ray_address_is_refused_at_once():
 
     import pytest
 
-    from memcli.errors import UserError
-    from memcli.sweep import _check_reachable
+    from memcli.core.errors import UserError
+    from memcli.training.sweep import _check_reachable
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[test,ray]')")
 

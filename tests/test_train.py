@@ -6,12 +6,13 @@ import re
 import pytest
 import torch
 import yaml
+from helpers import run_cli, run_memcli
 
-from conftest import run_cli, run_memcli
-from memcli import corpus, forward, models
-from memcli.config import TrainConfig
-from memcli.scoring import LN2
-from memcli.train import Trainer
+from memcli.core import corpus, models
+from memcli.core.scoring import LN2
+from memcli.training import forward
+from memcli.training.config import TrainConfig
+from memcli.training.trainer import Trainer
 
 SUMMARY_KEYS = {"method", "rank", "params", "answer_tokens", "entries", "l_init", "l_final", "delta_l",
                 "exact_match", "certified", "steps", "wall_seconds"}
@@ -45,7 +46,8 @@ def test_memft_ot_memorises_pb8_and_stops_by_itself(pb8, tmp_path):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["settings"]["seed"] == 0 and config["settings"]["method"] == "memft-ot"
     assert {"torch", "transformers", "peft", "memcli"} <= set(config["versions"])
-    assert config["resolved"]["layers"] == [2] and config["resolved"]["modules"] == ["gate_proj", "up_proj", "down_proj"]
+    assert config["resolved"]["layers"] == [2]
+    assert config["resolved"]["modules"] == ["gate_proj", "up_proj", "down_proj"]
     assert (run / "adapter" / "adapter_config.json").exists()
     assert list((run / "checkpoints").glob("step-*.pt"))
 
@@ -291,7 +293,7 @@ def test_nonfinite_loss_keeps_the_last_good_checkpoint(pb8, tmp_path):
             for p in trainer.model.parameters():
                 if p.requires_grad:
                     p.data.fill_(float("inf"))
-    from memcli.errors import UserError
+    from memcli.core.errors import UserError
     with pytest.raises(UserError, match=r"non-finite loss .* at step 5; kept the last good checkpoint .*step-00000002"):
         trainer.run(poison)
     assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["step-00000002.pt"]
@@ -360,14 +362,14 @@ def test_exportable_model_records_its_gguf(pb8, tmp_path):
 
 @pytest.mark.parametrize("error", ["user", "crash"])
 def test_failed_export_is_a_warning_and_resume_returns_the_summary(pb8, tmp_path, monkeypatch, error):
-    from memcli.gguf import adapter as gguf_adapter
-    from memcli.errors import UserError
+    from memcli.core.errors import UserError
+    from memcli.training import trainer  # the exporter as the loop calls it
 
     def failing(*args, **kwargs):
         if error == "user":
             raise UserError("exporter says no")
         raise RuntimeError("disk on fire")
-    monkeypatch.setattr(gguf_adapter, "export_adapter", failing)
+    monkeypatch.setattr(trainer, "export_adapter", failing)
     run = tmp_path / "run"
     args = ["train", pb8, "--out", run, "--model", "tiny", "--max-steps", "3", "--checkpoint-every", "2"]
     result = run_cli(*args)
@@ -385,12 +387,12 @@ def test_failed_export_is_a_warning_and_resume_returns_the_summary(pb8, tmp_path
 
 
 def test_failed_export_with_gguf_require_exits_2_but_keeps_the_run(pb8, tmp_path, monkeypatch):
-    from memcli.gguf import adapter as gguf_adapter
-    from memcli.errors import UserError
+    from memcli.core.errors import UserError
+    from memcli.training import trainer  # the exporter as the loop calls it
 
     def failing(*args, **kwargs):
         raise UserError("exporter says no")
-    monkeypatch.setattr(gguf_adapter, "export_adapter", failing)
+    monkeypatch.setattr(trainer, "export_adapter", failing)
     run = tmp_path / "run"
     result = run_cli("train", pb8, "--out", run, "--model", "tiny", "--max-steps", "1", "--gguf", "require")
     assert result.exit_code == 2 and "exporter says no" in result.stderr
@@ -403,7 +405,7 @@ def test_failed_export_with_gguf_require_exits_2_but_keeps_the_run(pb8, tmp_path
 def test_setting_differences_compare_resolved_values(monkeypatch):
     import dataclasses
 
-    from memcli.config import setting_differences
+    from memcli.training.config import setting_differences
 
     def saved(**kw):  # a config.yaml's settings, as a run started with these options recorded them
         return dataclasses.asdict(TrainConfig(corpus="c.jsonl", **kw))

@@ -8,15 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import collect
 from typer.testing import CliRunner
 
-from memcli import corpus, models
-from memcli.errors import UserError
-from memcli.scoring import TokenStats, score_logits
-from memcli.verify.generation import compare_generation, generation_sample
-from memcli.verify.report import Totals
-from memcli.verify.run import VerifyOptions, verify
-from memcli.verdicts import Generated, entry_verdict, verdicts
+from memcli.commands.verify.generation import compare_generation, generation_sample
+from memcli.commands.verify.run import VerifyOptions, verify
+from memcli.core import corpus, models
+from memcli.core.errors import UserError
+from memcli.core.scoring import TokenStats, score_logits
+from memcli.core.verdicts import Generated, RecallTotals, entry_verdict, verdicts
 
 
 def stats_of(prob, argmax, margin, logprob=None):
@@ -129,7 +129,7 @@ def test_block_verdicts_match_hand_computed_expectations():
 
 
 def test_a_nan_logit_row_from_the_kernel_fails_its_entry():
-    """Logits holding NaN have no distribution (memcli.scoring): the entry is neither exact nor certified."""
+    """Logits holding NaN have no distribution (memcli.core.scoring): the entry is neither exact nor certified."""
     logits = np.array([[3.0, 0.0, 0.0], [0.0, np.nan, 1.0], [0.0, 0.0, 5.0]], dtype=np.float32)
     v = verdicts(score_logits(logits, np.array([0, 2, 2]), impl="numpy"), [0, 2, 2], [1, 2])
     assert v[0].exact and v[0].certified
@@ -144,7 +144,7 @@ def test_a_nan_logit_row_from_the_kernel_fails_its_entry():
     (True, 10, None, [(0, 2), (2, 3), (3, 4), (4, 5)]),  # torch: 2 x 5 = 10 fits, 3 x 5 and 2 x 7 do not
 ])
 def test_batch_groups_of_the_backends(padded, budget, max_seqs, groups):
-    from memcli.batching import plan_batches
+    from memcli.core.batching import plan_batches
 
     assert plan_batches([3, 5, 2, 7, 1], budget, padded=padded, max_seqs=max_seqs) == groups
 
@@ -155,7 +155,7 @@ def test_totals_and_generation_comparison():
           entry_verdict(stats_of([0.9, 0.5], [1, 2], [2, 0.0]), [1, 2])]
     for i, v in enumerate(vs):
         v.index = i
-    totals = Totals()
+    totals = RecallTotals()
     for i, v in enumerate(vs):
         totals.add(v, line=i + 1)
     s = totals.summary()
@@ -182,59 +182,17 @@ def test_totals_and_generation_comparison():
 
 # --- the tiny model, briefly trained ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_run(pb8, tmp_path_factory):
-    """A tiny run trained for a few steps on pb8: some entries recalled, some not (5 of 8 exact, 2 certified)."""
-    import torch
-
-    from memcli.config import TrainConfig
-    from memcli.train import Trainer
-
-    run = tmp_path_factory.mktemp("verify") / "run"
-    cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=40, lr=0.02, check_every=1000)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is as fast, and immune to a busy machine's other work
-    try:
-        Trainer(cfg, run, log=lambda m: None).run()
-    finally:
-        torch.set_num_threads(threads)
-    return run
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_run, tmp_path_factory):
-    """The run's adapter GGUF on its own (no run folder beside it)."""
-    from memcli.gguf.adapter import export_adapter
-
-    path = tmp_path_factory.mktemp("gguf") / "adapter.gguf"
-    if (tiny_run / "adapter.gguf").exists():  # train writes it
-        shutil.copy(tiny_run / "adapter.gguf", path)
-    else:
-        export_adapter(tiny_run, path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny_examples(pb8, tiny_tokenizer):
     return corpus.load_examples(pb8, tiny_tokenizer)
 
 
-def collect(backend, examples, batch_tokens):
-    """{entry index: (verdict, probabilities)} from a backend's teacher-forced pass."""
-    backend.open(examples, batch_tokens)
-    result = {}
-    for b in backend.score(examples, batch_tokens):
-        offset = 0
-        for v in verdicts(b.stats, b.targets, b.lengths, b.indices):
-            result[v.index] = (v, b.stats.prob[offset: offset + v.answer_tokens].copy())
-            offset += v.answer_tokens
-    return result
-
 
 @pytest.fixture(scope="module")
 def llama(tiny_gguf):
     from memcli.gguf.base import base_gguf
-    from memcli.verify.llama import LlamaBackend
+    from memcli.llama.scorer import LlamaBackend
 
     backend = LlamaBackend(base_gguf(models.resolve("tiny")), tiny_gguf, threads=1, kv_type="f32")
     yield backend
@@ -243,7 +201,7 @@ def llama(tiny_gguf):
 
 @pytest.fixture(scope="module")
 def torch_backend(tiny_run):
-    from memcli.verify.torch import TorchBackend
+    from memcli.commands.verify.peft_backend import TorchBackend
 
     return TorchBackend(models.resolve("tiny"), tiny_run / "adapter", device="cpu", threads=1)
 
@@ -315,7 +273,7 @@ def test_backends_agree_on_a_trained_tiny_run(tiny_run, pb8, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli():
-    from memcli.cli import app
+    from memcli.cli.app import app
 
     def invoke(*args):
         return CliRunner().invoke(app, ["verify", *map(str, args)], catch_exceptions=False)
@@ -365,7 +323,7 @@ def test_bad_input_exits_2_and_writes_nothing(cli, tiny_run, tiny_gguf, pb8, tmp
 
 
 def test_too_long_for_the_context_is_refused(tiny_gguf, tmp_path, tiny_tokenizer):
-    from memcli.datagen import generate_random_tokens
+    from memcli.core.datagen import generate_random_tokens
 
     long_value = generate_random_tokens(4200, 0, tiny_tokenizer)  # tiny's context is 4096
     path = tmp_path / "long.jsonl"
@@ -393,7 +351,7 @@ def test_a_bare_peft_folder_finds_its_base_model(tiny_run, pb8, tmp_path):
 @pytest.mark.slow  # a benchmark
 def test_bench_verify_runs_side_by_side(cli, tiny_run, pb8, tmp_path):
     """A smoke test of `memcli bench verify` (its numbers are the benchmark's business, not a test's)."""
-    from memcli.cli import app
+    from memcli.cli.app import app
 
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "verify", str(pb8), "--lora", str(tiny_run), "--threads", "1",

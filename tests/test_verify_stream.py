@@ -2,15 +2,13 @@
 batches are planned as the stream is pulled, and a prompt prefix the entries share is decoded once without
 changing verdicts or probabilities."""
 
-import json
 
 import numpy as np
 import pytest
+from helpers import collect
 
-from memcli import corpus, models
-from memcli.batching import iter_groups, plan_batches
-from memcli.verify.run import VerifyOptions, verify
-from test_verify import collect, tiny_gguf, tiny_run  # noqa: F401  (module fixtures: a briefly trained tiny run)
+from memcli.core import corpus, models
+from memcli.core.batching import iter_groups, plan_batches
 
 
 def test_groups_are_planned_as_the_stream_is_pulled():
@@ -37,7 +35,7 @@ def chat_examples(pb8, tiny_tokenizer):
 @pytest.mark.slow  # a chat-template corpus in llama.cpp, twice
 def test_a_shared_prompt_prefix_changes_no_verdict_or_probability(tiny_gguf, chat_examples):  # noqa: F811
     from memcli.gguf.base import base_gguf
-    from memcli.verify.llama import LlamaBackend
+    from memcli.llama.scorer import LlamaBackend
 
     results, shared = {}, {}
     # (share, batch tokens): packed, one entry per batch (llama.cpp's own batch-size noise), packed and shared

@@ -1,3 +1,5 @@
-"""Deployment: the files users ship and their certification. files.py makes them (merged and quantised model,
-quantised base under an adapter, ollama Modelfile), certify.py verifies every form in llama.cpp, qat.py trains
-against them (`memcli train --deploy`)."""
+"""The files users ship and their certification; torch-free. `train --deploy` and `verify --deploy` both use it.
+
+- `forms`: both deployment forms of a type (merged; adapter over the quantised base) and the ollama Modelfile.
+- `certify`: the one certifier: every form made from a run's adapter, scored in llama.cpp, one row per form.
+"""

@@ -13,7 +13,7 @@ memcli trains weight-level LoRA so that adapters export).
 
 The adapter records its base (the memcli model name and memcli.gguf.fingerprint's fingerprint);
 `check_pair(adapter, base)` refuses a base the adapter was not trained for. Run folders are read through
-memcli.runs only.
+memcli.core.runs only.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import models, runs
-from ..errors import UserError
-from . import reader
-from .fingerprint import Fingerprint, gguf_fingerprint, hf_fingerprint
-from .hf import HFModel, iter_hf_tensors, permute_rope_rows, read_base, read_hf, read_json, rope_heads
-from .reader import read_gguf
+from memcli.core import gguf_reader as reader
+from memcli.core import models, runs
+from memcli.core.errors import UserError
+from memcli.core.gguf_reader import read_gguf
+from memcli.gguf.fingerprint import Fingerprint, gguf_fingerprint, hf_fingerprint
+from memcli.gguf.hf import HFModel, iter_hf_tensors, permute_rope_rows, read_base, read_hf, read_json, rope_heads
 
 _PREFIX = "base_model.model."
 MERGED_KEY = "memcli.merged_adapter"  # set in a merged model GGUF: no adapter is applied to it again
@@ -274,10 +274,10 @@ def export_adapter(src: str | os.PathLike, out: str | os.PathLike, outtype: str 
         w.add_string("memcli.base.fingerprint", fingerprint.structure)
         if fingerprint.weights is not None:
             w.add_string("memcli.base.weights", fingerprint.weights)
-        w.add_uint32("memcli.lora.r", int(cfg.get("r", ranks[0])))
-        w.add_float32("memcli.lora.peft_alpha", float(cfg.get("lora_alpha", 8)))
-        w.add_bool("memcli.lora.use_rslora", bool(cfg.get("use_rslora")))
-        w.add_bool("memcli.lora.scale_folded", True)
+        w.add_uint32("memcli.training.lora.r", int(cfg.get("r", ranks[0])))
+        w.add_float32("memcli.training.lora.peft_alpha", float(cfg.get("lora_alpha", 8)))
+        w.add_bool("memcli.training.lora.use_rslora", bool(cfg.get("use_rslora")))
+        w.add_bool("memcli.training.lora.scale_folded", True)
         for p in pairs:
             data, raw = reader.encode(p.a, outtype)
             w.add_tensor(p.target + ".lora_a", data, raw_dtype=raw)

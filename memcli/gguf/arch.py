@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from memcli.core.errors import UserError
 
 LLAMA_CPP_SWA_PERIOD = 6  # llama.cpp's Gemma 3 default: layer i slides unless i % 6 == 5
 

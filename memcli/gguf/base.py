@@ -1,10 +1,10 @@
-"""Base models as llama.cpp GGUFs: `export_base` writes an HF model of a supported family (memcli.models.ARCHITECTURES)
-with its hyperparameters (memcli.gguf.arch: Gemma 3's and Phi-3's own), weights (q/k rows permuted for the Llama
-graph, Gemma 3's norms + 1) and tokenizer (tokens, types, merges,
-the pre-tokenizer llama.cpp knows by name, special ids, add-BOS/EOS, chat template); `write_model` writes any of
-llama.cpp's file types (a float export, then llama.cpp's quantiser); `cached_base` is a model's training weights
-as a type, made once into the cache; `base_gguf` is the base GGUF llama.cpp loads for a model: the shipped GGUF,
-or the F32 export from the cache.
+"""Base models as llama.cpp GGUFs: `export_base` writes an HF model of a supported family
+(memcli.core.models.ARCHITECTURES) with its hyperparameters (memcli.gguf.arch: Gemma 3's and Phi-3's own), weights
+(q/k rows permuted for the Llama graph, Gemma 3's norms + 1) and tokenizer (tokens, types, merges, the pre-tokenizer
+llama.cpp knows by name, special ids, add-BOS/EOS, chat template); `write_model` writes any of llama.cpp's file
+types (a float export, then llama.cpp's quantiser); `cached_base` is a model's training weights as a type, made once
+into the cache; `base_gguf` is the base GGUF llama.cpp loads for a model: the shipped GGUF, or the F32 export from
+the cache.
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import models, runs
-from ..errors import UserError
-from ..quants import check_quant
-from . import reader
-from .arch import write_family_keys
-from .hf import HFModel, gguf_array, iter_hf_tensors, llama3_rope_factors, read_base, read_hf
-from .quantize import quantize
+from memcli.core import gguf_reader as reader
+from memcli.core import models, runs
+from memcli.core.errors import UserError
+from memcli.core.quants import check_quant
+from memcli.gguf.arch import write_family_keys
+from memcli.gguf.hf import HFModel, gguf_array, iter_hf_tensors, llama3_rope_factors, read_base, read_hf
+from memcli.llama.quantize import quantize
 
 _F32_LIMIT = 2 * 10**9  # parameters up to which the float file llama.cpp's quantiser reads is F32 (else F16)
 
 
 def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32",
                 name: str | None = None, deltas: dict | None = None, metadata: dict | None = None) -> dict:
-    """Write an HF model of a supported family (memcli.models.ARCHITECTURES) as a llama.cpp base GGUF. Returns a summary.
+    """Write an HF model of a supported family (memcli.core.models.ARCHITECTURES) as a llama.cpp base GGUF.
+    Returns a summary.
     `hf_dir` may also be a memcli model name (its HF folder, built into the cache if needed, is exported).
     `deltas` (HF tensor name -> float32 array of its shape) are added to those weights in float32 before they
     are written: a LoRA merged into the model (memcli.gguf.merge). `metadata`: extra string keys to record."""
@@ -148,7 +149,7 @@ def _float_type(folder: Path, quant: str) -> str:
 def write_model(folder: Path, out: Path, quant: str, name: str, deltas: dict | None, metadata: dict,
            threads: int | None) -> dict:
     """A model GGUF of any llama.cpp type: export_base (float; `deltas` merged) and, for the other types,
-    llama.cpp's quantiser (memcli.gguf.quantize) on a temporary float file beside `out`."""
+    llama.cpp's quantiser (memcli.llama.quantize) on a temporary float file beside `out`."""
     t0 = time.perf_counter()
     quant = check_quant(quant)
     if out.is_dir():

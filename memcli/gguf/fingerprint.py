@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
-from .hf import gguf_array, iter_hf_tensors, read_base
-from .reader import GGUFMeta, read_gguf
+from memcli.core import models
+from memcli.core.errors import UserError
+from memcli.core.gguf_reader import GGUFMeta, read_gguf
+from memcli.gguf.hf import gguf_array, iter_hf_tensors, read_base
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def hf_fingerprint(folder: str | os.PathLike) -> Fingerprint:
     structure = _structure_digest(hf.arch, hparams, _vocab_digest(vocab.tokens), tensors)
     gnames = dict(pairs)
     ones = [n for n, _ in pairs if len(hf.shapes[n]) == 1]
-    weights = _weights_digest((gnames[n], gguf_array(hf, n, gnames[n], array)) for n, array in iter_hf_tensors(hf, ones))
+    weights = _weights_digest((gnames[n], gguf_array(hf, n, gnames[n], array))
+                              for n, array in iter_hf_tensors(hf, ones))
     return Fingerprint(structure, weights)
 
 
@@ -108,3 +110,20 @@ def gguf_fingerprint(meta: GGUFMeta | str | os.PathLike) -> Fingerprint:
                if all(t.type == 0 for t in ones) else None)
     return Fingerprint(structure, weights)
 
+
+def base_fingerprint(spec):
+    """The fingerprint (Fingerprint) of a model as a base: from its GGUF when it comes as
+    one (no dequantising), else from its HF folder. The two agree for the same base."""
+    return gguf_fingerprint(spec.gguf_path) if spec.gguf_path is not None else hf_fingerprint(models.hf_dir(spec))
+
+
+def check_base(recorded, spec, adapter) -> None:
+    """Refuse a base other than the one the adapter was trained for (the torch backend's counterpart of
+    memcli.gguf.adapter.check_pair). recorded: `memcli.commands.verify.sources.recorded_base`'s answer, None to skip."""
+    if recorded is None:
+        return
+    ours, trained_for = recorded
+    theirs = base_fingerprint(spec)
+    if not ours.matches(theirs):
+        raise UserError(f"adapter {adapter} was trained for {trained_for}, base {spec.name} is another model "
+                        f"(fingerprint {ours} vs {theirs})")

@@ -4,7 +4,7 @@ llama.cpp's name for every tensor, the RoPE row layout llama.cpp's Llama graph w
 RoPE layout: HF Llama rotates the two halves of each head (rotate_half); llama.cpp's Llama graph rotates adjacent
 pairs, so its base GGUFs hold q_proj/k_proj with the rows of every head reordered (permute_rope_rows), and an
 adapter's output rows (lora_b of q_proj/k_proj) get the same reordering, or it loads and is silently wrong.
-Which architectures want it: memcli.models.ARCHITECTURES.
+Which architectures want it: memcli.core.models.ARCHITECTURES.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import models
-from ..errors import UserError
-from . import arch as arch_extras
+from memcli.core import models
+from memcli.core.errors import UserError
+from memcli.gguf import arch as arch_extras
 
 # The pre-tokenizer regexes of tokenizer.json files that llama.cpp implements under a name.
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -57,7 +57,7 @@ class HFModel:
     shapes: dict[str, tuple[int, ...]]  # tensor name -> torch shape
     tied: bool  # the output layer is the token embedding
     n_rot: int = 0  # dimensions of each head RoPE rotates (head_dim unless partial_rotary_factor)
-    norm_shift: float = 0.0  # added to RMSNorm weights on export (memcli.models.Family)
+    norm_shift: float = 0.0  # added to RMSNorm weights on export (memcli.core.models.Family)
     extra: dict | None = None  # family keys beyond Llama's (memcli.gguf.arch.family_hparams)
 
     def gguf_name(self, hf_name: str) -> str | None:
@@ -287,7 +287,8 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
     import gguf
 
     where = folder / "tokenizer.json"
-    if (folder / "tokenizer.model").exists() and (not where.exists() or _is_sentencepiece(read_json(where, "tokenizer"))):
+    sentencepiece = not where.exists() or _is_sentencepiece(read_json(where, "tokenizer"))
+    if (folder / "tokenizer.model").exists() and sentencepiece:
         return read_sentencepiece(folder, n_vocab)
     tj = read_json(where, "tokenizer")
     model = tj.get("model") or {}

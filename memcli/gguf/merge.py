@@ -3,7 +3,7 @@ as one self-contained llama.cpp GGUF in any of llama.cpp's file types.
 
 The merge is done in float32 on the weights training used (W + scale * B @ A, PEFT's scale as the adapter
 export folds it) and written by `export_base` with the model's tokenizer and metadata; every other type is then
-made from that float file by llama.cpp's own quantiser (memcli.gguf.quantize), as users quantise.
+made from that float file by llama.cpp's own quantiser (memcli.llama.quantize), as users quantise.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import models
-from ..quants import check_quant
-from .adapter import MERGED_KEY, _adapter_source, _resolve_base, adapter_pairs
-from .base import write_model
-from .hf import read_hf, read_json
+from memcli.core import models
+from memcli.core.quants import check_quant
+from memcli.gguf.adapter import MERGED_KEY, _adapter_source, _resolve_base, adapter_pairs
+from memcli.gguf.base import write_model
+from memcli.gguf.hf import read_hf, read_json
 
 
 def merge_deltas(src: str | os.PathLike, base: models.ModelSpec | None = None):

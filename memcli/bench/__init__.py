@@ -1,1 +1,0 @@
-"""Benchmarks and cross-checks behind `memcli bench ...`: each prints side-by-side numbers."""

@@ -1,0 +1,7 @@
+"""What each command does, without the terminal: `memcli.cli` parses, calls these and prints.
+
+- `verify`: `memcli verify`: certified recall from one teacher-forced pass, and its report.
+- `law`: the Parametric Memory Law: `memcli fit` and `memcli plan`.
+- `ask`: `memcli ask`: the greedy completion of one prompt in llama.cpp, to check a fact by eye.
+- `bench`: the benchmarks and cross-checks behind `memcli bench ...`.
+"""

@@ -1,0 +1,7 @@
+"""The llama.cpp engine, through llama-cpp-python's C API; torch-free. Every stage that asks llama.cpp uses it.
+
+- `library`: loading the library (API check, log capture) and models safely (the AMX probe), system info.
+- `scorer`: `LlamaBackend`: packed multi-sequence batches, every answer position's logits reduced by the kernel.
+- `checks`: token ids inside the vocabulary; entries llama.cpp's own tokenizer splits differently.
+- `quantize`: llama.cpp's own quantiser (`llama_model_quantize`), as users quantise before shipping.
+"""

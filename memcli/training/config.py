@@ -1,0 +1,251 @@
+"""Training settings: every `memcli train` setting with its default, its type and its check, read from the
+defaults, a YAML file and the command line (in that order of precedence); and the comparison of settings by what
+they resolve to (for --resume and sweeps). `examples/train.yaml` lists the same settings with their defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from memcli.core.errors import UserError
+from memcli.core.models import DEFAULT_MODEL, cuda_available
+from memcli.core.quants import check_quant
+
+METHODS = ("sft", "memft-ot", "memft-sw")
+GGUF_MODES = ("auto", "require", "off")
+# Settings that do not change what a run trains: a resumed run or a sweep cell may differ in them.
+OUTPUT_ONLY = ("gguf",)
+
+
+@dataclass
+class TrainConfig:
+    corpus: str = ""
+    model: str = DEFAULT_MODEL
+    # corpus
+    key: str = ""
+    chat_template: bool = False
+    eos: bool = False
+    answer_tokens: int | None = None
+    # objective
+    method: str = "memft-ot"
+    no_hard_tokens: str = "fallback"  # memft-ot: fallback (SFT step) | skip
+    train_threshold: float = 0.5  # memft-ot: train tokens while p <= this (0.5: the paper); certify at p > 0.5
+    floor: float = 0.0  # memft-ot: the weight a token above train_threshold keeps (0: the paper)
+    sw_form: str = "auto"  # memft-sw: auto | spatial | temporal
+    curriculum_epochs: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
+    # adapter
+    rank: int = 8
+    layers: list[int] | None = None
+    modules: list[str] | None = None
+    alpha: float | None = None
+    dropout: float = 0.1
+    # preserve: keep the base's next-token distribution on unrelated text (memcli.training.preserve)
+    preserve: bool = False
+    preserve_weight: float = 100.0
+    preserve_text: str | None = None
+    # optimiser
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    epochs: int = 200
+    max_steps: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    # stopping, logging
+    until_recall: bool = False
+    check_every: int = 10
+    checkpoint_every: int = 50
+    log_every: int = 1
+    # deployment
+    deploy: str | None = None  # a llama.cpp file type (e.g. q4_k_m): train so that recall holds in its files
+    margin: float = 0.0  # certify a token only when its logit leads the runner-up's by this (memft-ot trains it)
+    # output
+    gguf: str = "auto"  # adapter.gguf: auto (when the model can be exported) | require | off
+    # corpus checks
+    allow_conflicting_keys: bool = False  # train on a corpus with a key given two different values
+
+    @classmethod
+    def from_sources(cls, yaml_path: Path | None, overrides: dict) -> "TrainConfig":
+        """Defaults, then the YAML file, then the command line. Every value is checked against its field's type
+        (see `coerce_setting`), so a mistyped setting ends in one line naming it and where it came from."""
+        values: dict = {}
+        origin: dict = {}
+        if yaml_path is not None:
+            try:
+                loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8-sig")) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"--config {yaml_path}: cannot be read ({first})") from None
+            if not isinstance(loaded, dict):
+                raise UserError(f"--config {yaml_path}: expected a mapping of settings")
+            for k, v in loaded.items():
+                name = str(k).replace("-", "_")
+                values[name], origin[name] = v, f"--config {yaml_path}: setting '{k}'"
+        for k, v in overrides.items():
+            if v is not None:
+                values[k], origin[k] = v, f"--{k.replace('_', '-')}"
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown setting(s): {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        values = {k: coerce_setting(v, hints[k], origin[k]) for k, v in values.items()}
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got '{self.method}'"),
+            (self.no_hard_tokens in ("fallback", "skip"), "--no-hard-tokens must be fallback or skip"),
+            (0.5 <= self.train_threshold < 1, f"--train-threshold must be in [0.5, 1), got {self.train_threshold}"),
+            (0 <= self.floor <= 1, f"--floor must be in [0, 1], got {self.floor}"),
+            (self.sw_form in ("auto", "spatial", "temporal"), "--sw-form must be auto, spatial or temporal"),
+            (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.check_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1,
+             "--check-every, --checkpoint-every and --log-every must be at least 1"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "--dtype must be auto, float32, bfloat16 or float16"),
+            (self.gguf in GGUF_MODES, f"--gguf must be one of {', '.join(GGUF_MODES)}, got '{self.gguf}'"),
+            (math.isfinite(self.lr) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--lr and --weight-decay must be finite (and --weight-decay >= 0), got {self.lr} and "
+             f"{self.weight_decay}"),
+            (self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0),
+             f"--alpha must be positive, got {self.alpha}"),
+            (self.clip > 0, f"--clip must be positive, got {self.clip}"),
+            (math.isfinite(self.margin) and self.margin >= 0, f"--margin must be >= 0, got {self.margin}"),
+            (self.answer_tokens is None or self.answer_tokens >= 1,
+             f"--answer-tokens must be at least 1, got {self.answer_tokens}"),
+            (len(self.curriculum_epochs) >= 1 and self.curriculum_epochs[0] >= 1
+             and all(a < b for a, b in zip(self.curriculum_epochs, self.curriculum_epochs[1:])),
+             "--curriculum-epochs must be increasing positive integers (e.g. 20,40,60,80), got "
+             f"{','.join(map(str, self.curriculum_epochs)) or 'nothing'}"),
+            (self.modules is None or len(self.modules) >= 1, "--modules must name at least one module"),
+            (self.preserve_weight > 0, f"--preserve-weight must be positive, got {self.preserve_weight}"),
+            (self.preserve or self.preserve_text is None, "--preserve-text is the replay text of --preserve; "
+             "add --preserve"),
+        ]
+        if self.deploy is not None:
+            self.deploy = check_quant(self.deploy, "--deploy")
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def _describe(value) -> str:
+    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def coerce_setting(value, annotation, where: str):
+    """`value` as the type `annotation` of a TrainConfig field (int, float, bool, str, list[int], list[str],
+    optionally `| None`), or UserError naming `where`. Kind where it is unambiguous: an integral float for an
+    int, a number written as text ("1e-3", which YAML 1.1 reads as a string) for a float or an int, a bare
+    value or a comma-separated string for a list."""
+    args = typing.get_args(annotation)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        kind = "integers" if item is int else "strings"
+        try:
+            return [coerce_setting(v, item, where) for v in value]
+        except UserError:
+            raise UserError(f"{where} must be a list of {kind} (or a comma-separated string), got "
+                            f"{_describe(value)}") from None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where} must be true or false, got {_describe(value)}")
+    if annotation is int:
+        if isinstance(value, str):
+            for parse in (int, float):
+                try:
+                    value = parse(value.strip())
+                    break
+                except ValueError:
+                    pass
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{where} must be an integer, got {_describe(value)}")
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"{where} must be a finite number, got {value}")
+            return float(value)
+        raise UserError(f"{where} must be a number, got {_describe(value)}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where} must be a string, got {_describe(value)} (quote it in YAML)")
+    raise AssertionError(f"unhandled setting type {annotation}")
+
+
+def _resolved(key: str, value, settings: dict):
+    """A setting's value as the run uses it, so that spellings of the same choice compare equal: device auto
+    -> cuda:0 or cpu, cuda -> cuda:0; dtype auto -> bfloat16 on CUDA, float32 elsewhere; alpha unset -> rank;
+    the corpus path -> absolute."""
+    if key in ("device", "dtype"):
+        device = settings.get("device") or "auto"
+        if device == "auto":
+            device = "cuda" if cuda_available() else "cpu"
+        if device == "cuda":
+            device = "cuda:0"
+        if key == "device":
+            return device
+        if value in (None, "auto"):
+            return "bfloat16" if device.startswith("cuda") else "float32"
+        return value
+    if key == "alpha":
+        return float(value if value is not None else settings.get("rank"))
+    if key in ("corpus", "preserve_text") and value:
+        return os.path.abspath(str(value))
+    return value
+
+
+def setting_differences(saved: dict, cfg: TrainConfig, ignore=()) -> list[tuple[str, object, object]]:
+    """(setting, saved value, new value) for every setting in which `cfg` trains differently from the settings a
+    run folder's config.yaml recorded. Compares resolved values (see _resolved); settings in OUTPUT_ONLY and
+    `ignore` are left out, and a setting the saved file lacks (added to memcli since) counts as its default."""
+    new = dataclasses.asdict(cfg)
+    saved = dataclasses.asdict(TrainConfig()) | dict(saved)
+    differs = []
+    for key, value in new.items():
+        if key in OUTPUT_ONLY or key in ignore:
+            continue
+        old = saved.get(key)
+        # Equal as written: any resolved difference (dtype auto, alpha unset) follows from another setting that
+        # is reported itself (device, rank).
+        if old != value and _resolved(key, old, saved) != _resolved(key, value, new):
+            differs.append((key, old, value))
+    return differs
+
+
+def describe_differences(differs: list[tuple[str, object, object]]) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in differs)

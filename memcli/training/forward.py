@@ -1,0 +1,217 @@
+"""The answer-token forward pass in torch: padded batches (planned by `memcli.core.batching`, the one batch planner
+every backend uses), logits at the positions that predict answer tokens only, the frozen-prefix cache (the layers
+below the first adapted one, run once per entry), per-token cross-entropy for training, and the clean recall pass
+whose verdicts come from the same function `memcli verify` uses (`memcli.core.verdicts.verdicts`)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memcli.core import models
+from memcli.core.batching import plan_batches
+from memcli.core.corpus import Example, answer_tokens, load_examples
+from memcli.core.scoring import score_logits
+from memcli.core.verdicts import verdicts
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T], right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    rows: torch.Tensor  # [B, L] batch row of each answer slot
+    positions: torch.Tensor  # [B, L] position whose logits predict the answer token
+    targets: torch.Tensor  # [B, L] answer token ids (0 where mask is False)
+    mask: torch.Tensor  # [B, L] True on real answer slots
+    hidden: torch.Tensor | None = None  # [B, T, d]: the states entering layer `first_layer`, from a FrozenPrefix
+    first_layer: int = 0
+
+
+class FrozenPrefix:
+    """The hidden states entering the first adapted layer, computed once per entry. The layers below it are
+    frozen and, with no adapter under them, see the same inputs every step; so training runs them once and each
+    step starts at the first adapted layer (the default placement, the middle layer, halves the forward pass).
+    The result is the same computation on the same inputs: `check` compares it with the full pass."""
+
+    BUDGET_BYTES = 4 << 30  # past this the prefix is recomputed every step instead (and training says so)
+
+    def __init__(self, model, examples: list[Example], first_layer: int, pad_id: int, device,
+                 batch_tokens: int = 8192):
+        self.first_layer = first_layer
+        self.states: list[torch.Tensor] = [None] * len(examples)  # per entry [len, d], kept on the CPU
+        decoder = _base(model).get_decoder()
+        was_training = model.training
+        model.eval()
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+        with torch.no_grad():
+            for start, end in plan_batches([len(examples[i]) for i in order], batch_tokens, padded=True):
+                idx = order[start:end]
+                batch = collate([examples[i] for i in idx], pad_id, device)
+                out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              output_hidden_states=True)
+                states = out.hidden_states[first_layer]
+                for row, i in enumerate(idx):
+                    self.states[i] = states[row, : len(examples[i])].to("cpu").clone()
+        model.train(was_training)
+
+    @torch.no_grad()
+    def agrees(self, model, examples: list[Example], pad_id: int, device, n: int = 4, atol: float = 1e-3) -> bool:
+        """Whether starting at the first adapted layer gives the full pass's logits on the first n entries (a
+        model whose forward does more to its inputs than the layers, e.g. scaled embeddings, does not)."""
+        idx = list(range(min(n, len(examples))))
+        was_training = model.training
+        model.eval()
+        batch = collate([examples[i] for i in idx], pad_id, device)
+        full = answer_logits(model, batch)[batch.mask]
+        cached = answer_logits(model, collate([examples[i] for i in idx], pad_id, device, self, idx))[batch.mask]
+        model.train(was_training)
+        return bool(torch.allclose(full, cached, rtol=0, atol=atol))
+
+    @staticmethod
+    def size_bytes(model, examples: list[Example]) -> int:
+        cfg = _base(model).config
+        return sum(len(ex) for ex in examples) * cfg.hidden_size * next(model.parameters()).element_size()
+
+    def hidden(self, idx: list[int], width: int, device) -> torch.Tensor:
+        """[B, width, d]: the cached states of entries idx, right-padded with zeros."""
+        first = self.states[idx[0]]
+        out = torch.zeros((len(idx), width, first.shape[-1]), dtype=first.dtype)
+        for row, i in enumerate(idx):
+            out[row, : len(self.states[i])] = self.states[i]
+        return out.to(device)
+
+
+@contextlib.contextmanager
+def _layers_from(decoder, first: int):
+    """The decoder runs its layers from `first` on (fed the states entering that layer as inputs_embeds)."""
+    full = decoder.layers
+    decoder.layers = full[first:]
+    try:
+        yield
+    finally:
+        decoder.layers = full
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def collate(examples: list[Example], pad_id: int, device, prefix: FrozenPrefix | None = None,
+            idx: list[int] | None = None) -> Batch:
+    """Pad on the right; the attention mask comes from lengths, never from `token != pad` (pad may be EOS).
+    With a FrozenPrefix (and the entries' indices into it), the batch carries their cached states."""
+    T = max(len(ex) for ex in examples)
+    L = max(len(ex.target_ids) for ex in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    positions = torch.zeros((B, L), dtype=torch.long)
+    targets = torch.zeros((B, L), dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        ids, p, n = ex.input_ids, len(ex.prompt_ids), len(ex.target_ids)
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        positions[i, :n] = torch.arange(p - 1, p - 1 + n)
+        targets[i, :n] = torch.tensor(ex.target_ids)
+        mask[i, :n] = True
+    rows = torch.arange(B).unsqueeze(1).expand(B, L)
+    batch = Batch(*(t.to(device) for t in (input_ids, attention, rows, positions, targets, mask)))
+    if prefix is not None:
+        batch.hidden, batch.first_layer = prefix.hidden(idx, T, device), prefix.first_layer
+    return batch
+
+
+def answer_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits [B, L, V] (float32) at the positions that predict answer tokens only: the output layer, the
+    costliest matrix product for a large vocabulary, never runs over prompt or padding positions."""
+    base = _base(model)
+    decoder = base.get_decoder()
+    if batch.hidden is None:
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    else:
+        with _layers_from(decoder, batch.first_layer):
+            hidden = decoder(inputs_embeds=batch.hidden, attention_mask=batch.attention_mask).last_hidden_state
+    return base.get_output_embeddings()(hidden[batch.rows, batch.positions]).float()
+
+
+def answer_ce(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-answer-token cross-entropy [B, L] (0 off the mask), teacher-forced argmax correctness, and the logit
+    margin (target minus the best other token; detached, +inf off the mask)."""
+    logits = answer_logits(model, batch)
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
+    with torch.no_grad():
+        top2 = logits.topk(2, dim=-1)
+        target = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+        correct = top2.indices[..., 0] == batch.targets
+        margin = target - torch.where(correct, top2.values[..., 1], top2.values[..., 0])
+    return ce * batch.mask, correct | ~batch.mask, margin.masked_fill(~batch.mask, float("inf"))
+
+
+@dataclass
+class Recall:
+    """A clean (no dropout) teacher-forced pass over every entry."""
+
+    mean_ce: float  # mean over all answer tokens
+    exact: list[bool]  # per entry: every teacher-forced argmax right (greedy recall)
+    certified: list[bool]  # per entry: every answer token has p > 0.5
+    min_p: list[float]
+    above: float  # fraction of answer tokens with p > 0.5
+    token_accuracy: list[float]  # per entry: greedy-correct share of the value (first failure / l)
+
+    @property
+    def exact_match(self) -> float:
+        return sum(self.exact) / len(self.exact)
+
+    @property
+    def certified_rate(self) -> float:
+        return sum(self.certified) / len(self.certified)
+
+    @property
+    def mean_token_accuracy(self) -> float:
+        return sum(self.token_accuracy) / len(self.token_accuracy)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192,
+             prefix: FrozenPrefix | None = None, margin: float = 0.0) -> Recall:
+    """The clean recall pass: entries sorted by length into padded batches, their answer logits reduced by the
+    scoring kernel and judged by the verdict function `memcli verify` uses, so training's certification and
+    verify's agree by construction. With `margin` > 0 an entry is certified only when every answer token's logit
+    also leads the runner-up's by at least that much (`memcli train --margin`)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    exact, certified, min_p = [False] * len(examples), [False] * len(examples), [0.0] * len(examples)
+    accuracy = [0.0] * len(examples)
+    total_ce, total_above, n_tokens = 0.0, 0, 0
+    for start, end in plan_batches([len(examples[i]) for i in order], batch_tokens, padded=True):
+        idx = order[start:end]
+        batch = collate([examples[i] for i in idx], pad_id, device, prefix, idx)
+        logits = answer_logits(model, batch)[batch.mask]  # [answer tokens, V], entry order
+        targets = batch.targets[batch.mask].cpu().numpy()
+        stats = score_logits(logits.cpu().numpy(), targets)
+        lengths = np.array([len(examples[i].target_ids) for i in idx])
+        for v in verdicts(stats, targets, lengths, idx):
+            exact[v.index], min_p[v.index] = v.exact, v.min_p
+            certified[v.index] = v.certified and (margin <= 0 or v.min_margin >= margin)
+            accuracy[v.index] = v.token_accuracy
+        total_ce += float(-stats.logprob.sum())
+        total_above += int((stats.prob > 0.5).sum())
+        n_tokens += len(targets)
+    model.train(was_training)
+    return Recall(total_ce / n_tokens, exact, certified, min_p, total_above / n_tokens, accuracy)
+
+
+def base_loss(corpus_path, model: str | None = None, **corpus_options) -> tuple[int, float, str, int]:
+    """(answer tokens, mean answer CE of the base model = L_init, the model's name, entries) of a corpus: what
+    `memcli plan CORPUS` plans from."""
+    spec = models.resolve(model)
+    base, tokenizer = models.load_model(spec)
+    examples = load_examples(corpus_path, tokenizer, n_ctx=base.config.max_position_embeddings, **corpus_options)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return answer_tokens(examples), evaluate(base, examples, pad_id, "cpu").mean_ce, spec.name, len(examples)
