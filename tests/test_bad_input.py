@@ -427,3 +427,10 @@ def test_gemma3_with_vision_is_refused_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
     with pytest.raises(UserError, match="Gemma 3 with vision.*gemma3_text"):
         models.resolve(str(tmp_path))
+
+
+def test_ask_with_an_empty_prompt_on_a_model_without_bos_is_refused():
+    """An empty key on a model that adds no BOS (SmolLM2's vocabulary) leaves nothing to complete from."""
+    from memcli.gguf.base import base_gguf
+
+    assert_refused(run_cli("ask", base_gguf(models.resolve("tiny")), ""), "the prompt is empty")

@@ -74,6 +74,9 @@ def ask(target: str | os.PathLike, prompt: str, *, model: str | None = None, max
         if use_template:
             text = _chat_prompt(t, prompt)
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=not use_template, special=True)
+        if not tokens:
+            raise UserError("the prompt is empty and the model adds no BOS token: there is nothing to complete "
+                            "from; give the key as PROMPT")
         if len(tokens) + max_tokens > llm.n_ctx():
             raise UserError(f"the prompt ({len(tokens)} tokens) and --max-tokens {max_tokens} exceed the model's "
                             f"context of {llm.n_ctx()} tokens")
