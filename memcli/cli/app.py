@@ -14,6 +14,7 @@ from memcli.commands.law import points as law_defaults
 from memcli.commands.verify.run import VerifyOptions
 from memcli.core.errors import UserError
 from memcli.core.models import SUPPORTED_TYPES
+from memcli.llama.sampler import PRESETS, sampler_from_options
 
 FAMILIES = ", ".join(SUPPORTED_TYPES)  # the model families memcli trains and exports (memcli.core.models)
 
@@ -479,6 +480,14 @@ def verify_cmd(
                                                           "corpus that gives one key two different values "
                                                           "(refused otherwise: one of them can never be "
                                                           "recalled). \\[default: the run's setting, else off]"),
+    sampler: str = typer.Option("greedy", help="Certify under a runner's default decoding at temperature 0: "
+                                f"{' | '.join(PRESETS)} (its repeat penalty and window; docs/deploy.md)."),
+    repeat_penalty: Optional[float] = typer.Option(None, help="The repeat penalty (1 = off). \\[default: "
+                                                   "--sampler's]"),
+    repeat_last_n: Optional[int] = typer.Option(None, help="Tokens the penalties look back over (0 = off). "
+                                                "\\[default: --sampler's]"),
+    frequency_penalty: Optional[float] = typer.Option(None, help="\\[default: --sampler's]"),
+    presence_penalty: Optional[float] = typer.Option(None, help="\\[default: --sampler's]"),
 ):
     """Check that greedy decoding recalls every value verbatim, from one teacher-forced pass (exit 0: the
     exact-match rate reaches --min-exact; 1: below; 2: bad input)."""
@@ -493,7 +502,11 @@ def verify_cmd(
                             chat_template=chat_template, eos=eos, key=key, risk_margin=risk_margin, kv_type=kv_type,
                             device=device, allow_conflicting_keys=allow_conflicting_keys, base=base,
                             locality=locality, locality_base=locality_base,
-                            deploy=tuple(parse_quants(deploy)) if deploy is not None else ())
+                            deploy=tuple(parse_quants(deploy)) if deploy is not None else (),
+                            sampler=sampler_from_options(sampler, repeat_penalty=repeat_penalty,
+                                                         repeat_last_n=repeat_last_n,
+                                                         frequency_penalty=frequency_penalty,
+                                                         presence_penalty=presence_penalty))
     update, close = verify_progress()
     try:
         report = verify(corpus, out, lora=lora, model=model, options=options, progress=update,

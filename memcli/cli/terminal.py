@@ -278,6 +278,12 @@ def deploy_table(rows: list[dict], totals: dict):
 def print_verify_report(report: dict, corpus, out) -> None:
     """The table, the entries not recalled or at risk, generation's disagreements and PASS/FAIL, on stdout."""
     out_console.print(verify_table(report))
+    s = report["settings"].get("sampler") or {}
+    if s.get("name", "greedy") != "greedy":
+        window = "prompt and answer" if s["prompt_in_window"] else "the answer so far"
+        out_console.print(f"verdicts under the sampler {s['name']}: repeat penalty {s['repeat_penalty']}, frequency "
+                          f"{s['frequency_penalty']}, presence {s['presence_penalty']} over the last "
+                          f"{s['repeat_last_n']} tokens of {window}", highlight=False)
     t = report["totals"]
     if t["failing_lines"]:
         more = " ..." if t["entries"] - t["exact"] > len(t["failing_lines"]) else ""

@@ -22,6 +22,7 @@ import ctypes
 import itertools
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from memcli.core.scoring import TokenStats, default_threads, score_logits
 from memcli.core.verdicts import Generated, ScoredBatch
 from memcli.llama import library
 from memcli.llama.checks import check_vocabulary
+from memcli.llama.sampler import GREEDY, Sampler
 
 GGML_TYPE = {"f32": 0, "f16": 1}
 MIN_SHARED = 4  # shorter shared prefixes are decoded in every sequence
@@ -42,13 +44,14 @@ class LlamaBackend:
 
     def __init__(self, base_gguf: str | os.PathLike, adapter_gguf: str | os.PathLike | None = None, *,
                  n_gpu_layers: int | None = None, threads: int | None = None, kv_type: str = "f16",
-                 share_prefix: bool = True, log=None):
+                 share_prefix: bool = True, sampler: Sampler = GREEDY, log=None):
         L = self._L = library.lib()
         self.base, self.adapter = Path(base_gguf), Path(adapter_gguf) if adapter_gguf else None
         self.threads = threads or default_threads()
         self.n_gpu_layers = n_gpu_layers if n_gpu_layers is not None else (-1 if library.supports_gpu_offload() else 0)
         self.kv_type = kv_type
         self.share_prefix = share_prefix
+        self.sampler = sampler  # the runner's penalties, applied to every answer row before the verdict
         self.ctx = None
         self.size = (0, 0, 0, 0)
         self.timings = {"load_s": 0.0, "pack_s": 0.0, "decode_s": 0.0, "score_s": 0.0, "decodes": 0}
@@ -244,6 +247,7 @@ class LlamaBackend:
         pos = (np.arange(len(tokens)) - starts + np.repeat(offset, total)).astype(np.int32)
         first_out = np.repeat(prompt - 1, total)  # the prompt's last token predicts the first answer token
         out = (pos >= first_out) & (pos < first_out + np.repeat(answer, total))
+        window = self.sampler.window_pairs(group) if self.sampler.active and reduce is None else None
         self.timings["pack_s"] += time.perf_counter() - t0
 
         parts = []
@@ -266,6 +270,9 @@ class LlamaBackend:
                     done_targets += n_out
                 elif n_out:
                     t0 = time.perf_counter()
+                    if window is not None:
+                        rows, toks, counts = self.sampler.counts(*window, done_targets, n_out, logits.shape[1])
+                        self.sampler.apply(logits, rows, toks, counts)
                     parts.append(score_logits(logits, targets[done_targets: done_targets + n_out],
                                               threads=self.threads))
                     done_targets += n_out
@@ -296,9 +303,9 @@ class LlamaBackend:
 
     # --- real greedy generation --------------------------------------------------------------------------
     def generate(self, examples, indices: list[int]) -> list[Generated]:
-        """Greedy decoding of the chosen entries from their prompts, with the adapter, token by token (top-1
-        of the logits; np.argmax takes the lowest id on a tie), each stopped at its first divergence from the
-        target. Sequences run side by side, as many as the context holds."""
+        """Greedy decoding of the chosen entries from their prompts, with the adapter, token by token (top-1 of the
+        logits after the sampler's penalties; np.argmax takes the lowest id on a tie), each stopped at its first
+        divergence from the target. Sequences run side by side, as many as the context holds."""
         results = []
         lengths = np.array([len(examples[i]) for i in indices], dtype=np.int64)
         for s, e in plan_batches(lengths, self.n_batch, max_seqs=self.n_seq_max):
@@ -315,6 +322,16 @@ class LlamaBackend:
         rows = self._feed([(j, 0, toks) for j, toks in enumerate(prompt_tokens)])
         active = list(range(k))
         while active:
+            if self.sampler.active:  # the runner's window: the same tokens as teacher forcing's while they match
+                so_far = [replace(group[j], target_ids=group[j].target_ids[: len(generated[j]) + 1])
+                          for j in active]
+                pairs = self.sampler.window_pairs(so_far)
+                last = np.cumsum([len(ex.target_ids) for ex in so_far]) - 1  # each sequence's current position
+                keep = np.isin(pairs[0], last)
+                pos_of = {int(r): i for i, r in enumerate(last)}
+                block_rows = np.array([pos_of[int(r)] for r in pairs[0][keep]], np.int64)
+                r, t, c = self.sampler.counts(block_rows, pairs[1][keep], 0, len(active), rows.shape[1])
+                self.sampler.apply(rows, r, t, c)
             next_ids = rows.argmax(axis=1)  # top-1; the first (lowest) id on a tie
             targets = np.array([group[j].target_ids[len(generated[j])] for j in active], dtype=np.int64)
             step_margin = score_logits(rows, targets, threads=self.threads).margin  # target - best other
@@ -358,7 +375,7 @@ class LlamaBackend:
         return {"name": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "base": str(self.base),
                 "adapter": str(self.adapter) if self.adapter else None, "n_gpu_layers": self.n_gpu_layers,
                 "gpu_offload": library.supports_gpu_offload(), **self.load_path.describe(), "threads": self.threads,
-                "kv_type": self.kv_type, "share_prefix": self.share_prefix,
+                "kv_type": self.kv_type, "share_prefix": self.share_prefix, "sampler": self.sampler.describe(),
                 "n_ctx": getattr(self, "n_ctx", None), "n_seq_max": getattr(self, "n_seq_max", None),
                 "n_batch": getattr(self, "n_batch", None), "n_vocab": self.n_vocab, "n_ctx_train": self.n_ctx_train,
                 "batches": len(getattr(self, "plan", []))}

@@ -20,6 +20,7 @@ from memcli.core.scoring import default_threads, score_logits
 from memcli.core.verdicts import Generated, ScoredBatch
 from memcli.gguf.fingerprint import check_base
 from memcli.llama.checks import check_vocabulary
+from memcli.llama.sampler import GREEDY, Sampler
 from memcli.training.forward import answer_logits, collate
 
 
@@ -27,13 +28,13 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, spec, peft_dir: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
-                 dtype: str = "float32", expect_base=None):
+                 dtype: str = "float32", expect_base=None, sampler: Sampler = GREEDY):
         """expect_base: (fingerprint, model name) of the base the adapter was trained for
         (`memcli.commands.verify.sources.recorded_base`); another base is refused, as llama.cpp's path refuses it."""
         import torch
 
-
         check_base(expect_base, spec, peft_dir)
+        self.sampler = sampler
         self.device = pick_device(device)
         self.threads = threads
         if threads:
@@ -89,6 +90,10 @@ class TorchBackend:
             self.timings["decode_s"] += time.perf_counter() - t0
             self.timings["decodes"] += 1
             t0 = time.perf_counter()
+            if self.sampler.active:  # the runner's penalties, as llama.cpp computes them (float32)
+                logits = logits.float().cpu().numpy()
+                self.sampler.apply(logits, *self.sampler.counts(*self.sampler.window_pairs(group), 0, len(logits),
+                                                                logits.shape[1]))
             stats = score_logits(logits, targets, threads=threads)
             self.timings["score_s"] += time.perf_counter() - t0
             lengths = np.array([len(ex.target_ids) for ex in group], dtype=np.int64)
@@ -126,7 +131,8 @@ class TorchBackend:
 
         return {"name": "torch", "torch": str(torch.__version__), "model": self.spec.name, "device": self.device,
                 "dtype": self.dtype, "adapter": str(self.peft_dir) if self.peft_dir else None,
-                "threads": torch.get_num_threads(), "batches": len(getattr(self, "plan", []))}
+                "threads": torch.get_num_threads(), "batches": len(getattr(self, "plan", [])),
+                "sampler": self.sampler.describe()}
 
     def close(self) -> None:
         self.model = None

@@ -44,6 +44,7 @@ from memcli.deploy.certify import certify
 from memcli.gguf.adapter import check_pair, export_adapter
 from memcli.gguf.fingerprint import check_base
 from memcli.llama.checks import tokenization_mismatches
+from memcli.llama.sampler import GREEDY, Sampler
 from memcli.llama.scorer import LlamaBackend
 
 BACKENDS = ("llama", "torch")
@@ -71,6 +72,7 @@ class VerifyOptions:
     base: str = "auto"  # llama, a model shipped quantised: auto/training (F16 of training's weights) or shipped
     locality: str | None = None  # None: off; "": the default reference; else a text file (verify/locality.py)
     locality_base: str | None = None  # the base GGUF a merged --model is compared with
+    sampler: Sampler = GREEDY  # the runner's decoding: verdicts on the logits after its penalties (llama/sampler.py)
     deploy: tuple = ()  # llama.cpp file types: also certify both deployment forms of each (memcli.deploy.certify)
 
     def validate(self) -> None:
@@ -84,6 +86,8 @@ class VerifyOptions:
             (self.base in BASE_CHOICES, f"--base must be one of {', '.join(BASE_CHOICES)}, got '{self.base}'"),
             (self.kv_type in ("f16", "f32"), f"--kv-type must be f16 or f32, got '{self.kv_type}'"),
             (not self.deploy or self.backend == "llama", "--deploy verifies in llama.cpp: use --backend llama"),
+            (not (self.generate and self.sampler.active and self.backend == "torch"),
+             "--generate with --sampler runs in llama.cpp: use --backend llama"),
             (self.answer_tokens is None or self.answer_tokens >= 1,
              f"--answer-tokens must be at least 1, got {self.answer_tokens}"),
         ]
@@ -167,7 +171,7 @@ def _open_llama(inp: Inputs, opts: VerifyOptions, stack: ExitStack, log) -> tupl
     if adapter is not None:
         check_pair(adapter, base)
     backend = LlamaBackend(base, adapter, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads,
-                           kv_type=opts.kv_type, share_prefix=opts.share_prefix, log=log)
+                           kv_type=opts.kv_type, share_prefix=opts.share_prefix, sampler=opts.sampler, log=log)
     stack.callback(backend.close)
     return backend, {"base_gguf": str(base), "base": base_info,
                      "adapter_gguf": str(src.gguf or adapter) if adapter else None}
@@ -181,7 +185,8 @@ def _open_torch(inp: Inputs, opts: VerifyOptions, stack: ExitStack) -> tuple[obj
         raise UserError(f"--backend torch needs the PEFT adapter: {src.given} is a GGUF with no memcli run "
                         "folder beside it; give the run folder or the PEFT adapter folder as --lora")
     expect = recorded_base(src, inp.base.peft_base, inp.base.spec) if src.given is not None else None
-    backend = TorchBackend(inp.base.spec, src.peft_dir, device=opts.device, threads=opts.threads, expect_base=expect)
+    backend = TorchBackend(inp.base.spec, src.peft_dir, device=opts.device, threads=opts.threads, expect_base=expect,
+                           sampler=opts.sampler)
     stack.callback(backend.close)
     return backend, {"peft_adapter": str(src.peft_dir) if src.peft_dir else None}
 
@@ -307,7 +312,7 @@ def certify_deploy(inp: Inputs, opts: VerifyOptions, report_dir: Path, stack: Ex
     return certify(inp.src.run_dir or inp.src.peft_dir, inp.base.token_spec, opts.deploy, pairs, work,
                    batch_tokens=opts.batch_tokens, risk_margin=opts.risk_margin, entries_dir=report_dir / "deploy",
                    entry_row=row, log=log, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads, kv_type=opts.kv_type,
-                   share_prefix=opts.share_prefix)
+                   share_prefix=opts.share_prefix, sampler=opts.sampler)
 
 
 def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: dict, done: Pass,
@@ -329,6 +334,7 @@ def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: di
                      "threads": opts.threads, "n_gpu_layers": opts.n_gpu_layers, "generate": opts.generate,
                      "min_exact": opts.min_exact, "risk_margin": opts.risk_margin, "kv_type": opts.kv_type,
                      "share_prefix": opts.share_prefix, "deploy": list(opts.deploy),
+                     "sampler": opts.sampler.describe(),
                      "chat_template": inp.chat_template, "eos": inp.eos, "key": inp.key,
                      "answer_tokens": inp.answer_tokens, **backend_settings},
         "backend": backend.describe(),
