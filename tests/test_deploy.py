@@ -300,3 +300,17 @@ def test_deploy_study_summary_medians_and_means():
     # plain: median steps 150, means 6.0 and 7.5; deploy: ratios 1.5 and 1.0 (steps), 3.0 and 2.0 (time)
     assert lines[("sft", "plain")][2:] == ["2", "2/2", "150", "1.00x", "1.00x", "6.0", "7.5"]
     assert lines[("sft", "deploy")][2:] == ["2", "1/2", "175", "1.25x", "2.50x", "19.5", "20.0"]
+
+
+def test_the_modelfile_pins_the_decoding_memcli_certifies(adapter, tmp_path):
+    """ollama's Modelfile: FROM the base GGUF + ADAPTER, temperature 0, and the repeat penalty off (older ollama
+    adds 1.1 by default, which certification under greedy decoding does not cover)."""
+    from memcli.deploy.forms import write_modelfile
+
+    out = tmp_path / "adapter.gguf"
+    path = write_modelfile(out, merged=False, model="tiny")
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    params = dict(line.split()[1:3] for line in lines if line.startswith("PARAMETER"))
+    assert params == {"temperature": "0", "repeat_penalty": "1"}
+    assert lines[-3:] == [f"ADAPTER {out.resolve()}", "PARAMETER temperature 0", "PARAMETER repeat_penalty 1"]
+    assert any(line.startswith("FROM ") for line in lines)

@@ -155,7 +155,7 @@ def test_adapter_reads_back(plain_adapter, tiny_spec, tmp_path, outtype):
     assert fields["adapter.lora.alpha"] == 4.0
     assert fields["memcli.model"] == "tiny"
     assert fields["memcli.base.fingerprint"] == hf_fingerprint(models.hf_dir(tiny_spec)).structure
-    assert fields["memcli.training.lora.scale_folded"] is True
+    assert fields["memcli.lora.scale_folded"] is True
     assert {t.name for t in reader.tensors} == set(expected)
     assert "blk.1.attn_q.weight.lora_a" in expected and "blk.2.ffn_down.weight.lora_b" in expected
     for t in reader.tensors:

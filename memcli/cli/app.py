@@ -322,6 +322,36 @@ def ask(target: Path = typer.Argument(..., help="A run folder, a model .gguf (e.
                   f"{' + ' + result['adapter'] if result['adapter'] else ''})", highlight=False)
 
 
+@app.command("serve-check")
+@user_errors
+def serve_check_cmd(corpus: Path = typer.Argument(..., help="The corpus whose keys are asked."),
+                    url: str = typer.Option(..., help="The server's base URL, e.g. http://127.0.0.1:8000 (an "
+                                            "OpenAI-compatible API: llama-cpp-python's server, llama-server, "
+                                            "ollama, LM Studio)."),
+                    chat: bool = typer.Option(False, "--chat", help="Ask through /v1/chat/completions (the key as "
+                                              "the user's message, no system message) instead of /v1/completions."),
+                    model: Optional[str] = typer.Option(None, help="The model name the server expects, if any."),
+                    key: str = typer.Option("", help="The key of a .txt corpus."),
+                    max_tokens: int = typer.Option(64, help="Most tokens per answer."),
+                    report: Optional[Path] = typer.Option(None, help="A `memcli verify` report folder of the same "
+                                                          "corpus: compare the served answers with its verdicts."),
+                    out: Optional[Path] = typer.Option(None, "--out", help="Write every answer to this JSONL file.")):
+    """Ask a running server every key at temperature 0 and its other defaults, as a user's client does: how many
+    values it serves verbatim, and (with --report) whether they are the entries memcli certified (exit 0: every
+    value served; 1: not)."""
+    from memcli.cli.terminal import print_serve_check, verify_progress
+    from memcli.commands.serve_check import serve_check
+
+    update, close = verify_progress()
+    try:
+        result = serve_check(corpus, url, chat=chat, model=model, key=key, max_tokens=max_tokens, report=report,
+                             out=out, progress=update)
+    finally:
+        close()
+    print_serve_check(result)
+    raise typer.Exit(0 if result["served"] == result["entries"] else 1)
+
+
 # --- the memory law ----------------------------------------------------------------------------------------
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

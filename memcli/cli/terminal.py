@@ -310,3 +310,18 @@ def print_verify_report(report: dict, corpus, out) -> None:
         return
     out_console.print(f"[bold]{verdict}[/]: exact match {t['exact_match_rate']:.2%} (required {min_exact:.2%}). "
                       f"Report: {out}/report.json, {out}/entries.jsonl", highlight=False)
+
+
+def print_serve_check(result: dict) -> None:
+    """`memcli serve-check`'s answer: served values, and against a verify report, entry by entry."""
+    how = "chat completions" if result["chat"] else "completions"
+    out_console.print(f"{result['url']} ({how}): served {result['served']}/{result['entries']} values verbatim",
+                      highlight=False)
+    a = result.get("agreement")
+    if a is None:
+        return
+    out_console.print(f"against memcli's verdicts: {a['both']} certified and served, {a['neither']} neither; "
+                      f"certified but not served: lines {a['certified_not_served'] or 'none'}; served but not "
+                      f"certified: lines {a['served_not_certified'] or 'none'}", highlight=False)
+    if a["not_in_report"]:
+        out_console.print(f"[yellow]not in the report: lines {a['not_in_report']}[/yellow]", highlight=False)

@@ -46,7 +46,7 @@ def make_forms(run: Path, spec: models.ModelSpec, adapter_gguf: Path, quant: str
 
 def write_modelfile(out: str | os.PathLike, merged: bool, model: str) -> Path:
     """An ollama Modelfile beside `out` (OUT.Modelfile): FROM the merged model, or FROM the base + ADAPTER.
-    Greedy decoding (temperature 0), as memcli certifies."""
+    Greedy decoding (temperature 0, no repeat penalty), as memcli certifies."""
     out = Path(out).resolve()
     lines = [f"# ollama create NAME -f {out.name}.Modelfile; then: ollama run NAME (or the API with \"raw\": true, "
              "so the key reaches the model as trained)"]
@@ -60,7 +60,9 @@ def write_modelfile(out: str | os.PathLike, merged: bool, model: str) -> Path:
             lines += [f"# the base GGUF this adapter was trained on: memcli export-base {model} --quant q8_0 "
                       "--out base.gguf", "FROM ./base.gguf"]
         lines.append(f"ADAPTER {out}")
-    lines.append("PARAMETER temperature 0")
+    # greedy decoding as certified: ollama up to v0.32.9 (and before v0.30) adds a repeat penalty of 1.1 by default,
+    # which flips the near ties that repeated digits make (docs/deploy.md, serving)
+    lines += ["PARAMETER temperature 0", "PARAMETER repeat_penalty 1"]
     path = out.with_name(out.name + ".Modelfile")
     runs.atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"), example="adapter.gguf.Modelfile")
     return path

@@ -274,10 +274,10 @@ def export_adapter(src: str | os.PathLike, out: str | os.PathLike, outtype: str 
         w.add_string("memcli.base.fingerprint", fingerprint.structure)
         if fingerprint.weights is not None:
             w.add_string("memcli.base.weights", fingerprint.weights)
-        w.add_uint32("memcli.training.lora.r", int(cfg.get("r", ranks[0])))
-        w.add_float32("memcli.training.lora.peft_alpha", float(cfg.get("lora_alpha", 8)))
-        w.add_bool("memcli.training.lora.use_rslora", bool(cfg.get("use_rslora")))
-        w.add_bool("memcli.training.lora.scale_folded", True)
+        w.add_uint32("memcli.lora.r", int(cfg.get("r", ranks[0])))
+        w.add_float32("memcli.lora.peft_alpha", float(cfg.get("lora_alpha", 8)))
+        w.add_bool("memcli.lora.use_rslora", bool(cfg.get("use_rslora")))
+        w.add_bool("memcli.lora.scale_folded", True)
         for p in pairs:
             data, raw = reader.encode(p.a, outtype)
             w.add_tensor(p.target + ".lora_a", data, raw_dtype=raw)

@@ -2,6 +2,7 @@
 
 - `library`: loading the library (API check, log capture) and models safely (the AMX probe), system info.
 - `scorer`: `LlamaBackend`: packed multi-sequence batches, every answer position's logits reduced by the kernel.
+- `sampler`: a runner's decoding at temperature 0 (presets) and llama.cpp's penalty arithmetic on the logits.
 - `checks`: token ids inside the vocabulary; entries llama.cpp's own tokenizer splits differently.
 - `quantize`: llama.cpp's own quantiser (`llama_model_quantize`), as users quantise before shipping.
 """

@@ -38,7 +38,7 @@ from memcli.commands.law.projection import ALPHA_BOUNDS, BETA_BOUNDS, FIXED_STAR
 from memcli.core import runs
 from memcli.core.errors import UserError
 
-LAW_FORMAT = "memcli.commands.law/1"
+LAW_FORMAT = "memcli.law/1"  # a file format name, kept when the package moved
 
 
 def _quality(coefficients: Sequence[float], points: Sequence[Point]) -> tuple[float, float]:

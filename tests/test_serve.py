@@ -1,0 +1,96 @@
+"""Certified where it is served: a real llama-cpp-python OpenAI-compatible server (`python -m llama_cpp.server`, the
+`server` extra) on a merged file memcli made, asked every key by a plain HTTP client with the server's default
+request (temperature 0, nothing else set: its repeat penalty 1.1 applies), answers exactly the entries that
+`memcli verify --sampler llama-cpp-python` says it will, and `memcli serve-check` reports the same."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from helpers import assert_refused, run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_run, tmp_path_factory):
+    path = tmp_path_factory.mktemp("served") / "merged.f16.gguf"
+    result = run_cli("export", tiny_run, "--merge", "--quant", "f16", "--out", path)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(merged):
+    """llama-cpp-python's server on 127.0.0.1 and a free port, stopped at the end."""
+    pytest.importorskip("llama_cpp.server.app", reason="the server extra: pip install 'llama-cpp-python[server]'")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(merged), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_threads", "1", "--n_ctx", "512"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=5):
+                break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the server did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def completion(url: str, prompt: str) -> str:
+    """The server's default request, as the `openai` client sends it with temperature 0 and nothing else."""
+    body = json.dumps({"prompt": prompt, "max_tokens": 32, "temperature": 0}).encode()
+    request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())["choices"][0]["text"]
+
+
+@pytest.mark.slow  # an export, a server start and a verify
+def test_the_server_answers_what_memcli_certified_for_its_sampler(server, merged, pb8, tmp_path):
+    rows = [json.loads(line) for line in pb8.read_text().splitlines()]
+    served = {i: completion(server, r["query"]).startswith(r["target"]) for i, r in enumerate(rows, 1)}
+
+    def verdicts(sampler):
+        out = tmp_path / sampler
+        result = run_cli("verify", pb8, "--model", merged, "--out", out, "--sampler", sampler, "--min-exact", "0",
+                         "--threads", "1")
+        assert result.exit_code == 0, result.output
+        return {r["line"]: r["exact"] for r in map(json.loads, (out / "entries.jsonl").read_text().splitlines())}
+
+    assert verdicts("llama-cpp-python") == served
+    assert 0 < sum(served.values()) < len(rows)  # some recalled, some not: the comparison can tell
+
+    check = run_cli("serve-check", pb8, "--url", server, "--report", tmp_path / "llama-cpp-python",
+                    "--out", tmp_path / "served.jsonl")
+    assert check.exit_code == 1  # not every value is served
+    answers = [json.loads(line) for line in (tmp_path / "served.jsonl").read_text().splitlines()]
+    assert {a["line"]: a["served"] for a in answers} == served
+    assert all(a["memcli_exact"] == a["served"] for a in answers)
+    said = " ".join(check.stdout.split())
+    assert f"served {sum(served.values())}/{len(rows)} values verbatim" in said
+    assert "certified but not served: lines none; served but not certified: lines none" in said
+
+
+def test_serve_check_refuses_an_unreachable_server_in_one_line(pb8, tmp_path):
+    assert_refused(run_cli("serve-check", pb8, "--url", f"http://127.0.0.1:{free_port()}"), "cannot reach")
+    assert_refused(run_cli("serve-check", pb8, "--url", "http://127.0.0.1:1", "--max-tokens", "0"),
+                   "--max-tokens must be at least 1")
