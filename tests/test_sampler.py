@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from helpers import assert_refused, run_cli
 
 from memcli.core import models
@@ -170,3 +171,55 @@ def test_verify_under_a_sampler_reports_it_and_generation_agrees(tiny_run, pb8, 
     assert plain.exit_code == 0, plain.output
     greedy = json.loads((tmp_path / "plain" / "report.json").read_text())["totals"]
     assert greedy["exact"] != report["totals"]["exact"]  # the penalty changed verdicts: generation had to follow
+
+
+def test_the_training_objective_sees_the_runners_logits(tiny_tokenizer, pb8):
+    """forward.answer_ce with a sampler: each answer token's CE is the larger of plain greedy's and the penalised
+    one, the penalised logits computed here by the arithmetic checked against llama.cpp above (numpy), from the
+    same model's logits."""
+    import torch
+
+    from memcli.core.corpus import load_examples
+    from memcli.training import forward
+
+    model, _ = models.load_model(models.resolve("tiny"))
+    examples = load_examples(pb8, tiny_tokenizer)[:3]
+    examples = [Example(ex.prompt_ids + ex.target_ids[:4], ex.target_ids[4:] * 2, ex.line) for ex in examples]
+    sampler = Sampler("x", repeat_penalty=1.7, repeat_last_n=12, frequency_penalty=0.3, presence_penalty=0.1)
+    batch = forward.collate(examples, 0, "cpu", sampler=sampler)
+    with torch.no_grad():
+        ce, correct, margin = forward.answer_ce(model, batch, sampler)
+        logits = forward.answer_logits(model, batch)[batch.mask].numpy()
+    targets = batch.targets[batch.mask].numpy()
+    penalised = logits.copy()
+    sampler.apply(penalised, *sampler.counts(*sampler.window_pairs(examples), 0, len(logits), logits.shape[1]))
+    assert not np.allclose(penalised, logits)
+
+    def token_ce(rows):
+        rows = rows.astype(np.float64)
+        top = rows.max(1, keepdims=True)
+        return np.log(np.exp(rows - top).sum(1)) + top[:, 0] - rows[np.arange(len(rows)), targets]
+
+    want = np.maximum(token_ce(logits), token_ce(penalised))
+    assert np.allclose(ce[batch.mask].numpy(), want, atol=1e-4)
+    assert (token_ce(penalised) > token_ce(logits) + 1e-3).any()  # the runner's side decided some tokens
+
+
+@pytest.mark.slow  # training to certified recall
+def test_train_for_a_sampler_certifies_under_it_and_under_greedy(pb8, tmp_path):
+    """train --until-recall --sampler: certified under the runner's penalties and under plain greedy; verify
+    defaults to the run's sampler, and llama.cpp agrees under both."""
+    run = tmp_path / "run"
+    result = run_cli("train", pb8, "--out", run, "--model", "tiny", "--until-recall", "--sampler", "llama-cpp-python",
+                     "--max-steps", "600")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["all_certified"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["settings"]["sampler"] == "llama-cpp-python"
+    for args, name in (([], "llama-cpp-python"), (["--sampler", "greedy"], "greedy")):
+        out = tmp_path / name
+        v = run_cli("verify", pb8, "--lora", run, "--out", out, "--threads", "1", *args)
+        assert v.exit_code == 0, v.output
+        report = json.loads((out / "report.json").read_text())
+        assert report["settings"]["sampler"]["name"].startswith(name)
+        assert report["totals"]["exact"] == 8

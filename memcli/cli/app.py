@@ -192,6 +192,16 @@ def train(
     margin: Optional[float] = typer.Option(None, help="Certify a token only when its logit leads the runner-up's by "
                                            "at least this (memft-ot trains it until it does): a safety margin "
                                            "against rounding in other runtimes." + _default("margin")),
+    sampler: Optional[str] = typer.Option(None, help="Also train for a runner's default decoding at temperature 0 "
+                                          f"({' | '.join(PRESETS)}): the objective sees its penalised logits, and "
+                                          "--until-recall stops when recall is certified under it and under plain "
+                                          "greedy (docs/deploy.md)." + _default("sampler")),
+    repeat_penalty: Optional[float] = typer.Option(None, help="With --sampler: its repeat penalty (1 = off). "
+                                                   "\\[default: the preset's]"),
+    repeat_last_n: Optional[int] = typer.Option(None, help="With --sampler: tokens the penalties look back over "
+                                                "(0 = off). \\[default: the preset's]"),
+    frequency_penalty: Optional[float] = typer.Option(None, help="With --sampler. \\[default: the preset's]"),
+    presence_penalty: Optional[float] = typer.Option(None, help="With --sampler. \\[default: the preset's]"),
     gguf: Optional[str] = typer.Option(None, help="adapter.gguf for llama.cpp: auto (written when the model can be "
                                        "exported; otherwise said before step 1 and left out) | require (refuse "
                                        "before training when it cannot) | off." + _default("gguf")),
@@ -510,8 +520,9 @@ def verify_cmd(
                                                           "corpus that gives one key two different values "
                                                           "(refused otherwise: one of them can never be "
                                                           "recalled). \\[default: the run's setting, else off]"),
-    sampler: str = typer.Option("greedy", help="Certify under a runner's default decoding at temperature 0: "
-                                f"{' | '.join(PRESETS)} (its repeat penalty and window; docs/deploy.md)."),
+    sampler: Optional[str] = typer.Option(None, help="Certify under a runner's default decoding at temperature 0: "
+                                          f"{' | '.join(PRESETS)} (its repeat penalty and window; docs/deploy.md). "
+                                          "\\[default: the run's `train --sampler`, else greedy]"),
     repeat_penalty: Optional[float] = typer.Option(None, help="The repeat penalty (1 = off). \\[default: "
                                                    "--sampler's]"),
     repeat_last_n: Optional[int] = typer.Option(None, help="Tokens the penalties look back over (0 = off). "
@@ -527,16 +538,17 @@ def verify_cmd(
     from memcli.commands.verify.run import verify
     from memcli.core.quants import parse_quants
 
+    penalties = (repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty)
     options = VerifyOptions(backend=backend, n_gpu_layers=n_gpu_layers, threads=threads, batch_tokens=batch_tokens,
                             generate=generate, min_exact=min_exact, answer_tokens=answer_tokens,
                             chat_template=chat_template, eos=eos, key=key, risk_margin=risk_margin, kv_type=kv_type,
                             device=device, allow_conflicting_keys=allow_conflicting_keys, base=base,
                             locality=locality, locality_base=locality_base,
                             deploy=tuple(parse_quants(deploy)) if deploy is not None else (),
-                            sampler=sampler_from_options(sampler, repeat_penalty=repeat_penalty,
-                                                         repeat_last_n=repeat_last_n,
-                                                         frequency_penalty=frequency_penalty,
-                                                         presence_penalty=presence_penalty))
+                            sampler=None if sampler is None and penalties == (None,) * 4 else
+                            sampler_from_options(sampler, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                                 frequency_penalty=frequency_penalty,
+                                                 presence_penalty=presence_penalty))
     update, close = verify_progress()
     try:
         report = verify(corpus, out, lora=lora, model=model, options=options, progress=update,

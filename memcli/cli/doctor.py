@@ -60,7 +60,6 @@ def collect(probe: bool = False) -> dict:
     """Everything `memcli doctor` reports, as plain data."""
     import torch
 
-
     flags = library.cpu_flags()
     cache = models.cache_dir()
     cuda = torch.cuda.is_available()

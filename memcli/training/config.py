@@ -16,6 +16,7 @@ import yaml
 from memcli.core.errors import UserError
 from memcli.core.models import DEFAULT_MODEL, cuda_available
 from memcli.core.quants import check_quant
+from memcli.llama.sampler import Sampler, sampler_from_options
 
 METHODS = ("sft", "memft-ot", "memft-sw")
 GGUF_MODES = ("auto", "require", "off")
@@ -67,10 +68,22 @@ class TrainConfig:
     # deployment
     deploy: str | None = None  # a llama.cpp file type (e.g. q4_k_m): train so that recall holds in its files
     margin: float = 0.0  # certify a token only when its logit leads the runner-up's by this (memft-ot trains it)
+    # the runner's decoding (memcli.llama.sampler): trained for, and certified under it and under plain greedy
+    sampler: str = "greedy"
+    repeat_penalty: float | None = None  # None: the preset's
+    repeat_last_n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     # output
     gguf: str = "auto"  # adapter.gguf: auto (when the model can be exported) | require | off
     # corpus checks
     allow_conflicting_keys: bool = False  # train on a corpus with a key given two different values
+
+    def decoding(self) -> Sampler:
+        """The runner's sampler this run is trained and certified for (the preset with any penalty given)."""
+        return sampler_from_options(self.sampler, repeat_penalty=self.repeat_penalty,
+                                    repeat_last_n=self.repeat_last_n, frequency_penalty=self.frequency_penalty,
+                                    presence_penalty=self.presence_penalty)
 
     @classmethod
     def from_sources(cls, yaml_path: Path | None, overrides: dict) -> "TrainConfig":
@@ -140,6 +153,7 @@ class TrainConfig:
         ]
         if self.deploy is not None:
             self.deploy = check_quant(self.deploy, "--deploy")
+        self.decoding()  # a bad preset or penalty ends here
         for ok, message in checks:
             if not ok:
                 raise UserError(message)

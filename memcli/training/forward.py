@@ -17,6 +17,7 @@ from memcli.core.batching import plan_batches
 from memcli.core.corpus import Example, answer_tokens, load_examples
 from memcli.core.scoring import score_logits
 from memcli.core.verdicts import verdicts
+from memcli.llama.sampler import GREEDY, Sampler
 
 
 @dataclass
@@ -29,6 +30,17 @@ class Batch:
     mask: torch.Tensor  # [B, L] True on real answer slots
     hidden: torch.Tensor | None = None  # [B, T, d]: the states entering layer `first_layer`, from a FrozenPrefix
     first_layer: int = 0
+    penalty: tuple | None = None  # (b, l, token, count): the tokens in each answer slot's sampler window
+
+
+def penalise(logits: torch.Tensor, batch: Batch, sampler: Sampler) -> torch.Tensor:
+    """The runner's penalised answer logits [B, L, V] (memcli.llama.sampler's arithmetic, differentiable): a new
+    tensor, the slots' window tokens moved."""
+    row, slot, t, c = batch.penalty
+    cur = logits[row, slot, t]
+    new = torch.where(cur <= 0, cur * sampler.repeat_penalty, cur / sampler.repeat_penalty)
+    new = new - c * sampler.frequency_penalty - (c > 0).to(logits.dtype) * sampler.presence_penalty
+    return logits.index_put((row, slot, t), new)
 
 
 class FrozenPrefix:
@@ -101,9 +113,10 @@ def _base(model):
 
 
 def collate(examples: list[Example], pad_id: int, device, prefix: FrozenPrefix | None = None,
-            idx: list[int] | None = None) -> Batch:
+            idx: list[int] | None = None, sampler: Sampler = GREEDY) -> Batch:
     """Pad on the right; the attention mask comes from lengths, never from `token != pad` (pad may be EOS).
-    With a FrozenPrefix (and the entries' indices into it), the batch carries their cached states."""
+    With a FrozenPrefix (and the entries' indices into it), the batch carries their cached states; with an
+    active sampler, the tokens of each answer slot's window."""
     T = max(len(ex) for ex in examples)
     L = max(len(ex.target_ids) for ex in examples)
     B = len(examples)
@@ -123,6 +136,12 @@ def collate(examples: list[Example], pad_id: int, device, prefix: FrozenPrefix |
     batch = Batch(*(t.to(device) for t in (input_ids, attention, rows, positions, targets, mask)))
     if prefix is not None:
         batch.hidden, batch.first_layer = prefix.hidden(idx, T, device), prefix.first_layer
+    if sampler.active:
+        rows, tokens = sampler.window_pairs(examples)
+        r, t, c = sampler.counts(rows, tokens, 0, int(mask.sum()), int(tokens.max(initial=0)) + 1)
+        slot_b, slot_l = mask.nonzero(as_tuple=True)  # answer slots in entry order, as window_pairs numbers them
+        batch.penalty = (slot_b[r].to(device), slot_l[r].to(device), torch.as_tensor(t, device=device),
+                         torch.as_tensor(c, device=device, dtype=torch.float32))
     return batch
 
 
@@ -139,16 +158,26 @@ def answer_logits(model, batch: Batch) -> torch.Tensor:
     return base.get_output_embeddings()(hidden[batch.rows, batch.positions]).float()
 
 
-def answer_ce(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-answer-token cross-entropy [B, L] (0 off the mask), teacher-forced argmax correctness, and the logit
-    margin (target minus the best other token; detached, +inf off the mask)."""
-    logits = answer_logits(model, batch)
+def _token_terms(logits: torch.Tensor, batch: Batch):
     ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
     with torch.no_grad():
         top2 = logits.topk(2, dim=-1)
         target = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
         correct = top2.indices[..., 0] == batch.targets
         margin = target - torch.where(correct, top2.values[..., 1], top2.values[..., 0])
+    return ce, correct, margin
+
+
+def answer_ce(model, batch: Batch, sampler: Sampler = GREEDY) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-answer-token cross-entropy [B, L] (0 off the mask), teacher-forced argmax correctness, and the logit
+    margin (target minus the best other token; detached, +inf off the mask). With an active sampler each token's
+    worse decoding, plain greedy or the runner's: the higher CE, the lower margin, correct only under both, so
+    the objective trains a token while either could get it wrong."""
+    logits = answer_logits(model, batch)
+    ce, correct, margin = _token_terms(logits, batch)
+    if batch.penalty is not None:
+        ce_p, correct_p, margin_p = _token_terms(penalise(logits, batch, sampler), batch)
+        ce, correct, margin = torch.maximum(ce, ce_p), correct & correct_p, torch.minimum(margin, margin_p)
     return ce * batch.mask, correct | ~batch.mask, margin.masked_fill(~batch.mask, float("inf"))
 
 
@@ -178,11 +207,13 @@ class Recall:
 
 @torch.no_grad()
 def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: int = 8192,
-             prefix: FrozenPrefix | None = None, margin: float = 0.0) -> Recall:
+             prefix: FrozenPrefix | None = None, margin: float = 0.0, sampler: Sampler = GREEDY) -> Recall:
     """The clean recall pass: entries sorted by length into padded batches, their answer logits reduced by the
     scoring kernel and judged by the verdict function `memcli verify` uses, so training's certification and
     verify's agree by construction. With `margin` > 0 an entry is certified only when every answer token's logit
-    also leads the runner-up's by at least that much (`memcli train --margin`)."""
+    also leads the runner-up's by at least that much (`memcli train --margin`). With an active sampler an entry
+    is recalled (certified) only when it is under plain greedy decoding and under the runner's penalties, as
+    `verify --sampler` computes them; the mean CE and the share above 0.5 are plain greedy's."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
@@ -194,12 +225,19 @@ def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: 
         batch = collate([examples[i] for i in idx], pad_id, device, prefix, idx)
         logits = answer_logits(model, batch)[batch.mask]  # [answer tokens, V], entry order
         targets = batch.targets[batch.mask].cpu().numpy()
-        stats = score_logits(logits.cpu().numpy(), targets)
+        rows = logits.cpu().numpy()
+        stats = score_logits(rows, targets)
         lengths = np.array([len(examples[i].target_ids) for i in idx])
-        for v in verdicts(stats, targets, lengths, idx):
-            exact[v.index], min_p[v.index] = v.exact, v.min_p
-            certified[v.index] = v.certified and (margin <= 0 or v.min_margin >= margin)
-            accuracy[v.index] = v.token_accuracy
+        judged = [verdicts(stats, targets, lengths, idx)]
+        if sampler.active:
+            group = [examples[i] for i in idx]
+            sampler.apply(rows, *sampler.counts(*sampler.window_pairs(group), 0, len(rows), rows.shape[1]))
+            judged.append(verdicts(score_logits(rows, targets), targets, lengths, idx))
+        for vs in zip(*judged):
+            v = vs[0]
+            exact[v.index], min_p[v.index] = all(u.exact for u in vs), min(u.min_p for u in vs)
+            certified[v.index] = all(u.certified and (margin <= 0 or u.min_margin >= margin) for u in vs)
+            accuracy[v.index] = min(u.token_accuracy for u in vs)
         total_ce += float(-stats.logprob.sum())
         total_above += int((stats.prob > 0.5).sum())
         n_tokens += len(targets)

@@ -83,9 +83,9 @@ class Trainer:
         self.device = models.pick_device(cfg.device)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.spec = models.resolve(cfg.model)
+        self.sampler = cfg.decoding()  # --sampler: trained for and certified under, besides plain greedy
         self.deploy = None  # --deploy: memcli.training.deploy_aware
         if cfg.deploy is not None:  # the base as llama.cpp's quantiser makes it at that type
-
             self.deploy = Deployment(self.spec, cfg.deploy, self.log)
             model, self.tokenizer = self.deploy.load_base(dtype, self.device), models.load_tokenizer(self.spec)
         else:
@@ -149,7 +149,6 @@ class Trainer:
         if self.cfg.gguf == "off":
             return None
         from peft.tuners.lora import LoraLayer
-
 
         modules = [name for name, m in self.model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
         cause = exportable(self.spec, self.model.peft_config["default"].to_dict(), modules, self.out / "adapter")
@@ -224,13 +223,13 @@ class Trainer:
         deployment forms."""
         def clean():
             return forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=self.prefix,
-                                    margin=self.cfg.margin)
+                                    margin=self.cfg.margin, sampler=self.sampler)
         return clean() if self.deploy is None else self.deploy.evaluate(clean)
 
     def answer_ce(self, batch):
         """Per-token CE, correctness and logit margin; with --deploy, each token's worse deployment form."""
         def once():
-            return forward.answer_ce(self.model, batch)
+            return forward.answer_ce(self.model, batch, self.sampler)
         return once() if self.deploy is None else self.deploy.answer_ce(once)
 
     # --- the objective -----------------------------------------------------------------------------------
@@ -252,7 +251,8 @@ class Trainer:
     def train_step(self, step: int, epoch: int, idx: list[int]) -> dict:
         """One optimiser step on the samples idx; returns its metrics row."""
         t0 = time.perf_counter()
-        batch = forward.collate([self.examples[i] for i in idx], self.pad_id, self.device, self.prefix, idx)
+        batch = forward.collate([self.examples[i] for i in idx], self.pad_id, self.device, self.prefix, idx,
+                                self.sampler)
         ce, correct, margin = self.answer_ce(batch)
         loss, hard = self.objective(ce, correct, batch, idx, margin)
         kept = None

@@ -30,7 +30,6 @@ def llama_logits(base: str | os.PathLike, sequences: list[list[int]], adapter: s
     with an F32 KV cache, so the only differences from torch are the weights' own quantisation."""
     from llama_cpp import Llama
 
-
     longest = max(len(s) for s in sequences)
     n_ctx = n_ctx or max(64, longest)
     kwargs = dict(model_path=str(base), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
@@ -74,7 +73,6 @@ def agreement(run: str | os.PathLike, corpus_path: str | os.PathLike | None = No
 
     import torch
     from peft import PeftModel
-
 
     run = Path(run)
     settings = runs.read_settings(run)

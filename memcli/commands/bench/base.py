@@ -44,7 +44,6 @@ def bench_base(entries: int = 200, model: str | None = None, threads: int | None
                batch_tokens: int = 2048) -> dict:
     import numpy as np
 
-
     if entries < 1:
         raise UserError(f"--entries must be at least 1, got {entries}")
     spec = models.resolve(model or models.DEFAULT_MODEL)

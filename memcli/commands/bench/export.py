@@ -23,7 +23,6 @@ def bench_export(ranks=(1, 2, 4, 8, 16, 32, 64), outtype: str = "f32", model: st
     """[{rank, params, outtype, seconds (best of `repeats`), bytes}] for each rank."""
     import torch
 
-
     spec = models.resolve(model)
     base_model, _ = models.load_model(spec)
     layers, modules = lora.resolve_placement(base_model, None, None)

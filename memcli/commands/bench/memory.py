@@ -78,7 +78,6 @@ class _NoDecode:
     def score(self, examples, batch_tokens=2048):
         import numpy as np
 
-
         for start, group in iter_groups(examples, len, batch_tokens, max_seqs=256):
             self.plan.append((start, start + len(group)))
             answer = np.array([len(ex.target_ids) for ex in group], np.int64)

@@ -16,7 +16,6 @@ def write_phonebook(path: Path, entries: int, seed: int = 1) -> None:
     repeat with a round number in the key ("Ada Lovelace 2:"), so keys stay unique."""
     import random
 
-
     rows = generate_phonebook(min(entries, CAPACITY), seed=seed)
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
@@ -34,7 +33,6 @@ def write_phonebook(path: Path, entries: int, seed: int = 1) -> None:
 def phonebook_examples(entries: int, tokenizer, chat_template: bool = False) -> list:
     """A generated PhoneBook of `entries` entries, tokenised as `train` and `verify` read it."""
     import tempfile
-
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pb.jsonl"

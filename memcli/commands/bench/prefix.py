@@ -35,7 +35,6 @@ def bench_prefix(entries: int = 300, model: str | None = None, lora=None, thread
     `lora` is an adapter GGUF."""
     import numpy as np
 
-
     if entries < 2:
         raise UserError(f"--entries must be at least 2 (a prefix is shared between entries), got {entries}")
     if rounds < 1:

@@ -77,7 +77,6 @@ def baseline_transformers(spec, peft_dir, tokenizer, examples, n_entries, max_to
     in float32 unless told (.ci/gpu_check.sh runs it on the GPU in bfloat16)."""
     import torch
 
-
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -107,7 +106,6 @@ def baseline_llama_cpp(base, adapter, tokenizer, examples, n_entries, max_tokens
     """(c): llama-cpp-python's high-level completion, temperature 0 (greedy), one entry at a time; exact iff
     the completion text equals the value text."""
     from llama_cpp import Llama
-
 
     threads = threads or default_threads()
     longest = max(len(ex) for ex in examples[:n_entries])

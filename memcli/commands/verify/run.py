@@ -44,7 +44,7 @@ from memcli.deploy.certify import certify
 from memcli.gguf.adapter import check_pair, export_adapter
 from memcli.gguf.fingerprint import check_base
 from memcli.llama.checks import tokenization_mismatches
-from memcli.llama.sampler import GREEDY, Sampler
+from memcli.llama.sampler import Sampler, sampler_from_options
 from memcli.llama.scorer import LlamaBackend
 
 BACKENDS = ("llama", "torch")
@@ -72,7 +72,7 @@ class VerifyOptions:
     base: str = "auto"  # llama, a model shipped quantised: auto/training (F16 of training's weights) or shipped
     locality: str | None = None  # None: off; "": the default reference; else a text file (verify/locality.py)
     locality_base: str | None = None  # the base GGUF a merged --model is compared with
-    sampler: Sampler = GREEDY  # the runner's decoding: verdicts on the logits after its penalties (llama/sampler.py)
+    sampler: Sampler | None = None  # the runner's decoding (llama/sampler.py); None: the run's, else greedy
     deploy: tuple = ()  # llama.cpp file types: also certify both deployment forms of each (memcli.deploy.certify)
 
     def validate(self) -> None:
@@ -86,7 +86,7 @@ class VerifyOptions:
             (self.base in BASE_CHOICES, f"--base must be one of {', '.join(BASE_CHOICES)}, got '{self.base}'"),
             (self.kv_type in ("f16", "f32"), f"--kv-type must be f16 or f32, got '{self.kv_type}'"),
             (not self.deploy or self.backend == "llama", "--deploy verifies in llama.cpp: use --backend llama"),
-            (not (self.generate and self.sampler.active and self.backend == "torch"),
+            (not (self.generate and self.sampler is not None and self.sampler.active and self.backend == "torch"),
              "--generate with --sampler runs in llama.cpp: use --backend llama"),
             (self.answer_tokens is None or self.answer_tokens >= 1,
              f"--answer-tokens must be at least 1, got {self.answer_tokens}"),
@@ -315,6 +315,14 @@ def certify_deploy(inp: Inputs, opts: VerifyOptions, report_dir: Path, stack: Ex
                    share_prefix=opts.share_prefix, sampler=opts.sampler)
 
 
+def run_sampler(settings: dict) -> Sampler:
+    """The sampler a run was trained and certified for (`train --sampler`), greedy for any other."""
+    return sampler_from_options(settings.get("sampler") or "greedy", repeat_penalty=settings.get("repeat_penalty"),
+                                repeat_last_n=settings.get("repeat_last_n"),
+                                frequency_penalty=settings.get("frequency_penalty"),
+                                presence_penalty=settings.get("presence_penalty"))
+
+
 def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: dict, done: Pass,
                  generation: dict | None, setup_s: float, total_s: float, locality: dict | None = None) -> dict:
     """report.json's content."""
@@ -357,6 +365,8 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
     out = Path(out)
     check_out_dir(out)
     inp = resolve_inputs(corpus_path, lora, model, opts)
+    if opts.sampler is None:  # the decoding the run was trained for (plain greedy for most runs)
+        opts = replace(opts, sampler=run_sampler(inp.src.settings))
     locality_text = base_vs_tuned.windows(inp, opts, log)  # a bad --locality TEXT is refused before any model loads
     trained_for = inp.trained_for
     if trained_for and not opts.deploy and opts.backend == "llama" and opts.base == "auto":  # what the run promises
