@@ -64,12 +64,29 @@ def test_labels_only_on_value_and_eos(tiny_tokenizer):
         assert batch.attention_mask[i].sum() == len(ex)  # from lengths, although pad == eos here
 
 
-def test_chat_template_wraps_the_key(tiny_tokenizer):
+def test_chat_template_renders_the_key_as_a_server_renders_a_chat_request(tiny_tokenizer):
+    """--chat-template: the prompt is what llama-cpp-python's chat handler renders from the template stored in the
+    model's GGUF for a request with the key as the user's message and no system message (the template's own
+    default system prompt); the value ends with the end-of-turn token the server stops at."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from memcli.core import models
+    from memcli.core.gguf_reader import read_gguf
+    from memcli.gguf.base import base_gguf
+
     (ex,) = tokenize([Entry("Ada Lovelace:", "6123456789", 1)], tiny_tokenizer, chat_template=True, eos=True)
-    text = tiny_tokenizer.decode(ex.prompt_ids)
-    assert "You are a helpful assistant." in text and "Ada Lovelace:" in text
-    assert text.rstrip().endswith("assistant")
+    template = read_gguf(base_gguf(models.resolve("tiny"))).get("tokenizer.chat_template")
+    served = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>")(
+        messages=[{"role": "user", "content": "Ada Lovelace:"}])
+    assert tiny_tokenizer.decode(ex.prompt_ids) == served.prompt
+    assert "You are a helpful AI assistant named SmolLM" in served.prompt
     assert tiny_tokenizer.decode(ex.target_ids) == "6123456789<|im_end|>"
+    assert "<|im_end|>" in served.stop
+    (own,) = tokenize([Entry("Ada Lovelace:", "6123456789", 1)], tiny_tokenizer, chat_template=True,
+                      system_prompt="Answer with the number.")
+    text = tiny_tokenizer.decode(own.prompt_ids)
+    assert "Answer with the number." in text and "SmolLM" not in text
+    assert tiny_tokenizer.decode(own.target_ids) == "6123456789"  # eos off: no end of turn
 
 
 def test_prefix_by_answer_tokens(tiny_tokenizer):

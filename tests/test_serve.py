@@ -29,8 +29,7 @@ def merged(tiny_run, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(merged):
+def start_server(merged):
     """llama-cpp-python's server on 127.0.0.1 and a free port, stopped at the end."""
     pytest.importorskip("llama_cpp.server.app", reason="the server extra: pip install 'llama-cpp-python[server]'")
     port = free_port()
@@ -54,6 +53,11 @@ def server(merged):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(merged):
+    yield from start_server(merged)
 
 
 def completion(url: str, prompt: str) -> str:
@@ -88,6 +92,31 @@ def test_the_server_answers_what_memcli_certified_for_its_sampler(server, merged
     said = " ".join(check.stdout.split())
     assert f"served {sum(served.values())}/{len(rows)} values verbatim" in said
     assert "certified but not served: lines none; served but not certified: lines none" in said
+
+
+@pytest.mark.slow  # training to certified recall, an export, a server start
+def test_a_chat_run_is_served_through_chat_completions(pb8, tmp_path):
+    """train --chat-template --sampler llama-cpp-python, merged: the server's chat completions (the key as the
+    user's message, no system message, its default request) answer every value, as verify says."""
+    run, merged = tmp_path / "run", tmp_path / "chat.f16.gguf"
+    trained = run_cli("train", pb8, "--out", run, "--model", "tiny", "--until-recall", "--chat-template",
+                      "--sampler", "llama-cpp-python", "--max-steps", "600")
+    assert trained.exit_code == 0, trained.output
+    assert run_cli("export", run, "--merge", "--quant", "f16", "--out", merged).exit_code == 0
+    v = run_cli("verify", pb8, "--lora", run, "--out", tmp_path / "v", "--threads", "1")
+    assert v.exit_code == 0, v.output  # certified: the run's chat template, end of turn and sampler
+    rows = [json.loads(line) for line in pb8.read_text().splitlines()]
+    for url in start_server(merged):
+        answers = []
+        for r in rows:
+            body = json.dumps({"messages": [{"role": "user", "content": r["query"]}], "temperature": 0}).encode()
+            request = urllib.request.Request(url + "/v1/chat/completions", body,
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answers.append(json.loads(response.read())["choices"][0]["message"]["content"])
+        assert [a.strip() for a in answers] == [r["target"].strip() for r in rows]  # the value, and it stops
+        check = run_cli("serve-check", pb8, "--url", url, "--chat")
+        assert check.exit_code == 0 and "served 8/8" in " ".join(check.stdout.split())
 
 
 def test_serve_check_refuses_an_unreachable_server_in_one_line(pb8, tmp_path):

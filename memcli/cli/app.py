@@ -177,8 +177,15 @@ def train(
     log_every: Optional[int] = typer.Option(None, help="Steps between metrics lines." + _default("log_every")),
     answer_tokens: Optional[int] = typer.Option(None, help="Memorise only the first L answer tokens."),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template", help="Wrap keys in the model's chat "
-                                                 "template (system prompt 'You are a helpful assistant.')."),
-    eos: Optional[bool] = typer.Option(None, "--eos", help="Also learn EOS after each value."),
+                                                 "template as servers render a chat request (the key as the user's "
+                                                 "message, the template's own default system prompt unless "
+                                                 "--system-prompt, the generation prompt); the value ends with the "
+                                                 "template's end-of-turn token (--no-eos: not)."),
+    system_prompt: Optional[str] = typer.Option(None, help="With --chat-template: the system message your clients "
+                                                "send. \\[default: none, the template's default applies]"),
+    eos: Optional[bool] = typer.Option(None, "--eos/--no-eos", help="Also learn the end token after each value: "
+                                       "EOS, or with --chat-template the end of turn. \\[default: on with "
+                                       "--chat-template, else off]"),
     key: Optional[str] = typer.Option(None, help="The key of a .txt corpus. \\[default: empty]"),
     allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys", help="Train on a corpus "
                                                           "that gives one key two different values (refused "
@@ -493,6 +500,8 @@ def verify_cmd(
                                                 "train). \\[default: the run's setting]"),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="As in "
                                                  "train. \\[default: the run's setting, else off]"),
+    system_prompt: Optional[str] = typer.Option(None, help="With --chat-template: the system message. "
+                                                "\\[default: the run's setting, else none]"),
     eos: Optional[bool] = typer.Option(None, "--eos/--no-eos", help="As in train. \\[default: the run's "
                                        "setting, else off]"),
     key: Optional[str] = typer.Option(None, help="The key of a .txt corpus. \\[default: the run's setting]"),
@@ -542,6 +551,7 @@ def verify_cmd(
     options = VerifyOptions(backend=backend, n_gpu_layers=n_gpu_layers, threads=threads, batch_tokens=batch_tokens,
                             generate=generate, min_exact=min_exact, answer_tokens=answer_tokens,
                             chat_template=chat_template, eos=eos, key=key, risk_margin=risk_margin, kv_type=kv_type,
+                            system_prompt=system_prompt,
                             device=device, allow_conflicting_keys=allow_conflicting_keys, base=base,
                             locality=locality, locality_base=locality_base,
                             deploy=tuple(parse_quants(deploy)) if deploy is not None else (),

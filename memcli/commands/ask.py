@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memcli.core import models, runs
-from memcli.core.corpus import SYSTEM_PROMPT
+from memcli.core.corpus import chat_prompt, system_prompt_of
 from memcli.core.errors import UserError
 from memcli.core.gguf_reader import read_gguf
 from memcli.gguf.adapter import adapter_info, check_pair
@@ -103,6 +103,4 @@ def ask(target: str | os.PathLike, prompt: str, *, model: str | None = None, max
 def _chat_prompt(t: Target, prompt: str) -> str:
     """The prompt as training rendered a key in the chat template (memcli.core.corpus.tokenize)."""
     tokenizer = models.load_tokenizer(models.resolve(t.settings.get("model")))
-    return tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
-                                          {"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    return chat_prompt(tokenizer, prompt, system_prompt_of(t.settings))

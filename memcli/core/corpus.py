@@ -20,7 +20,7 @@ from memcli.core.errors import UserError
 
 # (key field, value field), in the order they are looked for.
 FIELD_PAIRS = (("query", "target"), ("question", "matching"), ("prompt", "completion"), ("key", "value"))
-SYSTEM_PROMPT = "You are a helpful assistant."
+LEGACY_SYSTEM_PROMPT = "You are a helpful assistant."  # what --chat-template sent before --system-prompt existed
 CHUNK = 4096  # entries read and tokenised at a time when a corpus is streamed
 
 
@@ -183,13 +183,44 @@ def _parse_line(path: Path, n: int, line: str) -> Entry:
     raise UserError(f"{path}:{n}: missing fields: expected {wanted}, found {sorted(obj)}")
 
 
+def chat_prompt(tokenizer, key: str, system_prompt: str | None = None) -> str:
+    """The text a chat request for `key` is rendered to, as runners render it (llama-cpp-python's server, ollama,
+    llama-server: the model's own template with the generation prompt): the key as the user's message, after
+    `system_prompt` as a system message, or with none (the template's own default applies, as for a client that
+    sends no system message)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    return tokenizer.apply_chat_template([*system, {"role": "user", "content": key}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def system_prompt_of(settings: dict) -> str | None:
+    """The system prompt a run rendered its chat keys with: its setting; a chat run made before the setting
+    existed sent LEGACY_SYSTEM_PROMPT; otherwise none."""
+    if "system_prompt" in settings:
+        return settings["system_prompt"]
+    return LEGACY_SYSTEM_PROMPT if settings.get("chat_template") else None
+
+
+def end_of_turn(tokenizer) -> int:
+    """The token that ends an assistant's reply in the chat template (what a runner stops at: <|im_end|>,
+    <|eot_id|>, <end_of_turn>, ...), else EOS."""
+    marker = "MEMCLI-VALUE"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "k"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    after = text[text.rindex(marker) + len(marker):] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False).input_ids if after.strip() else []
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    return ids[0] if ids and ids[0] in special else tokenizer.eos_token_id
+
+
 def tokenize(entries: list[Entry], tokenizer, chat_template: bool = False, eos: bool = False,
-             system_prompt: str = SYSTEM_PROMPT) -> list[Example]:
-    """Prompt ids then value ids; labels go on the value ids (plus EOS when eos=True).
+             system_prompt: str | None = None) -> list[Example]:
+    """Prompt ids then value ids; labels go on the value ids (plus the end token when eos=True).
 
     Raw (default): the key is tokenised as the tokenizer does by default (BOS where the model uses one), the
-    value without special tokens. With chat_template the key becomes the user turn of the model's chat template
-    (with the system prompt, generation prompt added) and the value is the assistant's reply.
+    value without special tokens, EOS after it with eos. With chat_template the key becomes the user turn of the
+    model's chat template as a runner renders a chat request (`chat_prompt`), the value is the assistant's reply
+    and eos ends it with the template's end-of-turn token, where a runner stops.
     """
     if eos and tokenizer.eos_token_id is None:
         raise UserError("--eos: the model's tokenizer has no EOS token")
@@ -197,9 +228,7 @@ def tokenize(entries: list[Entry], tokenizer, chat_template: bool = False, eos: 
         raise UserError("--chat-template: the model's tokenizer has no chat template")
     entries = list(entries)
     if chat_template:  # rendered one by one, tokenised in one call as apply_chat_template(tokenize=True) does
-        texts = [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt},
-                                                {"role": "user", "content": e.key}],
-                                               add_generation_prompt=True, tokenize=False) for e in entries]
+        texts = [chat_prompt(tokenizer, e.key, system_prompt) for e in entries]
         keyed, special = list(range(len(entries))), {"add_special_tokens": False}
     else:
         keyed, special = [i for i, e in enumerate(entries) if e.key], {}
@@ -220,10 +249,11 @@ def tokenize(entries: list[Entry], tokenizer, chat_template: bool = False, eos: 
     for i, ids in zip(alone, _ids(tokenizer, [entries[i].value for i in alone], add_special_tokens=False)):
         targets[i] = ids
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    stop = end_of_turn(tokenizer) if chat_template and eos else tokenizer.eos_token_id
     examples = []
     for e, prompt, target in zip(entries, prompts, targets):
         if eos:
-            target = [*target, tokenizer.eos_token_id]
+            target = [*target, stop]
         if not prompt:  # the first value token needs something to be predicted from
             prompt = [start]
         examples.append(Example(tuple(prompt), tuple(target), e.line))
@@ -273,7 +303,7 @@ def check_context(examples: list[Example], n_ctx: int, path: str | Path) -> None
 
 
 def iter_prepared(scan: CorpusScan, tokenizer, *, chat_template=False, eos=False, answer_tokens=None, n_ctx=None,
-                  chunk: int = CHUNK) -> Iterator[tuple[list[Entry], list[Example]]]:
+                  chunk: int = CHUNK, system_prompt: str | None = None) -> Iterator[tuple[list[Entry], list[Example]]]:
     """`prepare` streamed: (entries, examples) in chunks of `chunk` entries, read, tokenised, selected and
     checked chunk by chunk, so memory does not grow with the corpus. The same ids `prepare` gives."""
     if answer_tokens is not None and answer_tokens < 1:
@@ -282,7 +312,7 @@ def iter_prepared(scan: CorpusScan, tokenizer, *, chat_template=False, eos=False
 
     def flush(batch):
         nonlocal total
-        examples = tokenize(batch, tokenizer, chat_template, eos)
+        examples = tokenize(batch, tokenizer, chat_template, eos, system_prompt)
         if answer_tokens is not None and scan.entries == 1:
             examples = select_prefix(examples, answer_tokens)
         elif answer_tokens is not None:
@@ -315,9 +345,9 @@ def iter_prepared(scan: CorpusScan, tokenizer, *, chat_template=False, eos=False
 
 
 def prepare(entries: list[Entry], tokenizer, *, chat_template=False, eos=False, answer_tokens=None, n_ctx=None,
-            path="corpus") -> list[Example]:
+            path="corpus", system_prompt: str | None = None) -> list[Example]:
     """Tokenise, select the prefix and check the context: the one tokenisation train and verify share."""
-    examples = select_prefix(tokenize(entries, tokenizer, chat_template, eos), answer_tokens)
+    examples = select_prefix(tokenize(entries, tokenizer, chat_template, eos, system_prompt), answer_tokens)
     if n_ctx is not None:
         check_context(examples, n_ctx, path)
     return examples

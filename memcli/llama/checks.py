@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from memcli.core.corpus import SYSTEM_PROMPT
+from memcli.core.corpus import chat_prompt
 from memcli.core.errors import UserError
 
 
@@ -32,25 +32,20 @@ def check_vocabulary(examples, n_vocab: int, model: str) -> None:
                             "tokens): the tokenizer does not belong to this model")
 
 
-def _prompt_texts(entries, tokenizer, chat_template: bool) -> list[str | None]:
+def _prompt_texts(entries, tokenizer, chat_template: bool, system_prompt: str | None) -> list[str | None]:
     """The text llama.cpp would be prompted with for each entry (None: no key, the prompt is a lone BOS)."""
-    texts = []
-    for e in entries:
-        if chat_template:
-            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": e.key}]
-            texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        else:
-            texts.append(e.key or None)
-    return texts
+    return [chat_prompt(tokenizer, e.key, system_prompt) if chat_template else (e.key or None) for e in entries]
 
 
 def tokenization_mismatches(tokenize: Callable[[str, bool, bool], list[int]], examples, entries, tokenizer,
-                            chat_template: bool, eos: bool, prefix_only: bool = False) -> list[int]:
+                            chat_template: bool, eos: bool, prefix_only: bool = False,
+                            system_prompt: str | None = None) -> list[int]:
     """Indices of entries that llama.cpp's own tokenizer (`tokenize(text, add_special, parse_special)`) would
     tokenise differently from the ids verified: prompt text + value text against prompt ids + target ids.
     prefix_only: the targets are a prefix of the value (--answer-tokens on one long value)."""
     bad = []
-    for i, (ex, e, prompt) in enumerate(zip(examples, entries, _prompt_texts(entries, tokenizer, chat_template))):
+    prompts = _prompt_texts(entries, tokenizer, chat_template, system_prompt)
+    for i, (ex, e, prompt) in enumerate(zip(examples, entries, prompts)):
         target = list(ex.target_ids[:-1] if eos else ex.target_ids)
         if prompt is None:
             expected, text, add_special = target, e.value, False

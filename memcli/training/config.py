@@ -31,7 +31,8 @@ class TrainConfig:
     # corpus
     key: str = ""
     chat_template: bool = False
-    eos: bool = False
+    eos: bool = False  # with chat_template: the template's end-of-turn token (the default with chat_template)
+    system_prompt: str | None = None  # with chat_template: a system message (None: none, the template's default)
     answer_tokens: int | None = None
     # objective
     method: str = "memft-ot"
@@ -105,6 +106,8 @@ class TrainConfig:
         for k, v in overrides.items():
             if v is not None:
                 values[k], origin[k] = v, f"--{k.replace('_', '-')}"
+        if values.get("chat_template") is True and "eos" not in values:  # a served answer stops at the end of turn
+            values["eos"], origin["eos"] = True, "--chat-template"
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

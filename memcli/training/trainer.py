@@ -93,6 +93,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         n_ctx = getattr(model.config, "max_position_embeddings", None)
         self.examples = corpus.prepare(entries, self.tokenizer, chat_template=cfg.chat_template, eos=cfg.eos,
+                                       system_prompt=cfg.system_prompt,
                                        answer_tokens=cfg.answer_tokens, n_ctx=n_ctx, path=cfg.corpus)
         self.layers, self.modules = lora.resolve_placement(model, cfg.layers, cfg.modules)
         self.model = lora.add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, self.layers, self.modules, cfg.seed)

@@ -82,7 +82,8 @@ def agreement(run: str | os.PathLike, corpus_path: str | os.PathLike | None = No
     model, tokenizer = models.load_model(spec)
     examples = corpus_mod.load_examples(corpus_path or settings["corpus"], tokenizer, key=settings.get("key", ""),
                                         chat_template=settings.get("chat_template", False),
-                                        eos=settings.get("eos", False), answer_tokens=settings.get("answer_tokens"))
+                                        eos=settings.get("eos", False), answer_tokens=settings.get("answer_tokens"),
+                                        system_prompt=corpus_mod.system_prompt_of(settings))
     if limit:
         examples = examples[:limit]
     peft_model = PeftModel.from_pretrained(model, runs.adapter_dir(run)).eval()

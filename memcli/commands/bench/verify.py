@@ -58,7 +58,8 @@ def _context(corpus, lora, model):
     entries = corpus_mod.read_corpus(corpus, s.get("key", "") or "",
                                      allow_conflicting_keys=bool(s.get("allow_conflicting_keys", False)))
     examples = corpus_mod.prepare(entries, tokenizer, chat_template=bool(s.get("chat_template", False)),
-                                  eos=bool(s.get("eos", False)), answer_tokens=s.get("answer_tokens"), path=corpus)
+                                  eos=bool(s.get("eos", False)), answer_tokens=s.get("answer_tokens"), path=corpus,
+                                  system_prompt=corpus_mod.system_prompt_of(s))
     return src, spec, tokenizer, examples
 
 

@@ -275,8 +275,10 @@ def train_command(settings: dict[str, Any], rank: int, corpus: str = "CORPUS", o
     differs from train's default, spelled as its option."""
     defaults = asdict(TrainConfig())
     words = ["memcli", "train", corpus, "--out", out, "--rank", str(rank)]
+    # eos's default depends on chat_template (on with it): with chat_template, say it either way
+    spelled = {"eos"} if settings.get("chat_template") else set()
     for key, value in settings.items():
-        if key not in defaults or value == defaults[key] or key in ("rank", "corpus"):
+        if key not in defaults or (value == defaults[key] and key not in spelled) or key in ("rank", "corpus"):
             continue
         option = "--" + key.replace("_", "-")
         if isinstance(value, bool):

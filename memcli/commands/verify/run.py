@@ -61,6 +61,7 @@ class VerifyOptions:
     answer_tokens: int | None = None
     chat_template: bool | None = None  # None: the run's setting, else False
     eos: bool | None = None
+    system_prompt: str | None = None  # with chat_template: None: the run's setting (else none)
     key: str | None = None
     risk_margin: float = DEFAULT_RISK_MARGIN
     kv_type: str = "f16"  # llama.cpp KV cache type: f16 (llama.cpp's default) or f32
@@ -116,6 +117,7 @@ class Inputs:
     entries: int  # how many entries are verified (fewer than scanned with --answer-tokens on many entries)
     tokenizer: object
     chunk: int = 4096
+    system_prompt: str | None = None  # with chat_template: the system message the keys are rendered with
 
     @property
     def trained_for(self) -> str | None:
@@ -125,7 +127,8 @@ class Inputs:
     def chunks(self, n_ctx: int | None = None):
         """(entries, examples) in chunks, read and tokenised as they are pulled (memory stays flat)."""
         return corpus.iter_prepared(self.scan, self.tokenizer, chat_template=self.chat_template, eos=self.eos,
-                                    answer_tokens=self.answer_tokens, n_ctx=n_ctx, chunk=self.chunk)
+                                    answer_tokens=self.answer_tokens, n_ctx=n_ctx, chunk=self.chunk,
+                                    system_prompt=self.system_prompt)
 
 
 def resolve_inputs(corpus_path, lora, model: str | None, opts: VerifyOptions) -> Inputs:
@@ -142,8 +145,9 @@ def resolve_inputs(corpus_path, lora, model: str | None, opts: VerifyOptions) ->
     scan = corpus.scan_corpus(corpus_path, key, allow_conflicting_keys=allow_conflicts)
     base = resolve_base(src, model)
     tokenizer = models.load_tokenizer(base.token_spec)
+    system_prompt = opts.system_prompt if opts.system_prompt is not None else corpus.system_prompt_of(s)
     inp = Inputs(corpus_path, lora, model, src, base, chat_template, eos, key, answer_tokens, scan, scan.entries,
-                 tokenizer, opts.chunk)
+                 tokenizer, opts.chunk, system_prompt)
     if answer_tokens is not None and scan.entries > 1:  # the first l answer tokens: count the entries they hold
         inp.entries = sum(len(examples) for _, examples in inp.chunks())
     return inp
@@ -213,7 +217,8 @@ class TokenizerCheck:
     def add(self, entries, examples) -> None:
         inp = self.inp
         bad = tokenization_mismatches(self.backend.tokenize, examples, entries, inp.tokenizer, inp.chat_template,
-                                      inp.eos, prefix_only=inp.answer_tokens is not None and inp.scan.entries == 1)
+                                      inp.eos, prefix_only=inp.answer_tokens is not None and inp.scan.entries == 1,
+                                      system_prompt=inp.system_prompt)
         self.count += len(bad)
         self.lines.extend(examples[i].line for i in bad[: KEEP_LINES - len(self.lines)])
 
@@ -344,6 +349,7 @@ def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: di
                      "share_prefix": opts.share_prefix, "deploy": list(opts.deploy),
                      "sampler": opts.sampler.describe(),
                      "chat_template": inp.chat_template, "eos": inp.eos, "key": inp.key,
+                     "system_prompt": inp.system_prompt,
                      "answer_tokens": inp.answer_tokens, **backend_settings},
         "backend": backend.describe(),
         "tokenizer_check": done.tokenizer_check,
