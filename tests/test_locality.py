@@ -216,6 +216,28 @@ def test_reference_is_made_once_and_reused(monkeypatch):
     assert all(len(w) == locality.WINDOW for w in first + preserve) and first != preserve
 
 
+def test_the_default_models_reference_ships_and_is_its_own(monkeypatch, tmp_path):
+    """With an empty cache the default model's reference is read from the file memcli ships, not generated (a
+    newcomer's first train measures locality at once), and that file is the default model's: its name carries the
+    fingerprint of the weights and the recipe, its prompts are the reference prompts, its windows full, its
+    tokens the prompts' own tokenisation followed by the model's continuation."""
+    from memcli.core import models
+    from memcli.training import locality
+
+    spec = models.resolve("smollm2-135m")
+    tokenizer = models.load_tokenizer(spec)  # from the usual cache
+    monkeypatch.setenv("MEMCLI_CACHE", str(tmp_path))
+    monkeypatch.setattr(locality, "generate_reference", lambda *a, **k: pytest.fail("generated"))
+    windows = locality.reference_windows(spec, "measure") + locality.reference_windows(spec, "preserve")
+    shipped = json.loads(models.shipped_file(f"locality/{locality.reference_path(spec).name}").read_text())
+    assert shipped["prompts"] == list(locality.REFERENCE_PROMPTS) and shipped["model"] == "smollm2-135m"
+    assert len(windows) == len(locality.REFERENCE_PROMPTS) and all(len(w) == locality.WINDOW for w in windows)
+    for prompt, window in zip(locality.REFERENCE_PROMPTS, shipped["windows"]):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert window[: len(ids)] == ids
+    assert not any((tmp_path / "locality").glob("*"))  # nothing written to the cache
+
+
 # ------------------------------------------------------------------ bad input: one line, exit 2, no report folder
 
 

@@ -88,6 +88,12 @@ def registry() -> dict[str, dict]:
     return tomllib.loads(_registry_path().read_text())
 
 
+def shipped_file(relpath: str) -> Path | None:
+    """A file shipped beside the registry (models/ in a checkout, the package when installed), if it is there."""
+    path = _registry_path().parent / relpath
+    return path if path.is_file() else None
+
+
 def shipped_laws(spec: ModelSpec) -> dict[str, Path]:
     """The memory laws shipped for a named model (`laws` in its registry entry: corpus kind -> law.json, a path
     beside the registry), e.g. {"phonebook": ..., "random": ...}; empty for other models."""

@@ -169,18 +169,22 @@ def generate_reference(model, tokenizer, device: str = "cpu") -> list[list[int]]
 
 
 def reference_windows(spec, part: str = "measure", log=None, loaded=None) -> list[list[int]]:
-    """The default reference of a base model (generated on first use, then read from the cache): its `measure`
-    windows (even) or its `preserve` windows (odd). loaded: (model, tokenizer) of that base already in memory (a
+    """The default reference of a base model (shipped for the default model; else generated on first use, then
+    read from the cache): its `measure` windows (even) or its `preserve` windows (odd). The file's name carries
+    the model's weights and the recipe (`_identity`), so a shipped or cached reference serves only what it was
+    made from. loaded: (model, tokenizer) of that base already in memory (a
     PEFT model generates with its adapter switched off), else the base is loaded for it."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     path = reference_path(spec)
     windows = None
-    if path.exists():
-        try:
-            windows = json.loads(path.read_text())["windows"]
-        except (OSError, ValueError, KeyError, TypeError):
-            windows = None  # a damaged cache entry is made again
+    for source in (path, models.shipped_file(f"locality/{path.name}")):  # the cache, then what memcli ships
+        if source is not None and source.exists():
+            try:
+                windows = json.loads(source.read_text())["windows"]
+                break
+            except (OSError, ValueError, KeyError, TypeError):
+                windows = None  # a damaged cache entry is made again
     if windows is None:
         if log is not None:
             log(f"locality: generating the reference text of {spec.name} (its own continuations of "
