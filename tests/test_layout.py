@@ -18,7 +18,8 @@ LAYER_NAMES = [name for name, _ in memcli.LAYERS]
 HEAVY = ("torch", "transformers", "peft")
 LIBRARIES = ("torch", "numpy", "transformers", "peft", "gguf", "typer", "scipy", "yaml")  # no module file named so
 ENTRY_POINTS = {"memcli", "memcli.__main__"}  # the package itself (imports nothing) and `python -m memcli`
-LAZY_EXEMPT = ("memcli/cli/app.py", "memcli/cli/bench.py")  # lazy command loading keeps start-up short
+# the command modules of the command line: lazy command loading keeps start-up short
+LAZY_EXEMPT = tuple(f"memcli/cli/{m}.py" for m in ("app", "bench", "train", "export", "verify", "law"))
 MAX_LAZY = 25
 
 
