@@ -81,6 +81,11 @@ class Sampler:
         logits[block_rows, block_tokens] = out
 
 
+    def penalise(self, logits: np.ndarray, examples) -> None:
+        """`apply` to a block holding every answer row of `examples`, in order."""
+        if self.active:
+            self.apply(logits, *self.counts(*self.window_pairs(examples), 0, len(logits), logits.shape[1]))
+
 GREEDY = Sampler()
 
 # Each runner's default request at temperature 0 (sources and versions: docs/deploy.md, "Serving").

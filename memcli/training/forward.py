@@ -230,8 +230,7 @@ def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: 
         lengths = np.array([len(examples[i].target_ids) for i in idx])
         judged = [verdicts(stats, targets, lengths, idx)]
         if sampler.active:
-            group = [examples[i] for i in idx]
-            sampler.apply(rows, *sampler.counts(*sampler.window_pairs(group), 0, len(rows), rows.shape[1]))
+            sampler.penalise(rows, [examples[i] for i in idx])
             judged.append(verdicts(score_logits(rows, targets), targets, lengths, idx))
         for vs in zip(*judged):
             v = vs[0]

@@ -92,8 +92,7 @@ class TorchBackend:
             t0 = time.perf_counter()
             if self.sampler.active:  # the runner's penalties, as llama.cpp computes them (float32)
                 logits = logits.float().cpu().numpy()
-                self.sampler.apply(logits, *self.sampler.counts(*self.sampler.window_pairs(group), 0, len(logits),
-                                                                logits.shape[1]))
+                self.sampler.penalise(logits, group)
             stats = score_logits(logits, targets, threads=threads)
             self.timings["score_s"] += time.perf_counter() - t0
             lengths = np.array([len(ex.target_ids) for ex in group], dtype=np.int64)
