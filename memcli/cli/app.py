@@ -86,6 +86,26 @@ def data_random(tokens: int = typer.Option(..., help="Length of the value in tok
     console.print(f"wrote one value of {tokens} random tokens to {out}")
 
 
+@data_app.command("from-table")
+@user_errors
+def data_from_table(table: Path = typer.Argument(..., help="A .csv or .tsv file with a header row, or a .jsonl file "
+                                                 "of objects: one fact per row."),
+                    query_template: str = typer.Option(..., help="The query of a row, its columns as {name}: "
+                                                       "e.g. \"ZIP {zip}:\"."),
+                    target_template: str = typer.Option(..., help="The value to memorise, e.g. \" {city}, "
+                                                        "{state}\" (a leading space, as a value follows its key)."),
+                    out: Path = typer.Option(..., help="Output JSONL corpus (query/target).")):
+    """A corpus from a table: one query and target per row, rendered from the templates (a missing column, an
+    empty field or a query given two targets is refused, naming the line)."""
+    from memcli.core.datagen import write_jsonl
+    from memcli.core.table import table_corpus
+
+    rows, repeats = table_corpus(table, query_template, target_template)
+    write_jsonl(out, rows)
+    console.print(f"wrote {len(rows)} entries to {out}" + (f" ({repeats} repeated rows written once)" if repeats
+                                                           else ""))
+
+
 @user_errors
 def ask(target: Path = typer.Argument(..., help="A run folder, a model .gguf (e.g. a merged file) or an adapter "
                                       ".gguf."),

@@ -5,6 +5,7 @@
 - `runs`: the run folder (its files, its lock) and the one atomic writer every output goes through.
 - `corpus`: corpus formats -> `Example`s: the one tokenisation every stage shares.
 - `datagen`: PhoneBook and random-token corpora (`memcli data`).
+- `table`: a table of facts (.csv, .tsv, .jsonl) made into a corpus from query and target templates.
 - `scoring`: per-token statistics from blocks of logits rows: the native kernel and its numpy reference.
 - `batching`: the one batch planner every backend and training use.
 - `verdicts`: exact, certified, at risk per entry, their running totals, the teacher-forced pass over a scorer.
