@@ -314,3 +314,25 @@ def test_the_modelfile_pins_the_decoding_memcli_certifies(adapter, tmp_path):
     assert params == {"temperature": "0", "repeat_penalty": "1"}
     assert lines[-3:] == [f"ADAPTER {out.resolve()}", "PARAMETER temperature 0", "PARAMETER repeat_penalty 1"]
     assert any(line.startswith("FROM ") for line in lines)
+
+
+def test_the_modelfile_carries_what_the_run_was_certified_for(tmp_path):
+    """A run trained for ollama's sampler keeps ollama's penalty (1.1 over the last 64, the preset) or the one it
+    was trained with; a chat run says to query through the chat API and carries its system prompt."""
+    from memcli.deploy.forms import write_modelfile
+
+    def params(settings):
+        path = write_modelfile(tmp_path / "m.gguf", merged=True, model="tiny", settings=settings)
+        lines = path.read_text().splitlines()
+        return lines[0], dict(line.split()[1:3] for line in lines if line.startswith("PARAMETER")), lines
+
+    _, p, _ = params({"sampler": "ollama"})
+    assert p == {"temperature": "0", "repeat_penalty": "1.1", "repeat_last_n": "64"}
+    _, p, _ = params({"sampler": "ollama", "repeat_penalty": 1.3, "repeat_last_n": 32})
+    assert p == {"temperature": "0", "repeat_penalty": "1.3", "repeat_last_n": "32"}
+    _, p, _ = params({"sampler": "llama-cpp-python"})  # certified for greedy too: ollama runs it penalty-free
+    assert p == {"temperature": "0", "repeat_penalty": "1"}
+    head, _, lines = params({"chat_template": True, "system_prompt": "Answer with the number."})
+    assert "chat API" in head and 'SYSTEM """Answer with the number."""' in lines
+    head, _, _ = params({})
+    assert '"raw": true' in head

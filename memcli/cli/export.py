@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from memcli.cli.terminal import console, user_errors
+from memcli.core import runs
 from memcli.core.errors import UserError
 from memcli.core.models import SUPPORTED_TYPES
 
@@ -52,7 +53,8 @@ def export(src: Path = typer.Argument(..., help="A run folder or a PEFT adapter 
     if modelfile:
         from memcli.deploy.forms import write_modelfile
 
-        path = write_modelfile(out, merged=merge, model=info["model"])
+        settings = runs.read_settings(src) if runs.is_run(src) else {}
+        path = write_modelfile(out, merged=merge, model=info["model"], settings=settings)
         console.print(f"wrote {path}: ollama create NAME -f {path}", highlight=False)
 
 

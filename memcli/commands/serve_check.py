@@ -20,7 +20,7 @@ from memcli.core.errors import UserError
 from memcli.core.runs import atomic_write
 
 
-def ask(url: str, key: str, *, chat: bool, model: str | None, max_tokens: int, timeout: float) -> str:
+def query_server(url: str, key: str, *, chat: bool, model: str | None, max_tokens: int, timeout: float) -> str:
     """The server's answer to one key (its completion or its chat message)."""
     body: dict = {"max_tokens": max_tokens, "temperature": 0}
     if model:
@@ -38,8 +38,13 @@ def ask(url: str, key: str, *, chat: bool, model: str | None, max_tokens: int, t
         raise UserError(f"{endpoint} answered HTTP {e.code}: {e.read()[:200].decode('utf-8', 'replace')}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         raise UserError(f"cannot reach {endpoint} ({getattr(e, 'reason', e)})") from None
-    choice = answer["choices"][0]
-    return choice["message"]["content"] if chat else choice["text"]
+    try:
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+    except (KeyError, IndexError, TypeError):
+        raise UserError(f"{endpoint} did not answer as an OpenAI-compatible API does (no choices[0]."
+                        f"{'message.content' if chat else 'text'})") from None
+    return text or ""
 
 
 def served(answer: str, value: str, chat: bool) -> bool:
@@ -66,7 +71,7 @@ def serve_check(corpus: str | os.PathLike, url: str, *, chat: bool = False, mode
     entries = list(iter_entries(corpus, key))
     rows = []
     for i, e in enumerate(entries):
-        answer = ask(url, e.key, chat=chat, model=model, max_tokens=max_tokens, timeout=timeout)
+        answer = query_server(url, e.key, chat=chat, model=model, max_tokens=max_tokens, timeout=timeout)
         row = {"line": e.line, "key": e.key, "served": served(answer, e.value, chat), "answer": answer}
         if certified is not None:
             row["memcli_exact"] = certified[e.line]["exact"] if e.line in certified else None

@@ -11,6 +11,7 @@ from pathlib import Path
 from memcli.core import models, runs
 from memcli.gguf.base import cached_base
 from memcli.gguf.merge import export_merged
+from memcli.llama.sampler import sampler_from_options
 
 FORMS = ("merged", "adapter")
 
@@ -44,12 +45,16 @@ def make_forms(run: Path, spec: models.ModelSpec, adapter_gguf: Path, quant: str
     return made
 
 
-def write_modelfile(out: str | os.PathLike, merged: bool, model: str) -> Path:
-    """An ollama Modelfile beside `out` (OUT.Modelfile): FROM the merged model, or FROM the base + ADAPTER.
-    Greedy decoding (temperature 0, no repeat penalty), as memcli certifies."""
+def write_modelfile(out: str | os.PathLike, merged: bool, model: str, settings: dict | None = None) -> Path:
+    """An ollama Modelfile beside `out` (OUT.Modelfile): FROM the merged model, or FROM the base + ADAPTER, with
+    the decoding the run was certified for: temperature 0 and ollama's repeat penalty as `train --sampler ollama`
+    trained for it, else off (greedy). `settings`: the run's, when known (a chat run is queried through ollama's
+    chat API, the template stored in the GGUF; a raw run in raw mode)."""
+    settings = settings or {}
     out = Path(out).resolve()
-    lines = [f"# ollama create NAME -f {out.name}.Modelfile; then: ollama run NAME (or the API with \"raw\": true, "
-             "so the key reaches the model as trained)"]
+    how = ("ollama run NAME, or its chat API: the key as the user's message, no system message"
+           if settings.get("chat_template") else "the API with \"raw\": true, so the key reaches the model as trained")
+    lines = [f"# ollama create NAME -f {out.name}.Modelfile; then {how}"]
     if merged:
         lines.append(f"FROM {out}")
     else:
@@ -60,9 +65,15 @@ def write_modelfile(out: str | os.PathLike, merged: bool, model: str) -> Path:
             lines += [f"# the base GGUF this adapter was trained on: memcli export-base {model} --quant q8_0 "
                       "--out base.gguf", "FROM ./base.gguf"]
         lines.append(f"ADAPTER {out}")
-    # greedy decoding as certified: ollama up to v0.32.9 (and before v0.30) adds a repeat penalty of 1.1 by default,
-    # which flips the near ties that repeated digits make (docs/deploy.md, serving)
-    lines += ["PARAMETER temperature 0", "PARAMETER repeat_penalty 1"]
+    lines.append("PARAMETER temperature 0")
+    if settings.get("sampler") == "ollama":  # trained and certified for ollama's penalties and plain greedy both
+        s = sampler_from_options("ollama", repeat_penalty=settings.get("repeat_penalty"),
+                                 repeat_last_n=settings.get("repeat_last_n"))
+        lines += [f"PARAMETER repeat_penalty {s.repeat_penalty:g}", f"PARAMETER repeat_last_n {s.repeat_last_n}"]
+    else:  # greedy as certified: ollama up to v0.32.9 (and before v0.30) adds a repeat penalty of 1.1 by default,
+        lines.append("PARAMETER repeat_penalty 1")  # which flips the near ties repeated digits make
+    if settings.get("chat_template") and settings.get("system_prompt"):
+        lines.append(f'SYSTEM """{settings["system_prompt"]}"""')
     path = out.with_name(out.name + ".Modelfile")
     runs.atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"), example="adapter.gguf.Modelfile")
     return path
