@@ -183,7 +183,7 @@ BUILD_PID=$!
 export PYTHONPATH="$NO_LLAMA${PYTHONPATH:+:$PYTHONPATH}"
 install_memcli() {
   CMAKE_BUILD_PARALLEL_LEVEL=4 python -m pip install --no-index --no-build-isolation --no-deps "$REPO" \
-    && (cd "$WORK" && python -c "import sys, memcli, memcli.scoring; print('memcli from', memcli.__file__)
+    && (cd "$WORK" && python -c "import sys, memcli, memcli.core.scoring; print('memcli from', memcli.__file__)
 assert memcli.__file__.startswith(sys.prefix), 'not the memcli installed in the venv'") \
     && mkdir -p "$MEMCLI_CACHE/tokenizers" && cp -r "$PAYLOAD"/tokenizers/* "$MEMCLI_CACHE/tokenizers/" \
     && M record memcli_install ok=true tokenizers="$(cd "$PAYLOAD/tokenizers" && python -c "import json, os; print(json.dumps(sorted(os.listdir('.'))))")"
