@@ -434,3 +434,11 @@ def test_ask_with_an_empty_prompt_on_a_model_without_bos_is_refused():
     from memcli.gguf.base import base_gguf
 
     assert_refused(run_cli("ask", base_gguf(models.resolve("tiny")), ""), "the prompt is empty")
+
+
+def test_a_system_prompt_without_the_chat_template_is_refused(pb8, tmp_path):
+    assert_refused(run_cli("train", pb8, "--out", tmp_path / "r", "--model", "tiny", "--system-prompt", "Be brief."),
+                   "--system-prompt is the system message of --chat-template")
+    assert_refused(run_cli("verify", pb8, "--model", "tiny", "--out", tmp_path / "v", "--system-prompt", "Be brief."),
+                   "--system-prompt is the system message of --chat-template")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "v").exists()

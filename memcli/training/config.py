@@ -153,6 +153,8 @@ class TrainConfig:
             (self.preserve_weight > 0, f"--preserve-weight must be positive, got {self.preserve_weight}"),
             (self.preserve or self.preserve_text is None, "--preserve-text is the replay text of --preserve; "
              "add --preserve"),
+            (self.chat_template or self.system_prompt is None, "--system-prompt is the system message of "
+             "--chat-template; add --chat-template"),
         ]
         if self.deploy is not None:
             self.deploy = check_quant(self.deploy, "--deploy")

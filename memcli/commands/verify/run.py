@@ -145,6 +145,9 @@ def resolve_inputs(corpus_path, lora, model: str | None, opts: VerifyOptions) ->
     scan = corpus.scan_corpus(corpus_path, key, allow_conflicting_keys=allow_conflicts)
     base = resolve_base(src, model)
     tokenizer = models.load_tokenizer(base.token_spec)
+    if opts.system_prompt is not None and not chat_template:
+        raise UserError("--system-prompt is the system message of --chat-template; add --chat-template (or verify "
+                        "a run trained with it)")
     system_prompt = opts.system_prompt if opts.system_prompt is not None else corpus.system_prompt_of(s)
     inp = Inputs(corpus_path, lora, model, src, base, chat_template, eos, key, answer_tokens, scan, scan.entries,
                  tokenizer, opts.chunk, system_prompt)
