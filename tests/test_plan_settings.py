@@ -48,13 +48,15 @@ def test_shared_settings_are_what_every_run_has(tmp_path):
 
 def test_train_command_realises_the_law_settings(tmp_path, monkeypatch):
     settings = {**TrainConfig().__dict__, "max_steps": 50, "batch_size": 1, "method": "sft", "dropout": 0.0,
-                "chat_template": True, "curriculum_epochs": [5, 10, 15, 20], "modules": ["up_proj", "down_proj"]}
+                "chat_template": True, "eos": False, "curriculum_epochs": [5, 10, 15, 20],
+                "modules": ["up_proj", "down_proj"]}
     for key in ("rank", "answer_tokens", "corpus", "gguf", "check_every", "checkpoint_every", "log_every",
                 "device", "allow_conflicting_keys"):
         settings.pop(key)
     command = train_command(settings, 6, str(tmp_path / "c.jsonl"), str(tmp_path / "run"))
     assert command.startswith("memcli train ") and "--rank 6" in command
-    assert "--lr" not in command  # a default is left out
+    assert "--lr 0.01" in command  # spelled at its default too: a later change of default does not change the plan
+    assert "--no-eos" in command and "--no-until-recall" in command  # a flag off is an option the command takes
     (tmp_path / "c.jsonl").write_text('{"key": "a:", "value": " 1"}\n')
 
     seen = {}

@@ -89,28 +89,29 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:i]." + _default("device")),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 for the base weights "
                                         "(the adapter stays float32)." + _default("dtype")),
-    until_recall: Optional[bool] = typer.Option(None, "--until-recall", help="Stop as soon as every answer token "
-                                                "of every entry has p > 0.5 (certified recall)."),
+    until_recall: Optional[bool] = typer.Option(None, "--until-recall/--no-until-recall", help="Stop as soon as "
+                                                "every answer token of every entry has p > 0.5 (certified recall)."),
     check_every: Optional[int] = typer.Option(None, help="Steps between clean recall checks."
                                               + _default("check_every")),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints."
                                                    + _default("checkpoint_every")),
     log_every: Optional[int] = typer.Option(None, help="Steps between metrics lines." + _default("log_every")),
     answer_tokens: Optional[int] = typer.Option(None, help="Memorise only the first L answer tokens."),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template", help="Wrap keys in the model's chat "
-                                                 "template as servers render a chat request (the key as the user's "
-                                                 "message, the template's own default system prompt unless "
-                                                 "--system-prompt, the generation prompt); the value ends with the "
-                                                 "template's end-of-turn token (--no-eos: not)."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap keys in "
+                                                 "the model's chat template as servers render a chat request (the key "
+                                                 "as the user's message, the template's own default system prompt "
+                                                 "unless --system-prompt, the generation prompt); the value ends with "
+                                                 "the template's end-of-turn token (--no-eos: not)."),
     system_prompt: Optional[str] = typer.Option(None, help="With --chat-template: the system message your clients "
                                                 "send. \\[default: none, the template's default applies]"),
     eos: Optional[bool] = typer.Option(None, "--eos/--no-eos", help="Also learn the end token after each value: "
                                        "EOS, or with --chat-template the end of turn. \\[default: on with "
                                        "--chat-template, else off]"),
     key: Optional[str] = typer.Option(None, help="The key of a .txt corpus. \\[default: empty]"),
-    allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys", help="Train on a corpus "
-                                                          "that gives one key two different values (refused "
-                                                          "otherwise: such an entry can never be recalled)."),
+    allow_conflicting_keys: Optional[bool] = typer.Option(None, "--allow-conflicting-keys/--no-allow-conflicting-keys",
+                                                          help="Train on a corpus that gives one key two different "
+                                                          "values (refused otherwise: such an entry can never be "
+                                                          "recalled)."),
     deploy: Optional[str] = typer.Option(None, help="A llama.cpp file type (q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ...): "
                                          "train so that recall holds in the files users ship, the adapter over "
                                          "the base quantised to it and the adapter merged and quantised (base "

@@ -6,6 +6,7 @@ extrapolates beyond the fitted runs, and the sentence `memcli plan` prints.
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -271,14 +272,13 @@ def assumed_settings(settings: dict[str, Any]) -> str:
 
 
 def train_command(settings: dict[str, Any], rank: int, corpus: str = "CORPUS", out: str = "runs/planned") -> str:
-    """The `memcli train` command line that trains with the law's settings at this rank: every setting that
-    differs from train's default, spelled as its option."""
+    """The `memcli train` command line that trains with the law's settings at this rank: every setting the law
+    records, spelled as its option whatever train's default is, so that the command reproduces them exactly after
+    a later change of defaults (a setting left unset, such as the placement, is train's own)."""
     defaults = asdict(TrainConfig())
-    words = ["memcli", "train", corpus, "--out", out, "--rank", str(rank)]
-    # eos's default depends on chat_template (on with it): with chat_template, say it either way
-    spelled = {"eos"} if settings.get("chat_template") else set()
+    words = ["memcli", "train", shlex.quote(corpus), "--out", shlex.quote(out), "--rank", str(rank)]
     for key, value in settings.items():
-        if key not in defaults or (value == defaults[key] and key not in spelled) or key in ("rank", "corpus"):
+        if key not in defaults or key in ("rank", "corpus"):
             continue
         option = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -286,7 +286,7 @@ def train_command(settings: dict[str, Any], rank: int, corpus: str = "CORPUS", o
         elif isinstance(value, list):
             words += [option, ",".join(map(str, value))]
         elif value is not None:
-            words += [option, str(value)]
+            words += [option, shlex.quote(str(value))]  # a shell word: an empty key, a system prompt's spaces
     return " ".join(words)
 
 
