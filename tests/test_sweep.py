@@ -42,6 +42,12 @@ def test_sweep_fits_end_to_end_and_resumes(tmp_path):
     assert result.exit_code == 2 and "above the largest rank its runs measured (4)" in " ".join(result.output.split())
     result = run_cli("plan", "--law", law, "--tokens", "24", "--l-init", "13.5", "--extrapolate")
     assert result.exit_code == 0, result.output
+    held = fitted["extrapolation"]  # the law's own check, as fit computed it, repeated by plan
+    if held.get("mape") is not None:
+        assert (f"fitted without its longest length (l = {held['held_out_length']:,.0f}), it predicts those "
+                f"{held['n_points']} runs with MAPE {held['mape']:.2f} %") in " ".join(result.stdout.split())
+    else:
+        assert "own check" not in result.stdout
 
     # plan CORPUS: l counted and L_init measured on the corpus with the plain base model.
     import torch

@@ -176,6 +176,10 @@ def print_plan(result: Plan, console: Console, law: str = "", corpus: str = "COR
                       f"to {high:.3f} nats{below}.")
     for note in result.extrapolation:
         console.print(f"[yellow]{escape(note)}[/yellow]")
+    held = result.held_out or {}
+    if held.get("mape") is not None:
+        console.print(f"The law's own check: fitted without its longest length (l = {held['held_out_length']:,.0f}), "
+                      f"it predicts those {held['n_points']} runs with MAPE {held['mape']:.2f} %.", highlight=False)
     if result.settings:
         console.print(escape(f"The law assumes these training settings: {assumed_settings(result.settings)}."))
     if result.train_rank is not None and result.settings:

@@ -54,6 +54,7 @@ class Plan:
     train_reason: str | None = None
     frontier_rank: int | None = None  # the smallest rank the law's own runs recalled at, at frontier_length
     frontier_length: float | None = None
+    held_out: dict[str, Any] | None = None  # the law's own check: fitted without its longest length, its error there
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -178,7 +179,8 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = MARGIN, max_
                   predicted_l_final=l_init - predicted if predicted is not None else None,
                   interval=interval, level=law.level, extrapolation=extrapolation, sentence="",
                   l_init_source=l_init_source, params_per_rank=per_rank,
-                  l_final_interval=_l_final_interval(law, x, length, l_init), settings=dict(law.settings))
+                  l_final_interval=_l_final_interval(law, x, length, l_init), settings=dict(law.settings),
+                  held_out=dict(law.extrapolation))
     if goal == "recall":
         result.frontier_length, result.frontier_rank = _frontier(law, length, per_rank, x_high, extrapolate)
     result.train_rank, result.train_reason = _train_rank(result)
