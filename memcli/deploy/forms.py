@@ -11,7 +11,7 @@ from pathlib import Path
 from memcli.core import models, runs
 from memcli.gguf.base import cached_base
 from memcli.gguf.merge import export_merged
-from memcli.llama.sampler import sampler_from_options
+from memcli.llama.sampler import sampler_of
 
 FORMS = ("merged", "adapter")
 
@@ -67,8 +67,7 @@ def write_modelfile(out: str | os.PathLike, merged: bool, model: str, settings: 
         lines.append(f"ADAPTER {out}")
     lines.append("PARAMETER temperature 0")
     if settings.get("sampler") == "ollama":  # trained and certified for ollama's penalties and plain greedy both
-        s = sampler_from_options("ollama", repeat_penalty=settings.get("repeat_penalty"),
-                                 repeat_last_n=settings.get("repeat_last_n"))
+        s = sampler_of(settings)
         lines += [f"PARAMETER repeat_penalty {s.repeat_penalty:g}", f"PARAMETER repeat_last_n {s.repeat_last_n}"]
     else:  # greedy as certified: ollama up to v0.32.9 (and before v0.30) adds a repeat penalty of 1.1 by default,
         lines.append("PARAMETER repeat_penalty 1")  # which flips the near ties repeated digits make

@@ -126,3 +126,12 @@ def sampler_from_options(name: str | None = "greedy", *, repeat_penalty: float |
     if given:
         s = dataclasses.replace(s, name=f"{name} ({', '.join(f'{k}={v}' for k, v in given.items())})", **given)
     return s
+
+
+def sampler_of(settings: dict) -> Sampler:
+    """The sampler a run's settings (config.yaml's, or TrainConfig's) train and certify for: its `sampler` preset
+    with its penalties; greedy for a run that names none."""
+    return sampler_from_options(settings.get("sampler") or "greedy", repeat_penalty=settings.get("repeat_penalty"),
+                                repeat_last_n=settings.get("repeat_last_n"),
+                                frequency_penalty=settings.get("frequency_penalty"),
+                                presence_penalty=settings.get("presence_penalty"))

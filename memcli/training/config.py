@@ -16,7 +16,7 @@ import yaml
 from memcli.core.errors import UserError
 from memcli.core.models import DEFAULT_MODEL, cuda_available
 from memcli.core.quants import check_quant
-from memcli.llama.sampler import Sampler, sampler_from_options
+from memcli.llama.sampler import Sampler, sampler_of
 
 METHODS = ("sft", "memft-ot", "memft-sw")
 GGUF_MODES = ("auto", "require", "off")
@@ -82,9 +82,7 @@ class TrainConfig:
 
     def decoding(self) -> Sampler:
         """The runner's sampler this run is trained and certified for (the preset with any penalty given)."""
-        return sampler_from_options(self.sampler, repeat_penalty=self.repeat_penalty,
-                                    repeat_last_n=self.repeat_last_n, frequency_penalty=self.frequency_penalty,
-                                    presence_penalty=self.presence_penalty)
+        return sampler_of(dataclasses.asdict(self))
 
     @classmethod
     def from_sources(cls, yaml_path: Path | None, overrides: dict) -> "TrainConfig":

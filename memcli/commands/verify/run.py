@@ -44,7 +44,7 @@ from memcli.deploy.certify import certify
 from memcli.gguf.adapter import check_pair, export_adapter
 from memcli.gguf.fingerprint import check_base
 from memcli.llama.checks import tokenization_mismatches
-from memcli.llama.sampler import Sampler, sampler_from_options
+from memcli.llama.sampler import Sampler, sampler_of
 from memcli.llama.scorer import LlamaBackend
 
 BACKENDS = ("llama", "torch")
@@ -323,14 +323,6 @@ def certify_deploy(inp: Inputs, opts: VerifyOptions, report_dir: Path, stack: Ex
                    share_prefix=opts.share_prefix, sampler=opts.sampler)
 
 
-def run_sampler(settings: dict) -> Sampler:
-    """The sampler a run was trained and certified for (`train --sampler`), greedy for any other."""
-    return sampler_from_options(settings.get("sampler") or "greedy", repeat_penalty=settings.get("repeat_penalty"),
-                                repeat_last_n=settings.get("repeat_last_n"),
-                                frequency_penalty=settings.get("frequency_penalty"),
-                                presence_penalty=settings.get("presence_penalty"))
-
-
 def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: dict, done: Pass,
                  generation: dict | None, setup_s: float, total_s: float, locality: dict | None = None) -> dict:
     """report.json's content."""
@@ -375,7 +367,7 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
     check_out_dir(out)
     inp = resolve_inputs(corpus_path, lora, model, opts)
     if opts.sampler is None:  # the decoding the run was trained for (plain greedy for most runs)
-        opts = replace(opts, sampler=run_sampler(inp.src.settings))
+        opts = replace(opts, sampler=sampler_of(inp.src.settings))
     locality_text = base_vs_tuned.windows(inp, opts, log)  # a bad --locality TEXT is refused before any model loads
     trained_for = inp.trained_for
     if trained_for and not opts.deploy and opts.backend == "llama" and opts.base == "auto":  # what the run promises
