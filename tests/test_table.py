@@ -60,3 +60,10 @@ def test_other_files_are_refused(tmp_path):
                            "--out", tmp_path / "o.jsonl"), "a table is a .csv, .tsv, .jsonl file")
     assert_refused(run_cli("data", "from-table", tmp_path / "missing.csv", "--query-template", "{a}",
                            "--target-template", "{b}", "--out", tmp_path / "o.jsonl"), "does not exist")
+
+
+def test_a_jsonl_table_line_that_is_not_an_object_is_refused(tmp_path):
+    table = tmp_path / "t.jsonl"
+    table.write_text('{"zip": "1", "city": "A"}\n[1, 2]\n', encoding="utf-8")
+    assert_refused(run_cli("data", "from-table", table, "--query-template", "{zip}:", "--target-template", " {city}",
+                           "--out", tmp_path / "o.jsonl"), "t.jsonl:2: expected a JSON object, got list")

@@ -165,13 +165,19 @@ def _conflict(path, seen: Entry, e: Entry) -> None:
                     "--allow-conflicting-keys to train (and verify) anyway")
 
 
-def _parse_line(path: Path, n: int, line: str) -> Entry:
+def json_object(path: Path, n: int, line: str) -> dict:
+    """Line n of a JSONL file as the object it must be (UserError naming the line otherwise)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _parse_line(path: Path, n: int, line: str) -> Entry:
+    obj = json_object(path, n, line)
     for k, v in FIELD_PAIRS:
         if k in obj and v in obj:
             if not isinstance(obj[k], str) or not isinstance(obj[v], str):

@@ -10,12 +10,12 @@ repeats an earlier row's query and target is one fact, written once.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import string
 from pathlib import Path
 from typing import Iterator
 
+from memcli.core.corpus import json_object
 from memcli.core.errors import UserError
 
 FORMATS = (".csv", ".tsv", ".jsonl")
@@ -44,15 +44,8 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
         with open(path, encoding="utf-8-sig", newline="") as f:
             if path.suffix == ".jsonl":
                 for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{path}:{n}: not a JSON object")
-                    yield n, row
+                    if line.strip():
+                        yield n, json_object(path, n, line)
             else:
                 reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
                 if not reader.fieldnames:
