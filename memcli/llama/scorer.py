@@ -328,8 +328,7 @@ class LlamaBackend:
                 pairs = self.sampler.window_pairs(so_far)
                 last = np.cumsum([len(ex.target_ids) for ex in so_far]) - 1  # each sequence's current position
                 keep = np.isin(pairs[0], last)
-                pos_of = {int(r): i for i, r in enumerate(last)}
-                block_rows = np.array([pos_of[int(r)] for r in pairs[0][keep]], np.int64)
+                block_rows = np.searchsorted(last, pairs[0][keep])  # the row of `rows` each sequence decodes into
                 r, t, c = self.sampler.counts(block_rows, pairs[1][keep], 0, len(active), rows.shape[1])
                 self.sampler.apply(rows, r, t, c)
             next_ids = rows.argmax(axis=1)  # top-1; the first (lowest) id on a tie
