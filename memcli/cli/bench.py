@@ -247,3 +247,38 @@ def bench_methods_cmd(
     # piped output defaults to 80 columns, too narrow for fourteen: print the table wider there
     (out_console if out_console.is_terminal else Console(width=170)).print(table)
     out_console.print(f"medians over seeds; rows in {out / 'results.jsonl'}; plot {plot(rows, out / 'methods.png')}")
+
+
+@bench_app.command("settings")
+@user_errors
+def bench_settings_cmd(
+    out: Path = typer.Option(..., "--out", help="Study folder: results.jsonl (one row per run, appended as runs "
+                             "finish; a rerun skips them), settings.png, runs/ (with --keep-runs)."),
+    corpus: list[str] = typer.Option(..., "--corpus", help="NAME=FILE, a corpus to train on; repeat the option."),
+    variant: list[str] = typer.Option(["default"], "--variant", help="'NAME: setting=value ...', train's defaults "
+                                      "changed by these settings, e.g. 'fast: lr=0.02 dropout=0'; repeat the "
+                                      "option. The first is the baseline."),
+    seeds: str = typer.Option("0", help="Comma-separated training seeds."),
+    model: Optional[str] = typer.Option(None, help="\\[default: smollm2-135m]"),
+    max_steps: int = typer.Option(3000, help="Budget of a run that does not certify."),
+    keep_runs: bool = typer.Option(False, "--keep-runs", help="Keep every run folder in OUT/runs/."),
+):
+    """Entries trained on and time until recall is certified (`train --until-recall`) for variants of train's
+    settings, against the first variant on the same corpus and seed."""
+    from memcli.commands.bench.settings_study import Variant, format_summary, plot_curves, run_study
+    from memcli.core import models
+
+    corpora = {}
+    for item in corpus:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not Path(path).is_file():
+            raise UserError(f"--corpus '{item}': give NAME=FILE with an existing file")
+        corpora[name] = Path(path)
+    variants = [Variant.parse(v) for v in variant]
+    if len({v.name for v in variants}) != len(variants):
+        raise UserError("--variant: two variants have the same name")
+    rows = run_study(out, corpora, variants, parse_ints(seeds, "--seeds"), model or models.DEFAULT_MODEL,
+                     max_steps, keep_runs, log=lambda m: console.print(m, highlight=False, markup=False))
+    plot = plot_curves(rows, [v.name for v in variants], out / "settings.png")
+    out_console.print(format_summary(rows, variants[0].name) + f"\n\nrows in {out / 'results.jsonl'}; plot {plot}",
+                      highlight=False, markup=False)

@@ -71,6 +71,10 @@ def train(
                                           "gate_up_proj,down_proj]"),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha. \\[default: rank, i.e. scale 1]"),
     dropout: Optional[float] = typer.Option(None, help="LoRA dropout." + _default("dropout")),
+    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Scale the adapter by alpha / "
+                                          "sqrt(rank) instead of alpha / rank (rsLoRA)."),
+    init: Optional[str] = typer.Option(None, help="A's initialisation: default (Kaiming-uniform) | gaussian; B "
+                                       "starts at zero." + _default("init")),
     preserve: Optional[bool] = typer.Option(None, "--preserve/--no-preserve", help="Add weight x KL(base || "
                                             "tuned) on a small replay batch of unrelated text to every step, so the "
                                             "model still predicts what it did before (docs/locality.md)."
@@ -79,7 +83,15 @@ def train(
                                                     + _default("preserve_weight")),
     preserve_text: Optional[Path] = typer.Option(None, help="The replay text of --preserve (a UTF-8 file). "
                                                  "\\[default: the base model's own continuations of short prompts]"),
-    lr: Optional[float] = typer.Option(None, help="AdamW learning rate, decayed linearly to 0." + _default("lr")),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate (see --schedule)." + _default("lr")),
+    schedule: Optional[str] = typer.Option(None, help="Learning rate after the warm-up: linear (decays to 0 at the "
+                                           "budget) | constant | cosine (to 0 at the budget)." + _default("schedule")),
+    warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear warm-up." + _default("warmup_steps")),
+    lora_plus: Optional[float] = typer.Option(None, help="LoRA+: B's learning rate is --lr times this (1: off)."
+                                              + _default("lora_plus")),
+    adam_beta1: Optional[float] = typer.Option(None, help="AdamW beta1." + _default("adam_beta1")),
+    adam_beta2: Optional[float] = typer.Option(None, help="AdamW beta2." + _default("adam_beta2")),
+    adam_eps: Optional[float] = typer.Option(None, help="AdamW epsilon." + _default("adam_eps")),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay." + _default("weight_decay")),
     clip: Optional[float] = typer.Option(None, help="Gradient-norm clipping." + _default("clip")),
     epochs: Optional[int] = typer.Option(None, help="Training budget in epochs." + _default("epochs")),

@@ -20,6 +20,8 @@ from memcli.llama.sampler import Sampler, sampler_of
 
 METHODS = ("sft", "memft-ot", "memft-sw")
 GGUF_MODES = ("auto", "require", "off")
+SCHEDULES = ("linear", "constant", "cosine")
+INITS = ("default", "gaussian")
 # Settings that do not change what a run trains: a resumed run or a sweep cell may differ in them.
 OUTPUT_ONLY = ("gguf",)
 
@@ -47,12 +49,20 @@ class TrainConfig:
     modules: list[str] | None = None
     alpha: float | None = None
     dropout: float = 0.1
+    rslora: bool = False  # scale the adapter by alpha / sqrt(rank) instead of alpha / rank
+    init: str = "default"  # A's initialisation: default (Kaiming-uniform) | gaussian; B starts at zero
     # preserve: keep the base's next-token distribution on unrelated text (memcli.training.preserve)
     preserve: bool = False
     preserve_weight: float = 100.0
     preserve_text: str | None = None
     # optimiser
     lr: float = 1e-2
+    schedule: str = "linear"  # linear (to 0 at the budget) | constant | cosine (to 0 at the budget)
+    warmup_steps: int = 0
+    lora_plus: float = 1.0  # LoRA+: B's learning rate is lr x this
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
     weight_decay: float = 0.0
     clip: float = 1.0
     epochs: int = 200
@@ -140,6 +150,14 @@ class TrainConfig:
             (self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0),
              f"--alpha must be positive, got {self.alpha}"),
             (self.clip > 0, f"--clip must be positive, got {self.clip}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'"),
+            (self.init in INITS, f"--init must be one of {', '.join(INITS)}, got '{self.init}'"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (math.isfinite(self.lora_plus) and self.lora_plus > 0, f"--lora-plus must be positive, got "
+             f"{self.lora_plus}"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, f"--adam-beta1 and --adam-beta2 must be in "
+             f"[0, 1), got {self.adam_beta1} and {self.adam_beta2}"),
+            (math.isfinite(self.adam_eps) and self.adam_eps > 0, f"--adam-eps must be positive, got {self.adam_eps}"),
             (math.isfinite(self.margin) and self.margin >= 0, f"--margin must be >= 0, got {self.margin}"),
             (self.answer_tokens is None or self.answer_tokens >= 1,
              f"--answer-tokens must be at least 1, got {self.answer_tokens}"),
@@ -160,6 +178,34 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+
+def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate at optimiser step `step` (0-based) as a fraction of --lr: a linear warm-up over
+    --warmup-steps, then --schedule: constant, or linear or cosine decay reaching 0 at the budget."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(total_steps - cfg.warmup_steps, 1)
+    done = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    return 1.0 - done if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def parse_assignments(words: list[str], where: str, reserved: tuple[str, ...] = ()) -> dict:
+    """Train settings written as SETTING=VALUE words (e.g. a study's variant "lr=0.02 dropout=0"), each coerced
+    to its field's type; a word that is not one, or names a `reserved` setting, is refused naming `where`."""
+    hints = typing.get_type_hints(TrainConfig)
+    settings = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in hints or key in reserved:
+            raise UserError(f"{where}: '{word}' is not SETTING=VALUE of a train setting that a variant may change")
+        if hints[key] is bool:  # written on a command line: true/false
+            value = {"true": True, "false": False}.get(value.lower(), value)
+        settings[key] = coerce_setting(value, hints[key], where)
+    return settings
 
 
 def _describe(value) -> str:

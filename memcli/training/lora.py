@@ -44,17 +44,29 @@ def resolve_placement(model, layers: list[int] | None, modules: list[str] | str 
     return layers, list(modules)
 
 
-def add_lora(model, rank: int, alpha: float | None, dropout: float, layers: list[int], modules: list[str], seed: int):
-    """Wrap the frozen model with a seeded LoRA adapter (A random, B zero) on the given layers and modules."""
+def add_lora(model, rank: int, alpha: float | None, dropout: float, layers: list[int], modules: list[str], seed: int,
+             rslora: bool = False, init: str = "default"):
+    """Wrap the frozen model with a seeded LoRA adapter (A random: Kaiming-uniform, or Gaussian with `init`
+    gaussian; B zero) on the given layers and modules; `rslora` scales it by alpha / sqrt(rank)."""
     from peft import LoraConfig, get_peft_model
 
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
     pattern = r".*\.layers\.({})\.(self_attn|mlp)\.({})".format("|".join(map(str, layers)), "|".join(modules))
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        target_modules=pattern, bias="none", task_type="CAUSAL_LM")
+                        target_modules=pattern, bias="none", task_type="CAUSAL_LM", use_rslora=rslora,
+                        init_lora_weights=True if init == "default" else init)
     torch.manual_seed(seed)
     return get_peft_model(model, config)
+
+
+def parameter_groups(model, lr: float, lora_plus: float = 1.0) -> list[dict]:
+    """The adapter's trainable parameters as optimiser groups: A matrices at `lr`, B matrices at `lr` x
+    `lora_plus` (LoRA+, Hayou et al. 2024; 1: one learning rate for both)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    b = [p for n, p in named if ".lora_B." in n]
+    rest = [p for n, p in named if ".lora_B." not in n]
+    return [{"params": rest, "lr": lr}] + ([{"params": b, "lr": lr * lora_plus}] if b else [])
 
 
 def trainable_parameters(model) -> int:

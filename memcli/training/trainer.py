@@ -7,6 +7,7 @@ input is refused there, before the run folder exists.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import pickle
 import platform
@@ -23,7 +24,7 @@ from memcli.core import corpus, models, runs
 from memcli.core.errors import UserError
 from memcli.gguf.adapter import export_adapter, exportable
 from memcli.training import forward, lora
-from memcli.training.config import TrainConfig, describe_differences, setting_differences
+from memcli.training.config import TrainConfig, describe_differences, lr_factor, setting_differences
 from memcli.training.deploy_aware import Deployment
 from memcli.training.locality import reference_windows, torch_locality
 from memcli.training.objectives import (
@@ -96,7 +97,8 @@ class Trainer:
                                        system_prompt=cfg.system_prompt,
                                        answer_tokens=cfg.answer_tokens, n_ctx=n_ctx, path=cfg.corpus)
         self.layers, self.modules = lora.resolve_placement(model, cfg.layers, cfg.modules)
-        self.model = lora.add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, self.layers, self.modules, cfg.seed)
+        self.model = lora.add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, self.layers, self.modules, cfg.seed,
+                                   rslora=cfg.rslora, init=cfg.init)
         self.params = lora.trainable_parameters(self.model)
         self.l = corpus.answer_tokens(self.examples)
         self.gguf_blocker = self.check_gguf()  # before step 1: can adapter.gguf be written at the end?
@@ -115,10 +117,11 @@ class Trainer:
         self.sliding = [SlidingState() for _ in self.examples]
         self.total_steps = cfg.max_steps or sum(math.ceil(len(self.epoch_order(e)) / cfg.batch_size)
                                                 for e in range(cfg.epochs))
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(lora.parameter_groups(self.model, cfg.lr, cfg.lora_plus), lr=cfg.lr,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: max(0.0, 1.0 - s / self.total_steps))
+            self.optimizer, lambda s: lr_factor(cfg, s, self.total_steps))
 
         # Inputs are good: from here on the run folder exists.
         if force and self.out.exists() and not resume:
@@ -199,6 +202,10 @@ class Trainer:
                     return
                 yield step, epoch, order[i: i + self.cfg.batch_size]
             epoch += 1
+
+    def examples_seen(self) -> int:
+        """Entries trained on so far: the sum of the batch sizes of steps 1..step (a partial batch as it is)."""
+        return sum(len(idx) for _, _, idx in itertools.islice(self.batches(), self.step))
 
     # --- the forward pass ------------------------------------------------------------------------------
     def frozen_prefix(self) -> forward.FrozenPrefix | None:
@@ -349,9 +356,9 @@ class Trainer:
             "exact_match": final.exact_match, "token_accuracy": final.mean_token_accuracy,
             "certified": final.certified_rate,
             "all_certified": final.certified_rate == 1.0, "above_threshold": final.above,
-            "steps": self.step, "total_steps": self.total_steps, "stop_reason": stop_reason,
-            "certified_at_step": certified_at, "wall_seconds": round(self.wall, 3), "seed": cfg.seed,
-            "gguf": None, "gguf_error": self.gguf_blocker,
+            "steps": self.step, "examples": self.examples_seen(), "total_steps": self.total_steps,
+            "stop_reason": stop_reason, "certified_at_step": certified_at, "wall_seconds": round(self.wall, 3),
+            "seed": cfg.seed, "gguf": None, "gguf_error": self.gguf_blocker,
         }
         if self.deploy is not None:
             summary["deploy"] = self.deploy.summary(self.model, self.examples, self.out, self.step)

@@ -21,14 +21,13 @@ import json
 import math
 import shlex
 import statistics
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from memcli.core import models
 from memcli.core.datagen import generate_phonebook, generate_random_tokens, write_jsonl
 from memcli.core.errors import UserError
-from memcli.training.config import TrainConfig, coerce_setting
+from memcli.training.config import TrainConfig, parse_assignments
 from memcli.training.trainer import Trainer
 
 PHONEBOOK_BITS = math.log2(4e9)  # per exactly recalled PhoneBook number: first digit 6-9, nine free digits
@@ -54,16 +53,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     words = shlex.split(text)
     if not words:
         raise UserError("--variant: empty")
-    hints = typing.get_type_hints(TrainConfig)
-    settings = {"method": words[0]}
-    for word in words[1:]:
-        key, sep, value = word.partition("=")
-        if not sep or key not in hints or key in STUDY_SETTINGS:
-            raise UserError(f"--variant '{text}': '{word}' is not SETTING=VALUE of a train setting that a variant "
-                            "may change")
-        if hints[key] is bool:  # written on a command line: true/false
-            value = {"true": True, "false": False}.get(value.lower(), value)
-        settings[key] = coerce_setting(value, hints[key], f"--variant '{text}'")
+    settings = {"method": words[0]} | parse_assignments(words[1:], f"--variant '{text}'", STUDY_SETTINGS)
     TrainConfig(**settings).validate()
     return " ".join(words), settings
 

@@ -1,0 +1,93 @@
+"""Train's optimiser settings do what they say: the learning-rate schedule by hand, LoRA+'s larger rate for B,
+rsLoRA's scale, and the count of entries trained on that the settings study compares."""
+
+import json
+import math
+
+import pytest
+from helpers import DATA, assert_refused, run_cli
+
+from memcli.training.config import TrainConfig, lr_factor
+
+
+def test_schedules_by_hand():
+    cfg = TrainConfig()
+    assert [lr_factor(cfg, s, 4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]  # today's linear decay
+    warm = TrainConfig(warmup_steps=3, schedule="constant")
+    assert [lr_factor(warm, s, 100) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cosine = TrainConfig(schedule="cosine", warmup_steps=2)
+    assert lr_factor(cosine, 2, 12) == 1.0  # the first step after the warm-up
+    assert lr_factor(cosine, 7, 12) == pytest.approx(0.5)  # half-way through the decay: cos(pi/2)
+    assert lr_factor(cosine, 12, 12) == pytest.approx(0.0)
+    linear = TrainConfig(warmup_steps=2)
+    assert lr_factor(linear, 7, 12) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, pb8):
+    from memcli.training.trainer import Trainer
+
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", rank=4, lr=0.01, lora_plus=16, rslora=True, batch_size=3,
+                      max_steps=3, check_every=1000, gguf="off")
+    t = Trainer(cfg, tmp_path_factory.mktemp("opt") / "run", log=lambda m: None)
+    yield t
+    t.close()
+
+
+def test_lora_plus_trains_b_at_a_larger_rate(trainer):
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.16)]
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert all(".lora_A." in names[id(p)] for p in groups[0]["params"])
+    assert all(".lora_B." in names[id(p)] for p in groups[1]["params"])
+    assert len(groups[0]["params"]) == len(groups[1]["params"]) > 0
+
+
+def test_rslora_scales_by_alpha_over_sqrt_rank(trainer):
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in trainer.model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(m.scaling["default"] == pytest.approx(4 / math.sqrt(4)) for m in layers)
+
+
+def test_entries_trained_on_count_a_partial_batch_as_it_is(trainer):
+    # pb8 at batch 3: epochs of 3 + 3 + 2 entries; three steps see 8 entries
+    assert [len(idx) for _, _, idx in trainer.batches()] == [3, 3, 2]
+    trainer.step = 3
+    assert trainer.examples_seen() == 8
+    trainer.step = 2
+    assert trainer.examples_seen() == 6
+
+
+def test_bad_optimiser_settings_are_refused(tmp_path):
+    corpus = DATA / "phonebook" / "llama" / "PB16.jsonl"
+    for option, value in (("--schedule", "step"), ("--init", "pissa"), ("--lora-plus", "0"), ("--adam-beta2", "1"),
+                          ("--adam-eps", "0"), ("--warmup-steps", "-1")):
+        assert_refused(run_cli("train", corpus, "--out", tmp_path / "r", "--model", "tiny", option, value),
+                       option)
+    assert not (tmp_path / "r").exists()
+
+
+def test_settings_study_compares_variants_on_the_same_corpus_and_seed(tmp_path, pb8):
+    out = tmp_path / "study"
+    args = ("bench", "settings", "--out", out, "--corpus", f"pb8={pb8}", "--model", "tiny", "--max-steps", "30",
+            "--variant", "slow: lr=0.001", "--variant", "fast: lr=0.05 batch_size=4 check_every=2")
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["slow", "fast"]
+    slow, fast = rows
+    assert slow["steps"] == 30 and not slow["certified"]  # the budget ran out
+    assert slow["examples"] == 30 * 8  # batch 16 holds all 8 entries
+    assert fast["examples"] == fast["steps"] * 4
+    assert fast["curve"] and all(step % 2 == 0 or step == fast["steps"] for step, _ in fast["curve"])
+    assert (out / "settings.png").stat().st_size > 0 and not (out / "runs").exists()
+    assert f"| pb8 | fast | {int(fast['certified'])}/1 |" in result.output
+    again = run_cli(*args)  # a rerun trains nothing: every row is there
+    assert again.exit_code == 0 and len((out / "results.jsonl").read_text().splitlines()) == 2
+    for bad in ("x: seed=3", "x: lr=fast", "x: bogus=1", "a/b: lr=0.1"):
+        assert_refused(run_cli("bench", "settings", "--out", tmp_path / "bad", "--corpus", f"pb8={pb8}",
+                               "--variant", bad), "--variant")
+    assert_refused(run_cli("bench", "settings", "--out", tmp_path / "bad", "--corpus", "pb8=/nonexistent"),
+                   "--corpus")
+    assert not (tmp_path / "bad").exists()
