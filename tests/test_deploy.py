@@ -118,11 +118,13 @@ def test_fake_quantisation_is_what_the_quantised_file_holds(tiny_spec, tmp_path)
         assert 0 < np.abs(ours - w).max() < 0.5 * np.abs(w).max()  # it did round
 
 
-def test_the_merged_form_in_training_is_the_quantised_merge_peft_makes(adapter, tiny_spec, seqs):
-    """`train --deploy`'s merged form (a forward hook on every adapted layer) gives the logits of PEFT's own
-    merge_and_unload with each merged weight rounded as llama.cpp's quantiser rounds it, passes the gradient on
-    to A and B, and leaves the adapter form PEFT's own forward. Fails loudly if a PEFT upgrade changes the
-    public API the hook uses (get_delta_weight, active_adapters, get_base_layer)."""
+def test_the_forms_in_training_are_the_files_peft_and_llama_cpps_quantiser_make(adapter, tiny_spec, seqs):
+    """`train --deploy`'s forms: the merged form (a forward hook on every adapted layer) gives the logits of
+    PEFT's own merge_and_unload with each merged weight rounded as llama.cpp's quantiser rounds it and every other
+    tensor the quantised base's, and passes the gradient on to A and B; the adapter form over a quantised base is
+    PEFT's own forward over that base (its tensors swapped in); the float form and the model after any form are
+    PEFT's forward over the float base. Fails loudly if a PEFT upgrade changes the public API the hook uses
+    (get_delta_weight, active_adapters, get_base_layer)."""
     import gguf
     from peft import PeftModel
 
@@ -132,44 +134,57 @@ def test_the_merged_form_in_training_is_the_quantised_merge_peft_makes(adapter, 
     folder, adapted = adapter
     quant_base = cached_base(tiny_spec, "q8_0")
     ids = torch.tensor([seqs[0]])
+    q8_model = models.load_model(models.resolve(str(quant_base)))[0]
 
-    def peft_model():
-        model, _ = models.load_model(tiny_spec)
-        return PeftModel.from_pretrained(model, folder)
+    def peft_model(base=None):
+        return PeftModel.from_pretrained(base or models.load_model(tiny_spec)[0], folder)
 
     expected = peft_model().merge_and_unload()
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(quant_base).tensors}
     rounded = 0
     with torch.no_grad():
         for name, module in expected.named_modules():
-            if ".layers.1." in name or ".layers.2." in name:
-                if isinstance(module, torch.nn.Linear):
-                    layer, kind = name.split(".layers.")[1].split(".", 1)
-                    gname = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                             "mlp.down_proj": "ffn_down"}[kind]
-                    w = module.weight.detach().numpy()
-                    module.weight.copy_(torch.from_numpy(roundtrip(w, types[f"blk.{layer}.{gname}.weight"])))
-                    rounded += 1
-        want = expected(ids).logits
+            ours = q8_model.get_submodule(name)
+            if (".layers.1." in name or ".layers.2." in name) and isinstance(module, torch.nn.Linear):
+                layer, kind = name.split(".layers.")[1].split(".", 1)
+                gname = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                         "mlp.down_proj": "ffn_down"}[kind]
+                w = module.weight.detach().numpy()
+                module.weight.copy_(torch.from_numpy(roundtrip(w, types[f"blk.{layer}.{gname}.weight"])))
+                rounded += 1
+            else:  # every other tensor as the quantised base holds it
+                for pname, p in module.named_parameters(recurse=False):
+                    p.copy_(getattr(ours, pname))
+        want_merged = expected(ids).logits
+        want_adapter = peft_model(models.load_model(models.resolve(str(quant_base)))[0])(ids).logits
     assert rounded == 14
 
     model = peft_model()
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
-    target = DeployTarget(model, models.hf_dir(tiny_spec), quant_base)
+    floats = {n: p.data for n, p in models.load_model(tiny_spec)[0].named_parameters(remove_duplicate=False)}
+    q8 = {n: p.data for n, p in q8_model.named_parameters(remove_duplicate=False)}
+    target = DeployTarget(model, models.hf_dir(tiny_spec), {"float": (None, floats), "q8_0": (quant_base, q8)},
+                          home="float")
     with torch.no_grad():
         plain = model(ids).logits
-    with target.form("merged"):
+        with target.form("float", "adapter"):
+            assert torch.equal(model(ids).logits, plain)
+        with target.form("q8_0", "adapter"):
+            over_q8 = model(ids).logits
+        assert torch.equal(model(ids).logits, plain)  # the float tensors are back
+    assert torch.allclose(over_q8, want_adapter, atol=1e-5), float((over_q8 - want_adapter).abs().max())
+    with target.form("q8_0", "merged"):
         merged = model(ids).logits
-    assert torch.allclose(merged, want, atol=1e-4), float((merged - want).abs().max())
+    assert torch.allclose(merged, want_merged, atol=1e-4), float((merged - want_merged).abs().max())
     assert not torch.allclose(merged, plain, atol=1e-3)  # the rounding shows
     merged.sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert len(grads) == 28 and all(g is not None and g.abs().sum() > 0 for g in grads)
     lp = torch.log_softmax(plain[0].double(), -1)
     got = lp[torch.arange(len(seqs[0]) - 1), torch.tensor(seqs[0][1:])].numpy()
-    assert np.abs(got - adapted[0]).max() < 1e-4  # the adapter form is PEFT's own forward
+    assert np.abs(got - adapted[0]).max() < 1e-4  # the float adapter form is PEFT's own forward
 
 
 @pytest.mark.parametrize("args,message", [
@@ -199,12 +214,13 @@ def test_bad_deploy_types_exit_2(pb8, adapter, tmp_path):
 
 @pytest.fixture(scope="module")
 def deploy_run(pb8, tmp_path_factory):
-    """tiny trained on pb8 with --deploy q8_0 until llama.cpp certifies both deployed forms (or 300 steps)."""
+    """tiny trained on pb8 with --deploy q8_0,f16 until llama.cpp certifies both deployed forms of each type (or
+    300 steps)."""
     run = tmp_path_factory.mktemp("deploy") / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run_cli("train", pb8, "--model", "tiny", "--out", run, "--deploy", "q8_0", "--until-recall",
+        result = run_cli("train", pb8, "--model", "tiny", "--out", run, "--deploy", "q8_0,f16", "--until-recall",
                          "--max-steps", "300", "--lr", "0.02", "--check-every", "20")
     finally:
         torch.set_num_threads(threads)
@@ -214,21 +230,23 @@ def deploy_run(pb8, tmp_path_factory):
 
 @pytest.mark.slow  # training to certified recall in both deployed forms, or exports of every form
 def test_train_deploy_certifies_the_deployed_files(deploy_run, pb8):
-    """--deploy's summary records llama.cpp's verdict on both forms; the merged file it keeps recalls every
-    entry under llama-cpp-python's own greedy generation (`memcli ask`)."""
+    """--deploy's summary records llama.cpp's verdict on both forms of each type; the merged files it keeps
+    recall every entry under llama-cpp-python's own greedy generation (`memcli ask`)."""
     summary = json.loads((deploy_run / "summary.json").read_text())
     d = summary["deploy"]
-    assert d["type"] == "q8_0" and d["error"] is None
-    assert {r["form"] for r in d["forms"]} == {"merged", "adapter"}
+    assert d["types"] == ["q8_0", "f16"] and d["error"] is None
+    assert {(r["form"], r["type"]) for r in d["forms"]} == {(f, t) for f in ("merged", "adapter")
+                                                            for t in ("q8_0", "f16")}
     assert summary["stop_reason"] == "certified"
     assert all(r["certified"] == r["entries"] == 8 for r in d["forms"])
-    merged = deploy_run / "deploy" / "merged.q8_0.gguf"
-    assert {t.type for t in read_gguf(merged).tensors.values()} >= {8}  # Q8_0 tensors
-    for row in map(json.loads, pb8.read_text().splitlines()[:3]):
-        key, value = row.get("query") or row.get("key"), row.get("target") or row.get("value")
-        result = run_cli("ask", merged, key, "--max-tokens", "16")
-        assert result.exit_code == 0, result.output
-        assert result.stdout.splitlines()[0].startswith(key + value)
+    for quant, ggml_type in (("q8_0", 8), ("f16", 1)):
+        merged = deploy_run / "deploy" / f"merged.{quant}.gguf"
+        assert ggml_type in {t.type for t in read_gguf(merged).tensors.values()}
+        for row in map(json.loads, pb8.read_text().splitlines()[:3]):
+            key, value = row.get("query") or row.get("key"), row.get("target") or row.get("value")
+            result = run_cli("ask", merged, key, "--max-tokens", "16")
+            assert result.exit_code == 0, result.output
+            assert result.stdout.splitlines()[0].startswith(key + value)
 
 
 @pytest.mark.slow  # training to certified recall in both deployed forms, or exports of every form
@@ -251,15 +269,17 @@ def test_verify_deploy_prints_and_records_the_survival_table(deploy_run, pb8, tm
 
 @pytest.mark.slow  # training to certified recall in both deployed forms, or exports of every form
 def test_verify_of_a_deploy_run_certifies_what_it_was_trained_for(deploy_run, pb8, tmp_path):
-    """verify --lora RUN of a --deploy q8_0 run, nothing else asked: its adapter over the base as llama.cpp
-    quantises it to Q8_0 (not the float base), and both deployed forms of Q8_0 in the table."""
+    """verify --lora RUN of a --deploy q8_0,f16 run, nothing else asked: its adapter over the base as llama.cpp
+    quantises it to Q8_0, the first type (not the float base), and both deployed forms of each type in the
+    table."""
     out = tmp_path / "v"
     result = run_cli("verify", pb8, "--lora", deploy_run, "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["base"]["kind"] == "deploy-q8_0"
     assert {t.type for t in read_gguf(Path(report["settings"]["base_gguf"])).tensors.values()} >= {8}  # Q8_0
-    assert {(r["form"], r["type"]) for r in report["deploy"]} == {("merged", "q8_0"), ("adapter", "q8_0")}
+    assert {(r["form"], r["type"]) for r in report["deploy"]} == {(f, t) for f in ("merged", "adapter")
+                                                                  for t in ("q8_0", "f16")}
     assert all(r["certified"] == 8 for r in report["deploy"])
     assert report["totals"]["certified"] == 8
     result = run_cli("verify", pb8, "--lora", deploy_run, "--out", tmp_path / "t", "--base", "training")
@@ -273,7 +293,7 @@ def test_ask_with_a_run_and_adapter_over_a_quantised_base(deploy_run, pb8, tmp_p
     llama.cpp itself (q8_0: the type the run was trained against)."""
     row = json.loads(pb8.read_text().splitlines()[0])
     key, value = row.get("query") or row.get("key"), row.get("target") or row.get("value")
-    assert Path(json.loads((deploy_run / "summary.json").read_text())["deploy"]["base_gguf"]).exists()
+    assert Path(json.loads((deploy_run / "summary.json").read_text())["deploy"]["base_gguf"]["q8_0"]).exists()
     theirs = tmp_path / "base.q8_0.gguf"
     llama_quantize(base_gguf(models.resolve("tiny")), theirs, 7)
     result = run_memcli("ask", deploy_run / "adapter.gguf", key, "--model", theirs, "--max-tokens", "16")

@@ -124,12 +124,13 @@ def train(
                                                           help="Train on a corpus that gives one key two different "
                                                           "values (refused otherwise: such an entry can never be "
                                                           "recalled)."),
-    deploy: Optional[str] = typer.Option(None, help="A llama.cpp file type (q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ...): "
-                                         "train so that recall holds in the files users ship, the adapter over "
-                                         "the base quantised to it and the adapter merged and quantised (base "
-                                         "weights as quantised, the merged layer quantised in the loop); "
-                                         "--until-recall stops when llama.cpp certifies both. The certified "
-                                         "merged file is kept in RUN/deploy/."),
+    deploy: Optional[str] = typer.Option(None, help="Comma-separated llama.cpp file types (f16, q8_0, q6_k, "
+                                         "q5_k_m, q4_k_m, q4_0, ...), e.g. f16,q8_0,q4_k_m: train so that recall "
+                                         "holds in the files users ship, for each type the adapter over the base "
+                                         "quantised to it and the adapter merged and quantised (base weights as "
+                                         "quantised, the merged layer quantised in the loop; 16-bit types train on "
+                                         "the float weights); --until-recall stops when llama.cpp certifies every "
+                                         "file. The certified merged files are kept in RUN/deploy/."),
     margin: Optional[float] = typer.Option(None, help="Certify a token only when its logit leads the runner-up's by "
                                            "at least this (memft-ot trains it until it does): a safety margin "
                                            "against rounding in other runtimes." + _default("margin")),

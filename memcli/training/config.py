@@ -15,7 +15,7 @@ import yaml
 
 from memcli.core.errors import UserError
 from memcli.core.models import DEFAULT_MODEL, cuda_available
-from memcli.core.quants import check_quant
+from memcli.core.quants import parse_quants
 from memcli.llama.sampler import Sampler, sampler_of
 
 METHODS = ("sft", "memft-ot", "memft-sw")
@@ -77,7 +77,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 1
     # deployment
-    deploy: str | None = None  # a llama.cpp file type (e.g. q4_k_m): train so that recall holds in its files
+    deploy: str | None = None  # llama.cpp file types (e.g. f16,q4_k_m): train so that recall holds in their files
     margin: float = 0.0  # certify a token only when its logit leads the runner-up's by this (memft-ot trains it)
     # the runner's decoding (memcli.llama.sampler): trained for, and certified under it and under plain greedy
     sampler: str = "greedy"
@@ -89,6 +89,10 @@ class TrainConfig:
     gguf: str = "auto"  # adapter.gguf: auto (when the model can be exported) | require | off
     # corpus checks
     allow_conflicting_keys: bool = False  # train on a corpus with a key given two different values
+
+    def deploy_types(self) -> list[str]:
+        """The llama.cpp file types of --deploy (none without it)."""
+        return self.deploy.split(",") if self.deploy else []
 
     def decoding(self) -> Sampler:
         """The runner's sampler this run is trained and certified for (the preset with any penalty given)."""
@@ -173,7 +177,7 @@ class TrainConfig:
              "--chat-template; add --chat-template"),
         ]
         if self.deploy is not None:
-            self.deploy = check_quant(self.deploy, "--deploy")
+            self.deploy = ",".join(parse_quants(self.deploy, "--deploy"))
         self.decoding()  # a bad preset or penalty ends here
         for ok, message in checks:
             if not ok:

@@ -88,51 +88,76 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-class DeployTarget:
-    """The merged form of every adapted layer of a PEFT model, switched on inside `form("merged")`."""
+FLOAT_TYPES = ("f32", "f16", "bf16")  # a 16-bit file holds the float weights to within its rounding
 
-    def __init__(self, model, float_folder: Path, quant_base: Path):
-        self.mode = "adapter"
+
+class DeployTarget:
+    """The deployment forms of every adapted layer of a PEFT model, one switched on at a time by `form`: the
+    base weights of a type (every frozen tensor, swapped in place: no copy) and, in a merged form, each adapted
+    layer's output through deq(quant(W + delta)) at the tensor type llama.cpp's quantiser gives it."""
+
+    def __init__(self, model, float_folder: Path, bases: dict[str, tuple[Path | None, dict]], home: str):
+        """`bases`: per form type ("float", or a quantised type), (its base GGUF or None, its frozen tensors by
+        the plain model's parameter names); `home` is the type whose tensors the model holds now."""
+        self.mode, self.current = "adapter", home
         hf = read_hf(float_folder)
-        quantised = read_gguf(quant_base, "quantised base")
-        self.types: dict[str, str] = {}
+        self.types: dict[str, dict[str, str]] = {}  # per quantised type: the tensor type of each adapted layer
         layers = [(n[len(_PEFT_PREFIX):] if n.startswith(_PEFT_PREFIX) else n, m)
                   for n, m in model.named_modules() if isinstance(m, LoraLayer)]
         floats = dict(iter_hf_tensors(hf, [n + ".weight" for n, _ in layers]))
+        quantised = {t: read_gguf(path, "quantised base") for t, (path, _) in bases.items() if path is not None}
+        self.qtypes: dict[str, dict[str, int]] = {}  # per quantised type: the ggml type of each adapted layer
         for name, layer in layers:
             gname = hf.gguf_name(name + ".weight")
-            if gname not in quantised.tensors:
-                raise UserError(f"--deploy: {quant_base} has no tensor {gname} for the adapted layer {name}")
-            qtype = quantised.tensors[gname].type
-            self.types[gname] = _type_name(qtype)
+            for t, reader in quantised.items():
+                if gname not in reader.tensors:
+                    raise UserError(f"--deploy: {bases[t][0]} has no tensor {gname} for the adapted layer {name}")
+                qtype = reader.tensors[gname].type
+                self.qtypes.setdefault(name, {})[t] = qtype
+                self.types.setdefault(t, {})[gname] = _type_name(qtype)
             w = torch.from_numpy(floats[name + ".weight"]).to(next(layer.parameters()).device)
             layer.register_buffer("memcli_float_weight", w, persistent=False)
-            layer.register_forward_hook(_merged_hook(self, qtype))
+            layer.register_forward_hook(_merged_hook(self, self.qtypes.get(name, {})))
+        # every frozen tensor of the model, with its value in each type's base
+        self.frozen = [(p, {t: tensors[_plain_name(n)] for t, (_, tensors) in bases.items()})
+                       for n, p in model.named_parameters() if not p.requires_grad]
 
     @contextlib.contextmanager
-    def form(self, mode: str):
-        previous, self.mode = self.mode, mode
+    def form(self, base: str, mode: str):
+        """The model as the deployed file of type `base` ("float" or a quantised type) in `mode` (adapter or
+        merged) computes it."""
+        previous = self.current, self.mode
+        self.use(base)
+        self.mode = mode
         try:
             yield
         finally:
-            self.mode = previous
+            self.use(previous[0])
+            self.mode = previous[1]
 
-    def forms(self):
-        """Runs the loop body once per deployment form, in that form: `[f() for _ in target.forms()]`."""
-        for mode in ("adapter", "merged"):
-            with self.form(mode):
-                yield mode
+    def use(self, base: str) -> None:
+        if base != self.current:
+            for p, values in self.frozen:
+                p.data = values[base]
+            self.current = base
 
 
-def _merged_hook(target: DeployTarget, qtype: int):
-    """A forward hook (torch's public API) that, in the merged form, replaces the layer's output by the input
-    through deq(quant(W + delta)); delta is PEFT's own `get_delta_weight` (the scaled B A that merging adds)."""
+def _plain_name(peft_name: str) -> str:
+    """A PEFT model's parameter name as the plain model names it (model.layers.15.mlp.up_proj.weight)."""
+    name = peft_name[len(_PEFT_PREFIX):] if peft_name.startswith(_PEFT_PREFIX) else peft_name
+    return name.replace(".base_layer.", ".")
+
+
+def _merged_hook(target: DeployTarget, qtypes: dict[str, int]):
+    """A forward hook (torch's public API) that, in a merged form, replaces the layer's output by the input
+    through deq(quant(W + delta)) at that type; delta is PEFT's own `get_delta_weight` (the scaled B A that
+    merging adds)."""
     def hook(layer, args, output):
         if target.mode != "merged":
             return None
         x = args[0]
         w = layer.memcli_float_weight + layer.get_delta_weight(layer.active_adapters[0])
-        y = F.linear(x.to(w.dtype), _StraightThrough.apply(w, qtype), layer.get_base_layer().bias)
+        y = F.linear(x.to(w.dtype), _StraightThrough.apply(w, qtypes[target.current]), layer.get_base_layer().bias)
         return y.to(output.dtype)
     return hook
 
@@ -145,47 +170,83 @@ def _type_name(t: int) -> str:
 # --- the run's side of `train --deploy` ------------------------------------------------------------------
 
 class Deployment:
-    """What `train --deploy TYPE` adds to the loop (memcli.training.trainer.Trainer): the base as llama.cpp's
-    quantiser makes it at TYPE, both deployment forms in every forward pass (DeployTarget), and llama.cpp's
-    verdict on the deployed files made from the adapter as it is (memcli.deploy.certify)."""
+    """What `train --deploy TYPES` adds to the loop (memcli.training.trainer.Trainer): the bases as llama.cpp's
+    quantiser makes them, every deployment form in every forward pass (DeployTarget), and llama.cpp's verdict on
+    the deployed files made from the adapter as it is (memcli.deploy.certify).
 
-    def __init__(self, spec: models.ModelSpec, quant: str, log=print):
-        self.spec, self.quant, self.log = spec, quant, log
+    The forms trained: both forms of each quantised type, and for the 16-bit types (f16, bf16, f32) the float
+    weights, which such a file holds to within its rounding (llama.cpp's check of the files covers the rest)."""
+
+    def __init__(self, spec: models.ModelSpec, quants: list[str], log=print):
+        self.spec, self.quants, self.log = spec, list(quants), log
+        quantised = [q for q in self.quants if q not in FLOAT_TYPES]
+        self.forms = ([("float", "adapter")] if len(quantised) < len(self.quants) else []) + [
+            (q, mode) for q in quantised for mode in ("adapter", "merged")]
+        self.bases = list(dict.fromkeys(base for base, _ in self.forms))  # the first is the weights training loads
         self.target = None  # DeployTarget, once the adapter exists
+        self.prefixes: dict = {}  # per base: its forward.FrozenPrefix (or None)
         self.rows, self.step, self.error = None, None, None  # llama.cpp's last verdict, its step, why none
 
     def load_base(self, dtype: str, device: str):
-        """The torch model of the base as llama.cpp quantises it (the quantised GGUF made once, dequantised)."""
-        self.base_gguf, model = quantised_base(self.spec, self.quant, dtype, device, self.log)
+        """The torch model training runs (the first base's weights), every other base's frozen tensors kept beside
+        it: the float weights, or the base as llama.cpp quantises it (the quantised GGUF made once, dequantised)."""
+        self.base_ggufs, self._tensors, model = {}, {}, None
+        for base in self.bases:
+            if base == "float":
+                path, loaded = None, models.load_model(self.spec, dtype, device)[0]
+            else:
+                path, loaded = quantised_base(self.spec, base, dtype, device, self.log)
+            self.base_ggufs[base] = path
+            self._tensors[base] = {n: p.data for n, p in loaded.named_parameters(remove_duplicate=False)}
+            model = model or loaded
         return model
 
     def attach(self, peft_model, blocker: str | None) -> None:
-        """Put the merged form into the adapted layers; refuse (before the run folder exists) when the adapter
-        could not be exported, since both deployed files are made from its GGUF export."""
+        """Put the forms into the adapted layers; refuse (before the run folder exists) when the adapter could
+        not be exported, since the deployed files are made from its GGUF export."""
         if blocker is not None:
             raise UserError(f"--deploy makes and checks GGUF files: {blocker}")
-        self.target = DeployTarget(peft_model, models.hf_dir(self.spec), self.base_gguf)
+        bases = {b: (self.base_ggufs[b], self._tensors[b]) for b in self.bases}
+        self.target = DeployTarget(peft_model, models.hf_dir(self.spec), bases, home=self.bases[0])
+        del self._tensors
+
+    def frozen_prefixes(self, make):
+        """Each base's frozen prefix (`make()` under its weights); returns the first base's."""
+        for base in self.bases:
+            with self.target.form(base, "adapter"):
+                self.prefixes[base] = make()
+        return self.prefixes[self.bases[0]]
 
     def evaluate(self, evaluate):
-        """`evaluate()` (a clean recall pass) in both forms: an entry recalled only where both recall it."""
-        return worst([evaluate() for _ in self.target.forms()])
+        """`evaluate(prefix)` (a clean recall pass) in every form: an entry recalled only where all recall it."""
+        recalls = []
+        for base, mode in self.forms:
+            with self.target.form(base, mode):
+                recalls.append(evaluate(self.prefixes.get(base)))
+        return worst(recalls)
 
-    def answer_ce(self, answer_ce):
-        """`answer_ce()` in both forms, each token's worse form: the higher CE and lower margin, correct only in
-        both, so the objective trains a token while either deployed file could get it wrong."""
-        (ce_a, ok_a, m_a), (ce_m, ok_m, m_m) = [answer_ce() for _ in self.target.forms()]
-        return torch.maximum(ce_a, ce_m), ok_a & ok_m, torch.minimum(m_a, m_m)
+    def answer_ce(self, answer_ce, batch):
+        """`answer_ce()` on `batch` in every form, each token's worst form: the highest CE and lowest margin,
+        correct only in all, so the objective trains a token while any deployed file could get it wrong."""
+        results = []
+        for base, mode in self.forms:
+            with self.target.form(base, mode):
+                if batch.hidden is not None and len(self.bases) > 1:  # the states entering the adapted layer
+                    batch.hidden = self.prefixes[base].hidden(batch.idx, batch.input_ids.shape[1], batch.hidden.device)
+                results.append(answer_ce())
+        ce, ok, margin = zip(*results)
+        return (torch.stack(ce).amax(0), torch.stack(ok).all(0), torch.stack(margin).amin(0))
 
     def check(self, model, examples, out: Path, step: int) -> bool:
-        """llama.cpp's verdict on both deployed files made from the adapter now (the merged file kept in
-        RUN/deploy/); True when both certify every entry. A failure to make or score them is a warning (recorded
-        in summary.json), never the loss of the run."""
+        """llama.cpp's verdict on every deployed file made from the adapter now (the merged files kept in
+        RUN/deploy/); True when each certifies every entry. A failure to make or score them is a warning
+        (recorded in summary.json), never the loss of the run."""
         self.step = step
         try:
             with tempfile.TemporaryDirectory(prefix=".deploy-", dir=out) as work:
                 peft = Path(work) / "adapter"
                 model.save_pretrained(peft)
-                self.rows = certify(peft, self.spec, [self.quant], in_memory(examples), Path(work),
+                self.rows = certify(peft, self.spec, self.quants, in_memory(examples), Path(work),
                                     keep_merged=lambda quant: runs.deployed_path(out, quant))
         except Exception as e:  # noqa: BLE001 - see the docstring
             self.rows, self.error = None, str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
@@ -193,8 +254,8 @@ class Deployment:
             return False
         self.error = None
         ok = all(r["certified"] == r["entries"] for r in self.rows)
-        forms = ", ".join(f"{r['form']} {r['certified']}/{r['entries']} certified" for r in self.rows)
-        self.log(f"step {step}: llama.cpp on the deployed {self.quant} files: {forms}{'' if ok else '; training on'}")
+        forms = ", ".join(f"{r['form']} {r['type']} {r['certified']}/{r['entries']}" for r in self.rows)
+        self.log(f"step {step}: llama.cpp certifies in the deployed files: {forms}{'' if ok else '; training on'}")
         return ok
 
     def summary(self, model, examples, out: Path, step: int) -> dict:
@@ -202,15 +263,16 @@ class Deployment:
         earlier), the files, the tensor types of the adapted layers."""
         if self.step != step:
             self.check(model, examples, out, step)
-        return {"type": self.quant, "forms": self.rows, "error": self.error,
-                "merged_gguf": str(runs.deployed_path(out, self.quant).relative_to(out)),
-                "base_gguf": str(self.base_gguf), "tensor_types": self.target.types}
+        return {"type": ",".join(self.quants), "types": self.quants, "forms": self.rows, "error": self.error,
+                "merged_gguf": {q: str(runs.deployed_path(out, q).relative_to(out)) for q in self.quants},
+                "base_gguf": {b: str(p) for b, p in self.base_ggufs.items() if p is not None},
+                "tensor_types": self.target.types}
 
 
 def quantised_base(spec, quant: str, dtype: str, device: str, log=print):
     """(the base GGUF of `spec` at type `quant`, made once by llama.cpp's quantiser, and the torch model loaded
     from it: the weights llama.cpp multiplies with, dequantised)."""
-    log(f"--deploy {quant}: training against the base as llama.cpp quantises it to {quant}")
+    log(f"--deploy: training against the base as llama.cpp quantises it to {quant}")
     path = cached_base(spec, quant)
     model, _ = models.load_model(models.resolve(str(path)), dtype, device)
     return path, model

@@ -30,6 +30,7 @@ class Batch:
     mask: torch.Tensor  # [B, L] True on real answer slots
     hidden: torch.Tensor | None = None  # [B, T, d]: the states entering layer `first_layer`, from a FrozenPrefix
     first_layer: int = 0
+    idx: list[int] | None = None  # with `hidden`: the entries' indices into the FrozenPrefix
     penalty: tuple | None = None  # (b, l, token, count): the tokens in each answer slot's sampler window
 
 
@@ -135,7 +136,7 @@ def collate(examples: list[Example], pad_id: int, device, prefix: FrozenPrefix |
     rows = torch.arange(B).unsqueeze(1).expand(B, L)
     batch = Batch(*(t.to(device) for t in (input_ids, attention, rows, positions, targets, mask)))
     if prefix is not None:
-        batch.hidden, batch.first_layer = prefix.hidden(idx, T, device), prefix.first_layer
+        batch.hidden, batch.first_layer, batch.idx = prefix.hidden(idx, T, device), prefix.first_layer, idx
     if sampler.active:
         rows, tokens = sampler.window_pairs(examples)
         r, t, c = sampler.counts(rows, tokens, 0, int(mask.sum()), int(tokens.max(initial=0)) + 1)

@@ -87,7 +87,7 @@ class Trainer:
         self.sampler = cfg.decoding()  # --sampler: trained for and certified under, besides plain greedy
         self.deploy = None  # --deploy: memcli.training.deploy_aware
         if cfg.deploy is not None:  # the base as llama.cpp's quantiser makes it at that type
-            self.deploy = Deployment(self.spec, cfg.deploy, self.log)
+            self.deploy = Deployment(self.spec, cfg.deploy_types(), self.log)
             model, self.tokenizer = self.deploy.load_base(dtype, self.device), models.load_tokenizer(self.spec)
         else:
             model, self.tokenizer = models.load_model(self.spec, dtype, self.device)
@@ -227,18 +227,18 @@ class Trainer:
         return prefix
 
     def evaluate(self) -> forward.Recall:
-        """A clean pass over every entry (from the frozen prefix when there is one); with --deploy, in both
+        """A clean pass over every entry (from the frozen prefix when there is one); with --deploy, in every
         deployment forms."""
-        def clean():
-            return forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=self.prefix,
+        def clean(prefix):
+            return forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=prefix,
                                     margin=self.cfg.margin, sampler=self.sampler)
-        return clean() if self.deploy is None else self.deploy.evaluate(clean)
+        return clean(self.prefix) if self.deploy is None else self.deploy.evaluate(clean)
 
     def answer_ce(self, batch):
-        """Per-token CE, correctness and logit margin; with --deploy, each token's worse deployment form."""
+        """Per-token CE, correctness and logit margin; with --deploy, each token's worst deployment form."""
         def once():
             return forward.answer_ce(self.model, batch, self.sampler)
-        return once() if self.deploy is None else self.deploy.answer_ce(once)
+        return once() if self.deploy is None else self.deploy.answer_ce(once, batch)
 
     # --- the objective -----------------------------------------------------------------------------------
     def objective(self, ce, correct, batch, idx, margin=None):
@@ -297,7 +297,7 @@ class Trainer:
         if finished is not None:
             self.log(f"{self.out} already finished; nothing to resume")
             return finished
-        self.prefix = self.frozen_prefix()
+        self.prefix = self.frozen_prefix() if self.deploy is None else self.deploy.frozen_prefixes(self.frozen_prefix)
         self.preserve = self.preserve_term()
         if self.l_init is None:
             with self.model.disable_adapter():

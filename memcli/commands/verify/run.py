@@ -120,9 +120,10 @@ class Inputs:
     system_prompt: str | None = None  # with chat_template: the system message the keys are rendered with
 
     @property
-    def trained_for(self) -> str | None:
-        """The type a `train --deploy TYPE` run was trained for, when verify decodes the run's own model."""
-        return self.src.settings.get("deploy") if self.model is None else None
+    def trained_for(self) -> list[str]:
+        """The types a `train --deploy TYPES` run was trained for, when verify decodes the run's own model."""
+        deploy = self.src.settings.get("deploy") if self.model is None else None
+        return deploy.split(",") if deploy else []
 
     def chunks(self, n_ctx: int | None = None):
         """(entries, examples) in chunks, read and tokenised as they are pulled (memory stays flat)."""
@@ -163,7 +164,7 @@ def _open_llama(inp: Inputs, opts: VerifyOptions, stack: ExitStack, log) -> tupl
     if src.given is not None and src.gguf is None and src.run_dir is None:
         # a bare PEFT folder is exported onto this base, so check_pair below cannot tell: check here
         check_base(recorded_base(src, inp.base.peft_base, spec), spec, src.given)
-    base, base_info = verify_base(spec, opts.base, inp.trained_for)
+    base, base_info = verify_base(spec, opts.base, inp.trained_for[0] if inp.trained_for else None)
     if base_info["kind"] not in ("given", "hf-f32"):
         log(f"base: {base.name} ({base_info['why']})")
     adapter = src.gguf
@@ -371,9 +372,9 @@ def verify(corpus_path: str | os.PathLike, out: str | os.PathLike, *, lora: str 
     locality_text = base_vs_tuned.windows(inp, opts, log)  # a bad --locality TEXT is refused before any model loads
     trained_for = inp.trained_for
     if trained_for and not opts.deploy and opts.backend == "llama" and opts.base == "auto":  # what the run promises
-        opts = replace(opts, deploy=(trained_for,))
-        log(f"{inp.src.given} was trained with --deploy {trained_for}: certifying both of its deployed forms "
-            f"(--deploy {trained_for})")
+        opts = replace(opts, deploy=tuple(trained_for))
+        log(f"{inp.src.given} was trained with --deploy {','.join(trained_for)}: certifying both deployed forms of "
+            f"each type (--deploy {','.join(trained_for)})")
     if opts.deploy and inp.src.run_dir is None and inp.src.peft_dir is None:
         raise UserError("--deploy needs --lora as a run folder or PEFT adapter folder (the merged form is made from "
                         "the adapter's weights)")

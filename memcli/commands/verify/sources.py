@@ -163,8 +163,9 @@ BASE_CHOICES = ("auto", "training", "shipped")
 def verify_base(spec: ModelSpec, choice: str = "auto", deploy: str | None = None) -> tuple[Path, dict]:
     """The base GGUF llama.cpp verifies on, and why (report.json's `base`).
 
-    `deploy`: the type a `train --deploy TYPE` run was trained for; `auto` then decodes the base as llama.cpp
-    quantises it to TYPE (the weights that run trained against; its float base is not what it promises).
+    `deploy`: the (first) type a `train --deploy TYPES` run was trained for; `auto` then decodes the base as
+    llama.cpp quantises it to that type (the weights that run trained against; its float base is not what it
+    promises).
 
     A model that ships as a quantised GGUF (the default model) is trained on its dequantised weights. `auto` and
     `training` decode an F16 export of exactly those weights (built once into the cache): measured on this
