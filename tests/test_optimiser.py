@@ -70,8 +70,8 @@ def test_bad_optimiser_settings_are_refused(tmp_path):
 
 def test_settings_study_compares_variants_on_the_same_corpus_and_seed(tmp_path, pb8):
     out = tmp_path / "study"
-    args = ("bench", "settings", "--out", out, "--corpus", f"pb8={pb8}", "--model", "tiny", "--max-steps", "30",
-            "--variant", "slow: lr=0.001", "--variant", "fast: lr=0.05 batch_size=4 check_every=2")
+    args = ("bench", "settings", "--out", out, "--corpus", f"pb8={pb8}", "--model", "tiny", "--variant",
+            "slow: lr=0.001 max_steps=30", "--variant", "fast: lr=0.05 batch_size=4 check_every=2 max_steps=30")
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

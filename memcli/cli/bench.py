@@ -260,11 +260,10 @@ def bench_settings_cmd(
                                       "option. The first is the baseline."),
     seeds: str = typer.Option("0", help="Comma-separated training seeds."),
     model: Optional[str] = typer.Option(None, help="\\[default: smollm2-135m]"),
-    max_steps: int = typer.Option(3000, help="Budget of a run that does not certify."),
     keep_runs: bool = typer.Option(False, "--keep-runs", help="Keep every run folder in OUT/runs/."),
 ):
-    """Entries trained on and time until recall is certified (`train --until-recall`) for variants of train's
-    settings, against the first variant on the same corpus and seed."""
+    """Entries trained on and time until recall is certified (`train --until-recall`, within train's budget) for
+    variants of train's settings, against the first variant on the same corpus and seed."""
     from memcli.commands.bench.settings_study import Variant, format_summary, plot_curves, run_study
     from memcli.core import models
 
@@ -278,7 +277,7 @@ def bench_settings_cmd(
     if len({v.name for v in variants}) != len(variants):
         raise UserError("--variant: two variants have the same name")
     rows = run_study(out, corpora, variants, parse_ints(seeds, "--seeds"), model or models.DEFAULT_MODEL,
-                     max_steps, keep_runs, log=lambda m: console.print(m, highlight=False, markup=False))
+                     keep_runs, log=lambda m: console.print(m, highlight=False, markup=False))
     plot = plot_curves(rows, [v.name for v in variants], out / "settings.png")
     out_console.print(format_summary(rows, variants[0].name) + f"\n\nrows in {out / 'results.jsonl'}; plot {plot}",
                       highlight=False, markup=False)

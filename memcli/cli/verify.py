@@ -44,9 +44,10 @@ def verify_cmd(
                                       "is below this (or with some p <= 0.5) is reported at risk."),
     kv_type: str = typer.Option(VerifyOptions.kv_type,
                                 help="llama: KV cache type, f16 (llama.cpp's default) or f32."),
-    base: str = typer.Option(VerifyOptions.base, help="llama: auto (a `train --deploy TYPES` run: its base quantised "
-                             "to the first type, both forms of each type in the table; else training) | training (the float weights "
-                             "training used) | shipped (a model shipped quantised: the GGUF as deployed)."),
+    base: str = typer.Option(VerifyOptions.base, help="llama: auto (a `train --deploy TYPES` run: its base "
+                             "quantised to the first type, both forms of each type in the table; else training) | "
+                             "training (the float weights training used) | shipped (a model shipped quantised: the "
+                             "GGUF as deployed)."),
     device: str = typer.Option(VerifyOptions.device, help="torch: auto | cpu | cuda[:i]."),
     locality: Optional[str] = typer.Option(None, "--locality", metavar="[TEXT]",
                                            help="Also compare the tuned model with its base, teacher-forced over "

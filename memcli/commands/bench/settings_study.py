@@ -24,7 +24,7 @@ from memcli.core.errors import UserError
 from memcli.training.config import TrainConfig, parse_assignments
 
 # What the study sets for every run: a variant may change anything else.
-STUDY_SETTINGS = ("corpus", "model", "seed", "max_steps", "epochs", "until_recall", "checkpoint_every", "gguf")
+STUDY_SETTINGS = ("corpus", "model", "seed", "until_recall", "checkpoint_every", "gguf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +42,11 @@ class Variant:
                             "spaces)")
         return cls(name, parse_assignments(shlex.split(rest), f"--variant '{text}'", STUDY_SETTINGS))
 
-    def config(self, corpus: Path, model: str, seed: int, max_steps: int) -> TrainConfig:
-        """The variant's training settings on this corpus and seed, checked."""
+    def config(self, corpus: Path, model: str, seed: int) -> TrainConfig:
+        """The variant's training settings on this corpus and seed, checked. The budget is train's (--epochs or
+        --max-steps, the variant's or the default): a schedule that decays to the budget depends on it."""
         cfg = TrainConfig(**(self.settings | {"corpus": str(corpus), "model": model, "seed": seed,
-                                              "max_steps": max_steps, "until_recall": True,
-                                              "checkpoint_every": 10**9, "gguf": "off"}))
+                                              "until_recall": True, "checkpoint_every": 10**9, "gguf": "off"}))
         try:
             cfg.validate()
         except UserError as e:
@@ -72,13 +72,13 @@ def curve(run: Path) -> list[tuple[int, float]]:
 
 
 def run_study(out: Path, corpora: dict[str, Path], variants: list[Variant], seeds: list[int], model: str,
-              max_steps: int, keep_runs: bool = False, log=print) -> list[dict]:
+              keep_runs: bool = False, log=print) -> list[dict]:
     """Every (corpus, seed, variant) run that OUT/results.jsonl does not hold yet; returns all rows asked for."""
     from memcli.training.trainer import Trainer
 
     for v in variants:  # every variant's settings checked before any training
         for path in corpora.values():
-            v.config(path, model, seeds[0], max_steps)
+            v.config(path, model, seeds[0])
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     done = read_rows(results)
@@ -88,7 +88,7 @@ def run_study(out: Path, corpora: dict[str, Path], variants: list[Variant], seed
                 key = (corpus_name, v.name, seed)
                 if key in done:
                     continue
-                cfg = v.config(path, model, seed, max_steps)
+                cfg = v.config(path, model, seed)
                 runs_dir = out / "runs" if keep_runs else Path(tempfile.mkdtemp(prefix=".run-", dir=out))
                 folder = runs_dir / f"{corpus_name}-{v.name}-seed{seed}"
                 try:
