@@ -91,3 +91,26 @@ def test_settings_study_compares_variants_on_the_same_corpus_and_seed(tmp_path, 
     assert_refused(run_cli("bench", "settings", "--out", tmp_path / "bad", "--corpus", "pb8=/nonexistent"),
                    "--corpus")
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_tail_threshold_trains_tokens_past_one_half_only_in_the_tail(tmp_path, pb8):
+    """memft-ot with --tail-threshold 0.9: a token at p = 0.7 is not trained (the paper's threshold 0.5) until a
+    clean check has found the run in its tail; a token at p = 0.95 never is."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from memcli.training.trainer import Trainer
+
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", tail_threshold=0.9, max_steps=1, gguf="off")
+    t = Trainer(cfg, tmp_path / "run", log=lambda m: None)
+    try:
+        ce = -torch.log(torch.tensor([[0.3, 0.7, 0.95]]))
+        batch = SimpleNamespace(mask=torch.ones_like(ce, dtype=torch.bool))
+        _, hard = t.objective(ce, None, batch, [0])
+        assert hard == 1  # p = 0.3 only
+        t.tail = True
+        _, hard = t.objective(ce, None, batch, [0])
+        assert hard == 2  # p = 0.3 and 0.7
+    finally:
+        t.close()

@@ -41,6 +41,7 @@ class TrainConfig:
     no_hard_tokens: str = "fallback"  # memft-ot: fallback (SFT step) | skip
     train_threshold: float = 0.5  # memft-ot: train tokens while p <= this (0.5: the paper); certify at p > 0.5
     floor: float = 0.0  # memft-ot: the weight a token above train_threshold keeps (0: the paper)
+    tail_threshold: float = 0.5  # memft-ot in the tail (objectives.TAIL_FROM): train tokens while p <= this
     sw_form: str = "auto"  # memft-sw: auto | spatial | temporal
     curriculum_epochs: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
     # adapter
@@ -136,6 +137,7 @@ class TrainConfig:
             (self.no_hard_tokens in ("fallback", "skip"), "--no-hard-tokens must be fallback or skip"),
             (0.5 <= self.train_threshold < 1, f"--train-threshold must be in [0.5, 1), got {self.train_threshold}"),
             (0 <= self.floor <= 1, f"--floor must be in [0, 1], got {self.floor}"),
+            (0.5 <= self.tail_threshold < 1, f"--tail-threshold must be in [0.5, 1), got {self.tail_threshold}"),
             (self.sw_form in ("auto", "spatial", "temporal"), "--sw-form must be auto, spatial or temporal"),
             (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),

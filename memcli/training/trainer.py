@@ -28,6 +28,7 @@ from memcli.training.config import TrainConfig, describe_differences, lr_factor,
 from memcli.training.deploy_aware import Deployment
 from memcli.training.locality import reference_windows, torch_locality
 from memcli.training.objectives import (
+    TAIL_FROM,
     Curriculum,
     SlidingConfig,
     SlidingState,
@@ -128,6 +129,7 @@ class Trainer:
             runs.remove_run(self.out)
         created = not self.out.exists()
         self.step, self.wall, self.l_init, self.resumed = 0, 0.0, None, resume
+        self.tail = False  # memft-ot: the last clean check found the run in its tail (--tail-threshold applies)
         try:
             runs.create_run(self.out)
             if not resume:
@@ -250,7 +252,8 @@ class Trainer:
             return weighted_mean(ce, sft_weights(ce, batch.mask)), hard
         if method == "memft-ot":
             under = margin < self.cfg.margin if (margin is not None and self.cfg.margin > 0) else None
-            return ot_loss(ce, batch.mask, self.cfg.no_hard_tokens, self.cfg.train_threshold, self.cfg.floor, under)
+            threshold = max(self.cfg.train_threshold, self.cfg.tail_threshold if self.tail else 0.0)
+            return ot_loss(ce, batch.mask, self.cfg.no_hard_tokens, threshold, self.cfg.floor, under)
         if self.sw_form == "temporal":  # OT weights, skipping steps with nothing above threshold
             return ot_loss(ce, batch.mask, "skip")
         return sliding_loss(ce, batch.mask, correct, [self.sliding[i] for i in idx], SlidingConfig()), hard
@@ -318,6 +321,7 @@ class Trainer:
                 checked = step % cfg.check_every == 0 or step == self.total_steps
                 if checked:
                     recall, recall_step = self.evaluate(), step
+                    self.tail = recall.above >= TAIL_FROM
                     row = (row or {"step": step, "epoch": epoch}) | {
                         "exact_match": recall.exact_match, "certified": recall.certified_rate,
                         "clean_ce": round(recall.mean_ce, 6), "clean_above": round(recall.above, 6)}
@@ -418,7 +422,7 @@ class Trainer:
                  "adapter": get_peft_model_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "sliding": [dataclasses.asdict(s) for s in self.sliding]}
+                 "sliding": [dataclasses.asdict(s) for s in self.sliding], "tail": self.tail}
         runs.write_checkpoint(self.out, self.step, lambda tmp: torch.save(state, tmp), keep)  # whole or absent
 
     def load_checkpoint(self) -> None:
@@ -445,6 +449,7 @@ class Trainer:
             if len(self.sliding) != len(self.examples):
                 raise ValueError(f"it holds {len(self.sliding)} entries' state, the corpus has {len(self.examples)}")
             self.step, self.wall, self.l_init = int(state["step"]), float(state["wall"]), state["l_init"]
+            self.tail = bool(state.get("tail", False))
         except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError,
                 pickle.UnpicklingError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
