@@ -114,3 +114,15 @@ def test_the_tail_threshold_trains_tokens_past_one_half_only_in_the_tail(tmp_pat
         assert hard == 2  # p = 0.3 and 0.7
     finally:
         t.close()
+
+
+def test_a_run_recorded_before_a_setting_existed_trained_with_its_old_behaviour():
+    """A config.yaml that lacks a setting added since (here --tail-threshold) recorded a run that trained the old
+    way (0.5: the paper's threshold throughout): resuming it with that value is no change, with another it is."""
+    import dataclasses
+
+    from memcli.training.config import setting_differences
+
+    saved = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "tail_threshold"}
+    assert setting_differences(saved, TrainConfig(tail_threshold=0.5)) == []
+    assert [d[0] for d in setting_differences(saved, TrainConfig(tail_threshold=0.9))] == ["tail_threshold"]

@@ -77,6 +77,15 @@ def test_train_command_realises_the_law_settings(tmp_path, monkeypatch):
     for key, value in settings.items():
         assert getattr(cfg, key) == value, key
 
+    # a law recorded before a setting existed: its command gives that setting the value its runs had
+    older = {k: v for k, v in settings.items() if k not in ("tail_threshold", "lora_plus", "schedule")}
+    command = train_command(older, 6, str(tmp_path / "c.jsonl"), str(tmp_path / "run"))
+    assert "--tail-threshold 0.5" in command and "--lora-plus 1.0" in command and "--schedule linear" in command
+    with pytest.raises(Stop):
+        run_cli(*shlex.split(command)[1:])
+    cfg = seen["cfg"]
+    assert (cfg.tail_threshold, cfg.lora_plus, cfg.schedule) == (0.5, 1.0, "linear")
+
 
 def test_plan_refuses_lengths_outside_the_measured_range_unless_asked():
     points = [Point(x=r, length=n, delta_l=2.0 * r ** 0.5 * n ** -0.4 + 0.1, l_final=5.0, l_init=8.0, rank=r)

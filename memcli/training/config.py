@@ -24,6 +24,10 @@ SCHEDULES = ("linear", "constant", "cosine")
 INITS = ("default", "gaussian")
 # Settings that do not change what a run trains: a resumed run or a sweep cell may differ in them.
 OUTPUT_ONLY = ("gguf",)
+# Settings added after runs were first recorded, with the value that does what a run recorded before them did:
+# a config.yaml or law.json that lacks one trained with this value, whatever train's default is now.
+BEFORE = {"tail_threshold": 0.5, "schedule": "linear", "warmup_steps": 0, "lora_plus": 1.0, "rslora": False,
+          "init": "default", "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}
 
 
 @dataclass
@@ -298,12 +302,20 @@ def _resolved(key: str, value, settings: dict):
     return value
 
 
+def complete_settings(recorded: dict) -> dict:
+    """Every train setting, from settings a run (or a law) recorded: a setting it lacks, added to memcli since,
+    is the value that does what that run did (BEFORE), else train's default."""
+    defaults = dataclasses.asdict(TrainConfig())
+    return {k: recorded[k] if k in recorded else BEFORE.get(k, v) for k, v in defaults.items()} | {
+        k: v for k, v in recorded.items() if k not in defaults}
+
+
 def setting_differences(saved: dict, cfg: TrainConfig, ignore=()) -> list[tuple[str, object, object]]:
     """(setting, saved value, new value) for every setting in which `cfg` trains differently from the settings a
     run folder's config.yaml recorded. Compares resolved values (see _resolved); settings in OUTPUT_ONLY and
-    `ignore` are left out, and a setting the saved file lacks (added to memcli since) counts as its default."""
+    `ignore` are left out, and a setting the saved file lacks counts as what that run did (complete_settings)."""
     new = dataclasses.asdict(cfg)
-    saved = dataclasses.asdict(TrainConfig()) | dict(saved)
+    saved = complete_settings(saved)
     differs = []
     for key, value in new.items():
         if key in OUTPUT_ONLY or key in ignore:

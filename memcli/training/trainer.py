@@ -24,7 +24,13 @@ from memcli.core import corpus, models, runs
 from memcli.core.errors import UserError
 from memcli.gguf.adapter import export_adapter, exportable
 from memcli.training import forward, lora
-from memcli.training.config import TrainConfig, describe_differences, lr_factor, setting_differences
+from memcli.training.config import (
+    TrainConfig,
+    complete_settings,
+    describe_differences,
+    lr_factor,
+    setting_differences,
+)
 from memcli.training.deploy_aware import Deployment
 from memcli.training.locality import reference_windows, torch_locality
 from memcli.training.objectives import (
@@ -142,12 +148,12 @@ class Trainer:
             self.load_checkpoint()
 
     def saved_settings(self) -> dict:
-        """The settings RUN/config.yaml recorded (a setting newer than the run: its default)."""
+        """The settings RUN/config.yaml recorded (a setting newer than the run: what that run did)."""
         try:
             settings = runs.read_settings(self.out)
         except UserError as e:
             raise UserError(f"--resume: {e}; use --force to start the run over") from None
-        return {**dataclasses.asdict(TrainConfig()), **settings}
+        return complete_settings(settings)
 
     def check_gguf(self) -> str | None:
         """Why no adapter.gguf can be written for this run, or None. Asked before the run folder exists: --gguf

@@ -18,7 +18,7 @@ from memcli.commands.law.points import GOAL, MARGIN, LawError, law_value
 from memcli.core import models
 from memcli.core.runs import json_safe
 from memcli.core.scoring import LN2
-from memcli.training.config import TrainConfig
+from memcli.training.config import BEFORE, TrainConfig
 
 
 def predict(law: LawFit, x, length):
@@ -264,6 +264,7 @@ KEY_SETTINGS = ("model", "method", "lr", "batch_size", "dropout")
 def assumed_settings(settings: dict[str, Any]) -> str:
     """The law's settings in one line: the key ones, the budget, and every other one not at train's default."""
     defaults = asdict(TrainConfig())
+    settings = BEFORE | settings  # a setting the law predates: the value its runs had
     budget = ("max_steps",) if settings.get("max_steps") is not None else ("epochs",)
     shown = [k for k in KEY_SETTINGS + budget if k in settings]
     shown += [k for k, v in settings.items() if k not in shown and k in defaults and v != defaults[k]]
@@ -276,10 +277,11 @@ def assumed_settings(settings: dict[str, Any]) -> str:
 def train_command(settings: dict[str, Any], rank: int, corpus: str = "CORPUS", out: str = "runs/planned") -> str:
     """The `memcli train` command line that trains with the law's settings at this rank: every setting the law
     records, spelled as its option whatever train's default is, so that the command reproduces them exactly after
-    a later change of defaults (a setting left unset, such as the placement, is train's own)."""
+    a later change of defaults (a setting left unset, such as the placement, is train's own; one the law predates
+    is the value its runs had, config.BEFORE)."""
     defaults = asdict(TrainConfig())
     words = ["memcli", "train", shlex.quote(corpus), "--out", shlex.quote(out), "--rank", str(rank)]
-    for key, value in settings.items():
+    for key, value in (BEFORE | settings).items():
         if key not in defaults or key in ("rank", "corpus"):
             continue
         option = "--" + key.replace("_", "-")

@@ -23,7 +23,7 @@ import numpy as np
 from memcli.core import runs
 from memcli.core.errors import UserError
 from memcli.core.scoring import LN2
-from memcli.training.config import TrainConfig
+from memcli.training.config import complete_settings
 
 # The defaults of `memcli fit` and `memcli plan`, written once: memcli.cli.app's options and the functions of fit.py
 # and plan.py take them from here.
@@ -132,7 +132,6 @@ _BOOKKEEPING = ("gguf", "check_every", "checkpoint_every", "log_every", "device"
 def shared_settings(points: Iterable[Point]) -> tuple[dict[str, Any], list[str]]:
     """The training settings every fitted run has in common (read from the config.yaml beside each run's summary),
     which a law assumes; and the names of the settings in which the runs differ. Table rows carry none."""
-    defaults = asdict(TrainConfig())  # a setting newer than a run: the run had its default
     common: dict[str, Any] | None = None
     differing: set[str] = set()
     for point in points:
@@ -143,7 +142,7 @@ def shared_settings(points: Iterable[Point]) -> tuple[dict[str, Any], list[str]]
             settings = runs.read_settings(folder)
         except UserError:
             continue
-        settings = {k: v for k, v in {**defaults, **settings}.items() if k not in _PER_CELL + _BOOKKEEPING}
+        settings = {k: v for k, v in complete_settings(settings).items() if k not in _PER_CELL + _BOOKKEEPING}
         if common is None:
             common = settings
             continue
