@@ -106,7 +106,7 @@ class DeployTarget:
                   for n, m in model.named_modules() if isinstance(m, LoraLayer)]
         floats = dict(iter_hf_tensors(hf, [n + ".weight" for n, _ in layers]))
         quantised = {t: read_gguf(path, "quantised base") for t, (path, _) in bases.items() if path is not None}
-        self.qtypes: dict[str, dict[str, int]] = {}  # per quantised type: the ggml type of each adapted layer
+        self.qtypes: dict[str, dict[str, int]] = {}  # per adapted layer: its ggml type in each quantised base
         for name, layer in layers:
             gname = hf.gguf_name(name + ".weight")
             for t, reader in quantised.items():
