@@ -29,16 +29,16 @@ def fake_run(folder, **settings):
 
 
 def test_shared_settings_are_what_every_run_has(tmp_path):
-    points = [fake_run(tmp_path / "a", rank=1, max_steps=50, batch_size=1, answer_tokens=32, gguf="off"),
+    points = [fake_run(tmp_path / "a", rank=1, max_steps=50, batch_size=1, answer_tokens=32, gguf="off", dropout=0.1),
               fake_run(tmp_path / "b", rank=4, max_steps=50, batch_size=1, answer_tokens=64, check_every=7,
-                       seed=3)]
+                       seed=3, dropout=0.1)]
     settings, differing = shared_settings(points)
     # per-cell settings (rank, answer tokens, corpus, the replicate's seed) and bookkeeping (gguf, check_every)
     # are not assumptions
     for key in ("rank", "answer_tokens", "corpus", "seed", "gguf", "check_every"):
         assert key not in settings
     assert differing == []
-    points.append(fake_run(tmp_path / "c", rank=1, max_steps=50, batch_size=1, lr=3e-3))
+    points.append(fake_run(tmp_path / "c", rank=1, max_steps=50, batch_size=1, lr=3e-3, dropout=0.1))
     assert shared_settings(points)[1] == ["lr"]
     assert settings["max_steps"] == 50 and settings["batch_size"] == 1 and settings["method"] == "memft-ot"
     assert settings["lr"] == 1e-2 and settings["dropout"] == 0.1

@@ -45,7 +45,7 @@ class TrainConfig:
     no_hard_tokens: str = "fallback"  # memft-ot: fallback (SFT step) | skip
     train_threshold: float = 0.5  # memft-ot: train tokens while p <= this (0.5: the paper); certify at p > 0.5
     floor: float = 0.0  # memft-ot: the weight a token above train_threshold keeps (0: the paper)
-    tail_threshold: float = 0.5  # memft-ot in the tail (objectives.TAIL_FROM): train tokens while p <= this
+    tail_threshold: float = 0.9  # memft-ot in the tail (objectives.TAIL_FROM): train tokens while p <= this
     sw_form: str = "auto"  # memft-sw: auto | spatial | temporal
     curriculum_epochs: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
     # adapter
@@ -53,7 +53,7 @@ class TrainConfig:
     layers: list[int] | None = None
     modules: list[str] | None = None
     alpha: float | None = None
-    dropout: float = 0.1
+    dropout: float = 0.0
     rslora: bool = False  # scale the adapter by alpha / sqrt(rank) instead of alpha / rank
     init: str = "default"  # A's initialisation: default (Kaiming-uniform) | gaussian; B starts at zero
     # preserve: keep the base's next-token distribution on unrelated text (memcli.training.preserve)
@@ -72,7 +72,7 @@ class TrainConfig:
     clip: float = 1.0
     epochs: int = 200
     max_steps: int | None = None
-    batch_size: int = 16
+    batch_size: int = 8
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
