@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import PARTLY_TRAINED
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +34,7 @@ def tiny_run(pb8, tmp_path_factory):
     from memcli.training.trainer import Trainer
 
     run = tmp_path_factory.mktemp("verify") / "run"
-    cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=40, lr=0.02, check_every=1000)
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", **PARTLY_TRAINED)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is as fast, and immune to a busy machine's other work
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SEVEN, lora_target, make_adapter, max_diff, phonebook_ids, run_cli
+from helpers import PARTLY_TRAINED, SEVEN, lora_target, make_adapter, max_diff, phonebook_ids, run_cli
 
 from memcli.commands.bench.agree import llama_logits
 from memcli.core import gguf_reader as gguf_reader
@@ -522,7 +522,7 @@ def test_bench_agree_on_a_partly_recalled_run(pb8, tmp_path):
     from memcli.training.trainer import Trainer
 
     run = tmp_path / "run"
-    Trainer(TrainConfig(corpus=str(pb8), model="tiny", max_steps=40, lr=0.02, check_every=1000), run,
+    Trainer(TrainConfig(corpus=str(pb8), model="tiny", **PARTLY_TRAINED), run,
             log=lambda m: None).run()
     exact = round(json.loads((run / "summary.json").read_text())["exact_match"] * 8)
     assert 0 < exact < 8
