@@ -4,6 +4,7 @@
 - `kernel`: `bench kernel`: the native logits kernel against its numpy reference.
 - `train`: `bench train`: MemFT against SFT, and memcli's loop against a bare PEFT loop.
 - `methods`: `bench methods`: training objectives at equal rank, seed, batches and budget.
+- `settings_study`: `bench settings`: entries trained on and time until certified, per variant of train's settings.
 - `deploy_study`: `bench deploy`: recall in the shipped files after plain, --deploy and --margin training.
 - `agree`: `bench agree`: torch + PEFT and llama.cpp reach the same verdict on every entry.
 - `export`: `bench export`: adapter GGUF export time and size per rank.

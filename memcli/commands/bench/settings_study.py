@@ -22,6 +22,7 @@ from pathlib import Path
 from memcli.core import runs
 from memcli.core.errors import UserError
 from memcli.training.config import TrainConfig, parse_assignments
+from memcli.training.trainer import Trainer
 
 # What the study sets for every run: a variant may change anything else.
 STUDY_SETTINGS = ("corpus", "model", "seed", "until_recall", "checkpoint_every", "gguf")
@@ -74,8 +75,6 @@ def curve(run: Path) -> list[tuple[int, float]]:
 def run_study(out: Path, corpora: dict[str, Path], variants: list[Variant], seeds: list[int], model: str,
               keep_runs: bool = False, log=print) -> list[dict]:
     """Every (corpus, seed, variant) run that OUT/results.jsonl does not hold yet; returns all rows asked for."""
-    from memcli.training.trainer import Trainer
-
     for v in variants:  # every variant's settings checked before any training
         for path in corpora.values():
             v.config(path, model, seeds[0])
