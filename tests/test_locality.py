@@ -146,7 +146,7 @@ def independent_locality(peft_dir, text_path, window=128):
         q = tuned(input_ids=windows).logits[:, :-1].float()
     lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
     nxt = windows[:, 1:]
-    return {"argmax_agreement": (p.argmax(-1) == q.argmax(-1)).float().mean().item(),
+    return {"argmax_agreement": (p.argmax(-1) == q.argmax(-1)).double().mean().item(),  # a count over tokens
             "kl": (lp.exp() * (lp - lq)).sum(-1).mean().item(),
             "ce_base": -lp.gather(-1, nxt[..., None]).mean().item(),
             "ce_tuned": -lq.gather(-1, nxt[..., None]).mean().item(), "tokens": nxt.numel()}
