@@ -228,11 +228,12 @@ class Deployment:
     def answer_ce(self, answer_ce, batch):
         """`answer_ce()` on `batch` in every form, each token's worst form: the highest CE and lowest margin,
         correct only in all, so the objective trains a token while any deployed file could get it wrong."""
-        results = []
+        results, held = [], self.bases[0]  # collate gave the batch the first base's states
         for base, mode in self.forms:
             with self.target.form(base, mode):
-                if batch.hidden is not None and len(self.bases) > 1:  # the states entering the adapted layer
+                if batch.hidden is not None and base != held:  # the states entering the adapted layer
                     batch.hidden = self.prefixes[base].hidden(batch.idx, batch.input_ids.shape[1], batch.hidden.device)
+                    held = base
                 results.append(answer_ce())
         ce, ok, margin = zip(*results)
         return (torch.stack(ce).amax(0), torch.stack(ok).all(0), torch.stack(margin).amin(0))

@@ -93,7 +93,7 @@ class Trainer:
         self.spec = models.resolve(cfg.model)
         self.sampler = cfg.decoding()  # --sampler: trained for and certified under, besides plain greedy
         self.deploy = None  # --deploy: memcli.training.deploy_aware
-        if cfg.deploy is not None:  # the base as llama.cpp's quantiser makes it at that type
+        if cfg.deploy is not None:  # the bases as llama.cpp's quantiser makes them at those types
             self.deploy = Deployment(self.spec, cfg.deploy_types(), self.log)
             model, self.tokenizer = self.deploy.load_base(dtype, self.device), models.load_tokenizer(self.spec)
         else:
@@ -236,7 +236,7 @@ class Trainer:
 
     def evaluate(self) -> forward.Recall:
         """A clean pass over every entry (from the frozen prefix when there is one); with --deploy, in every
-        deployment forms."""
+        deployment form."""
         def clean(prefix):
             return forward.evaluate(self.model, self.examples, self.pad_id, self.device, prefix=prefix,
                                     margin=self.cfg.margin, sampler=self.sampler)
