@@ -531,3 +531,21 @@ def test_bench_agree_on_a_partly_recalled_run(pb8, tmp_path):
     assert result.stdout.startswith(f"8/8 verdicts agree (100.00 %); llama.cpp: {exact} exact,"), result.stdout
     result = run_cli("bench", "agree", tmp_path / "nothing")
     assert result.exit_code == 2 and "nothing" in result.stderr
+
+
+@pytest.mark.slow
+def test_first_use_dequantisation_equals_transformers_own(tiny_base, tmp_path, monkeypatch):
+    """A .gguf model's first use reads the file once (memcli caches gguf's parser inside transformers' loading):
+    the folder it writes holds the same tensors and tokenizer as transformers' own, uncached conversion."""
+    import contextlib
+
+    from safetensors.torch import load_file
+
+    models._dequantise_gguf(tiny_base, tmp_path / "cached")
+    monkeypatch.setattr(models, "_gguf_parsed_once", contextlib.nullcontext)
+    models._dequantise_gguf(tiny_base, tmp_path / "plain")
+    cached, plain = (load_file(tmp_path / f / "model.safetensors") for f in ("cached", "plain"))
+    assert cached.keys() == plain.keys() and len(cached) > 0
+    assert all(torch.equal(cached[k], plain[k]) for k in cached)
+    for name in ("tokenizer.json", "config.json"):
+        assert (tmp_path / "cached" / name).read_text() == (tmp_path / "plain" / name).read_text()

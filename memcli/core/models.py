@@ -11,6 +11,8 @@ Nothing is ever fetched from a model hub.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -202,8 +204,9 @@ def _dequantise_gguf(path: Path, out: Path) -> None:
     _quiet_transformers()
     print(f"memcli: first use of {path.name}: dequantising it for torch into {cache_dir() / 'hf'} "
           "(about a minute, once)", file=sys.stderr, flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     config = loaded.config
     if config.model_type not in SUPPORTED_TYPES:
         raise UserError(f"model {path} is of type '{config.model_type}'; memcli supports {', '.join(SUPPORTED_TYPES)}")
@@ -218,6 +221,23 @@ def _dequantise_gguf(path: Path, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     _restore_digit_split(path, out)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file three times for one load (tokenizer, config, weights) and rebuilds gguf's
+    tensor-name table for every module it maps (about 20 of the 30 s a first use of the default model took on 2
+    cores). Inside this block gguf's reader and table are cached, so each is built once: the same objects
+    transformers builds, only not rebuilt."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=4)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _restore_digit_split(gguf_path: Path, out: Path) -> None:
