@@ -294,3 +294,24 @@ def test_merged_model_against_its_base_equals_base_plus_adapter(trained, pb8, te
     assert got["argmax_agreement"] == pytest.approx(want["argmax_agreement"], abs=0.01)
     for key in ("kl", "ce_base", "ce_tuned"):
         assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_locality_from_the_frozen_prefix_equals_plain_torch_and_peft(trained, text):
+    """train measures locality starting both passes at the first adapted layer (the layers below run once): the
+    same figures as two whole passes of plain torch + PEFT."""
+    from peft import PeftModel
+
+    from memcli.core import models
+    from memcli.training.locality import text_windows, torch_locality
+
+    want = independent_locality(trained / "adapter", text)
+    base, tok = models.load_model(models.resolve("tiny"))
+    model = PeftModel.from_pretrained(base, trained / "adapter")
+    first = json.loads((trained / "summary.json").read_text())["layers"][0]
+    assert first > 0  # the default placement: there are layers below the adapter to share
+    got = torch_locality(model, text_windows(text, tok), "cpu", first_layer=first)
+    assert got["tokens"] == want["tokens"]
+    assert got["argmax_agreement"] == pytest.approx(want["argmax_agreement"], abs=0)
+    for key in ("kl", "ce_base", "ce_tuned"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-4), key

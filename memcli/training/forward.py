@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -64,9 +65,7 @@ class FrozenPrefix:
             for start, end in plan_batches([len(examples[i]) for i in order], batch_tokens, padded=True):
                 idx = order[start:end]
                 batch = collate([examples[i] for i in idx], pad_id, device)
-                out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              output_hidden_states=True)
-                states = out.hidden_states[first_layer]
+                states = _states_entering(decoder, first_layer, batch)
                 for row, i in enumerate(idx):
                     self.states[i] = states[row, : len(examples[i])].to("cpu").clone()
         model.train(was_training)
@@ -96,6 +95,29 @@ class FrozenPrefix:
         for row, i in enumerate(idx):
             out[row, : len(self.states[i])] = self.states[i]
         return out.to(device)
+
+
+class _Reached(Exception):
+    """Raised by the hook of `_states_entering` to end a forward pass at the layer it wanted."""
+
+    def __init__(self, states: torch.Tensor):
+        self.states = states
+
+
+def _states_entering(decoder, layer: int, batch: Batch) -> torch.Tensor:
+    """The hidden states [B, T, d] entering decoder layer `layer`: the pass runs the layers below it and stops
+    there (the layers above never run)."""
+    def stop(module, args, kwargs):
+        raise _Reached(args[0] if args else kwargs["hidden_states"])
+
+    handle = decoder.layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    except _Reached as reached:
+        return reached.states
+    finally:
+        handle.remove()
+    raise AssertionError(f"the decoder never reached layer {layer}")
 
 
 @contextlib.contextmanager
@@ -245,11 +267,21 @@ def evaluate(model, examples: list[Example], pad_id: int, device, batch_tokens: 
     return Recall(total_ce / n_tokens, exact, certified, min_p, total_above / n_tokens, accuracy)
 
 
-def base_loss(corpus_path, model: str | None = None, **corpus_options) -> tuple[int, float, str, int]:
-    """(answer tokens, mean answer CE of the base model = L_init, the model's name, entries) of a corpus: what
-    `memcli plan CORPUS` plans from."""
+class CorpusLoss(NamedTuple):
+    """What `memcli plan CORPUS` plans from."""
+
+    tokens: int  # answer tokens of the corpus
+    l_init: float  # the base model's mean answer CE
+    model: str  # the model's name
+    entries: int
+    first_tokens: int  # answer tokens of the first entry (the shortest prefix a sweep on the corpus can take)
+
+
+def base_loss(corpus_path, model: str | None = None, **corpus_options) -> CorpusLoss:
+    """The corpus's answer tokens and L_init under the base model."""
     spec = models.resolve(model)
     base, tokenizer = models.load_model(spec)
     examples = load_examples(corpus_path, tokenizer, n_ctx=base.config.max_position_embeddings, **corpus_options)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return answer_tokens(examples), evaluate(base, examples, pad_id, "cpu").mean_ce, spec.name, len(examples)
+    return CorpusLoss(answer_tokens(examples), evaluate(base, examples, pad_id, "cpu").mean_ce, spec.name,
+                      len(examples), len(examples[0].target_ids))

@@ -236,21 +236,27 @@ class LocalityTotals:
 
 
 def torch_locality(model, windows: list[list[int]], device: str = "cpu", text: str = "reference",
-                   windows_per_batch: int = 4, threads: int = 0) -> dict:
+                   windows_per_batch: int = 4, threads: int = 0, first_layer: int = 0) -> dict:
     """Base (the same PEFT model with its adapter switched off) against tuned, teacher-forced over the windows,
-    in torch; the model's training mode is restored after."""
+    in torch; the model's training mode is restored after. With `first_layer` (the lowest adapted layer) the
+    layers below it, the same in both models, run once for the two passes."""
     import torch
 
-    from memcli.training.forward import answer_logits, collate  # lazy: verify's llama.cpp path imports this module
+    # lazy: verify's llama.cpp path imports this module
+    from memcli.training.forward import FrozenPrefix, answer_logits, collate
 
     examples = as_examples(windows)
+    prefix = FrozenPrefix(model, examples, first_layer, 0, device) if first_layer > 0 else None
+    if prefix is not None and not prefix.agrees(model, examples, 0, device, n=1):
+        prefix = None
     totals = LocalityTotals()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, len(examples), windows_per_batch):
-                batch = collate(examples[start: start + windows_per_batch], 0, device)
+                idx = list(range(start, min(start + windows_per_batch, len(examples))))
+                batch = collate([examples[i] for i in idx], 0, device, prefix, idx)
                 with model.disable_adapter():
                     base = answer_logits(model, batch)[batch.mask]
                 tuned = answer_logits(model, batch)[batch.mask]

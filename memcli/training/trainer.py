@@ -188,7 +188,7 @@ class Trainer:
     def measure_locality(self) -> dict:
         """Base against tuned on the measure half of the default reference (torch, adapter off for the base)."""
         windows = reference_windows(self.spec, "measure", self.log, (self.model, self.tokenizer))
-        return torch_locality(self.model, windows, self.device)
+        return torch_locality(self.model, windows, self.device, first_layer=min(self.layers))
 
     # --- data order ------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
