@@ -58,6 +58,15 @@ def plan(
     eos: bool = typer.Option(False, "--eos", help="As in train."),
     key: str = typer.Option("", help="As in train."),
     allow_conflicting_keys: bool = typer.Option(False, "--allow-conflicting-keys", help="As in train."),
+    probe: bool = typer.Option(False, "--probe", help="Fit the law on CORPUS itself instead of a shipped one: "
+                               "train a small sweep on nested prefixes of it (--probe-ranks x --probe-shares, "
+                               "train's defaults, until certified), fit it and extrapolate to the whole corpus; "
+                               "for any model memcli trains. Says what the probe cost."),
+    probe_out: Optional[Path] = typer.Option(None, "--probe-out", help="The probe's sweep folder (a rerun "
+                                             "continues it). \\[default: probe-<corpus name>]"),
+    probe_ranks: str = typer.Option(",".join(map(str, law_defaults.PROBE_RANKS)), help="The probe's LoRA ranks."),
+    probe_shares: str = typer.Option(",".join(map(str, law_defaults.PROBE_SHARES)), help="The probe's prefixes: "
+                                     "shares of the corpus's answer tokens."),
 ):
     """The smallest LoRA rank whose predicted L_final is under ln 2 (with a margin), with its interval, the
     training settings it assumes and the `memcli train` command that realises it."""
@@ -66,15 +75,47 @@ def plan(
 
     if (corpus is None) == (tokens is None):
         raise UserError("plan needs either a CORPUS or --tokens L (not both)")
-    source, entries = None, None
+    if probe and (corpus is None or law is not None):
+        raise UserError("--probe fits the law on a CORPUS: give one, and no --law or --tokens")
+    source, measured = None, None
     if corpus is not None:
         from memcli.training.forward import base_loss
 
-        tokens, measured, name, entries = base_loss(corpus, model, key=key, chat_template=chat_template, eos=eos,
-                                                    allow_conflicting_keys=allow_conflicting_keys)
+        measured = base_loss(corpus, model, key=key, chat_template=chat_template, eos=eos,
+                             allow_conflicting_keys=allow_conflicting_keys)
+        tokens = measured.tokens
         if l_init is None:
-            l_init, source = measured, f"measured on {corpus} with {name}"
-    law_path, law_source = choose_law(law, model, entries)
+            l_init, source = measured.l_init, f"measured on {corpus} with {measured.model}"
+    if probe:
+        law_path, law_source, cost = _probe(corpus, measured, model, key, chat_template, eos, allow_conflicting_keys,
+                                            probe_out, probe_ranks, probe_shares)
+        extrapolate = True
+    else:
+        law_path, law_source = choose_law(law, model, measured.entries if measured else None)
     result = plan_from_file(law_path, tokens, l_init, margin, l_init_source=source, extrapolate=extrapolate,
                             goal=goal)
     print_plan(result, out_console, law_source or str(law_path), str(corpus) if corpus else "CORPUS")
+    if probe:
+        out_console.print(cost(result.settings or {}), highlight=False)
+
+
+def _probe(corpus, measured, model, key, chat_template, eos, allow_conflicting_keys, out, ranks, shares):
+    """plan --probe: train and fit the probe; (law file, where it came from, the cost sentence's maker)."""
+    from memcli.cli.terminal import console, parse_floats, parse_ints
+    from memcli.commands.law.probe import run_probe
+    from memcli.training.config import TrainConfig
+
+    base = TrainConfig.from_sources(None, dict(corpus=str(corpus), model=model or TrainConfig.model, key=key,
+                                               chat_template=chat_template, eos=eos,
+                                               allow_conflicting_keys=allow_conflicting_keys))
+    folder = out or Path(f"probe-{corpus.stem}")
+
+    def done(name, summary, n, total):
+        console.print(f"probe [{n}/{total}] {name}: exact match {summary['exact_match']:.2%}, L_final "
+                          f"{summary['l_final']:.4f}, {summary['steps']} steps, {summary['wall_seconds']:.0f} s",
+                          highlight=False)
+    result = run_probe(base, measured.tokens, measured.first_tokens, folder, parse_ints(ranks, "--probe-ranks"),
+                       parse_floats(shares, "--probe-shares"), log=lambda m: console.print(m, markup=False),
+                       on_done=done)
+    law_source = f"fitted by the probe on prefixes of {corpus} ({result.law})"
+    return result.law, law_source, lambda settings: result.cost_sentence(measured.tokens, settings, measured.entries)

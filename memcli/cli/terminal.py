@@ -33,6 +33,14 @@ def parse_ints(text: str | None, name: str) -> list[int] | None:
         raise UserError(f"{name} takes comma-separated integers, got '{text}'") from None
 
 
+def parse_floats(text: str, name: str) -> list[float]:
+    """A comma-separated list of numbers from the command line; bad input is the exit-2 path."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{name} takes comma-separated numbers, got '{text}'") from None
+
+
 def user_errors(fn):
     """Bad input ends in one clear line on stderr and exit code 2. Ctrl-C and SIGTERM unwind the command (its
     temporary files and folders are removed) and end in one line and the shell's codes: 130 (SIGINT), 143

@@ -189,9 +189,12 @@ def _cancel(ray, refs) -> None:
 
 def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path, jobs: int = 1,
               executor: str = "local", on_done: Callable[[str, dict, int, int], None] | None = None,
-              force: bool = False, log: Callable[[str], None] = lambda m: None) -> list[dict]:
+              force: bool = False, log: Callable[[str], None] = lambda m: None,
+              skip_above_certified: bool = False) -> list[dict]:
     """Train every cell not yet finished; returns the summaries in grid order. Existing cells trained with other
-    settings are refused (UserError), or with `force` removed and trained again."""
+    settings are refused (UserError), or with `force` removed and trained again. With `skip_above_certified`
+    (cells one at a time, in grid order), a cell is not trained when a lower rank already certified every entry at
+    its length: a larger adapter would too, and a saturated run adds nothing to the law's fit."""
     cells = grid(base, ranks, lengths)
     if executor not in ("local", "ray"):
         raise UserError(f"--executor must be local or ray, got '{executor}'")
@@ -235,8 +238,15 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
             ref, summary = wait(futures)
             finished(futures.pop(ref), summary)
     elif jobs == 1:
+        certified = {(cfg.answer_tokens, cfg.rank) for name, cfg in cells
+                     if name in results and results[name].get("all_certified")}
         for name, cfg in pending_cells:
+            if skip_above_certified and any(n == cfg.answer_tokens and r < cfg.rank for n, r in certified):
+                log(f"{name}: not trained (a lower rank certified every entry at this length)")
+                continue
             finished(name, run_cell(dataclasses.asdict(cfg), str(out / name)))
+            if results[name].get("all_certified"):
+                certified.add((cfg.answer_tokens, cfg.rank))
     else:
         import torch
 
@@ -264,4 +274,4 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
                     for child in multiprocessing.active_children():
                         child.terminate()  # each unwinds its cell as this process does
                 raise
-    return [results[name] for name, _ in cells]
+    return [results[name] for name, _ in cells if name in results]

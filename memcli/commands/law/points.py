@@ -34,6 +34,8 @@ LEVEL = 0.95  # the intervals' level
 BOOT_SEED = 0  # the bootstrap's seed
 MARGIN = 0.1  # plan: the predicted L_final must reach ln 2 - margin
 GOAL = "recall"  # plan: recall | loss
+PROBE_RANKS = (1, 2, 3, 4, 6, 8)  # plan --probe: the ranks of its sweep
+PROBE_SHARES = (0.0625, 0.125, 0.1875, 0.25)  # plan --probe: its prefixes, as shares of the corpus's answer tokens
 
 CAPACITIES = ("rank", "params")
 COEFFICIENTS = ("C", "alpha", "beta", "b")

@@ -1,0 +1,75 @@
+"""`memcli plan --probe`: the law fitted on nested prefixes of the user's own corpus, and the sweep rule it uses
+(a rank above one that certified every entry at a length is not trained)."""
+
+import json
+
+import pytest
+from helpers import run_cli
+
+from memcli.commands.law.probe import probe_lengths, run_probe
+from memcli.core.errors import UserError
+from memcli.training import sweep
+from memcli.training.config import TrainConfig
+
+
+def test_probe_lengths_are_shares_of_the_corpus():
+    assert probe_lengths(640, 10, (0.0625, 0.125, 0.1875, 0.25)) == [40, 80, 120, 160]
+    assert probe_lengths(100, 30, (0.1, 0.5)) == [30, 50]  # never shorter than the first entry
+    for shares in ((0.1,), (0.5, 1.0), (0.0, 0.5), (0.01, 0.02)):  # one length; the whole; zero; both = first entry
+        with pytest.raises(UserError):
+            probe_lengths(100, 30, shares)
+
+
+def test_sweep_skips_ranks_above_one_that_certified(tmp_path, monkeypatch):
+    """Cells run one at a time in grid order; once a rank certifies a length, larger ranks at that length are not
+    trained. Here rank r certifies l tokens when r * 20 >= l (a made-up capacity)."""
+    trained = []
+
+    def fake_cell(settings, run_dir, device=None, threads=None):
+        trained.append((settings["rank"], settings["answer_tokens"]))
+        return {"all_certified": settings["rank"] * 20 >= settings["answer_tokens"], "rank": settings["rank"]}
+
+    monkeypatch.setattr(sweep, "run_cell", fake_cell)
+    base = TrainConfig(corpus="unused.jsonl", model="tiny")
+    out = sweep.run_sweep(base, [1, 2, 4, 8], [20, 40, 80], tmp_path / "s", skip_above_certified=True)
+    assert trained == [(1, 20), (1, 40), (2, 40), (1, 80), (2, 80), (4, 80)]
+    assert len(out) == len(trained)
+    trained.clear()
+    sweep.run_sweep(base, [1, 2], [20], tmp_path / "t")  # without the rule every cell trains
+    assert trained == [(1, 20), (2, 20)]
+
+
+@pytest.mark.slow  # trains a small sweep on the tiny model
+def test_probe_fits_a_law_and_plan_uses_it(tmp_path):
+    corpus = tmp_path / "pb.jsonl"
+    assert run_cli("data", "phonebook", "--entries", "24", "--seed", "3", "--out", corpus).exit_code == 0
+    base = TrainConfig(corpus=str(corpus), model="tiny", epochs=12, check_every=5)
+    probe = run_probe(base, 240, 10, tmp_path / "probe", ranks=(1, 2, 4), shares=(0.125, 0.25, 0.5))
+    assert probe.lengths == [30, 60, 120]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "probe").glob("*/summary.json")]
+    assert probe.runs == len(summaries) >= 5
+    assert probe.examples == sum(s["examples"] for s in summaries)
+    assert probe.train_seconds == pytest.approx(sum(s["wall_seconds"] for s in summaries))
+    assert all(s["stop_reason"] in ("certified", "budget") for s in summaries)
+    law = json.loads(probe.law.read_text())
+    assert law["measured_l_range"] == [30, 120] and law["settings"]["until_recall"] is True
+    result = run_cli("plan", corpus, "--law", probe.law, "--model", "tiny", "--extrapolate")
+    assert result.exit_code == 0, result.output
+    assert "for 240 answer tokens" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--probe", "--tokens", "100"], "--probe fits the law on a CORPUS"),
+    (["CORPUS", "--probe", "--law", "random"], "--probe fits the law on a CORPUS"),
+    (["CORPUS", "--probe", "--probe-shares", "0.5,2"], "--probe-shares must lie between 0 and 1"),
+    (["CORPUS", "--probe", "--probe-ranks", "0,1"], "--probe-ranks must be positive ranks"),
+    (["CORPUS", "--probe", "--probe-shares", "half"], "--probe-shares takes comma-separated numbers"),
+])
+def test_bad_probe_options_exit_2(tmp_path, args, message):
+    corpus = tmp_path / "pb.jsonl"
+    assert run_cli("data", "phonebook", "--entries", "8", "--out", corpus).exit_code == 0
+    result = run_cli("plan", *[corpus if a == "CORPUS" else a for a in args], "--model", "tiny",
+                     "--probe-out", tmp_path / "probe")
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "probe").exists()
