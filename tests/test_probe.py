@@ -37,6 +37,8 @@ def test_sweep_skips_ranks_above_one_that_certified(tmp_path, monkeypatch):
     trained.clear()
     sweep.run_sweep(base, [1, 2], [20], tmp_path / "t")  # without the rule every cell trains
     assert trained == [(1, 20), (2, 20)]
+    with pytest.raises(UserError, match="needs --jobs 1"):  # cells in parallel cannot wait for a lower rank
+        sweep.run_sweep(base, [1, 2], [20], tmp_path / "u", jobs=2, skip_above_certified=True)
 
 
 @pytest.mark.slow  # trains a small sweep on the tiny model

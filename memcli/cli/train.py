@@ -189,6 +189,9 @@ def sweep(
                                  "pip install 'memcli\\[ray]')."),
     force: bool = typer.Option(False, "--force", help="Retrain the existing cells whose training settings differ "
                                "from this command's (without it such a rerun is refused)."),
+    skip_above_certified: bool = typer.Option(False, "--skip-above-certified", help="With --jobs 1: do not train a "
+                                              "cell when a lower rank certified every entry at its length (with "
+                                              "--until-recall: it would too, and fit drops saturated runs)."),
 ):
     """Train one run per (rank, l) cell; any other `memcli train` option passes through (e.g. --method sft
     --max-steps 300). Finished cells are skipped and started ones resume, so rerunning continues a sweep; a rerun
@@ -205,5 +208,6 @@ def sweep(
                       f"{summary['l_final']:.4f}, dL {summary['delta_l']:.4f}, {summary['steps']} steps, "
                       f"{summary['wall_seconds']:.0f} s", highlight=False)
     summaries = run_sweep(base, rank_list, lengths, out, jobs, executor, done, force=force,
-                          log=lambda m: console.print(m, highlight=False, markup=False))
+                          log=lambda m: console.print(m, highlight=False, markup=False),
+                          skip_above_certified=skip_above_certified)
     console.print(f"{len(summaries)} cells in {out}; fit them with: memcli fit {out} --out {out}/law.json")

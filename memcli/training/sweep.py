@@ -200,6 +200,8 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
         raise UserError(f"--executor must be local or ray, got '{executor}'")
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if skip_above_certified and (jobs != 1 or executor != "local"):
+        raise UserError("--skip-above-certified trains cells one at a time: it needs --jobs 1 and --executor local")
     ray_runner = _ray_runner(base) if executor == "ray" else None  # says how to install Ray before any work
     stale = stale_cells(cells, out)
     if stale and not force:
