@@ -70,52 +70,50 @@ def plan(
 ):
     """The smallest LoRA rank whose predicted L_final is under ln 2 (with a margin), with its interval, the
     training settings it assumes and the `memcli train` command that realises it."""
-    from memcli.cli.terminal import print_plan
+    from memcli.cli.terminal import parse_floats, parse_ints, print_plan
     from memcli.commands.law.plan import choose_law, plan_from_file
 
     if (corpus is None) == (tokens is None):
         raise UserError("plan needs either a CORPUS or --tokens L (not both)")
     if probe and (corpus is None or law is not None):
         raise UserError("--probe fits the law on a CORPUS: give one, and no --law or --tokens")
-    source, measured = None, None
+    ranks, shares = parse_ints(probe_ranks, "--probe-ranks"), parse_floats(probe_shares, "--probe-shares")
+    corpus_options = dict(key=key, chat_template=chat_template, eos=eos, allow_conflicting_keys=allow_conflicting_keys)
+    source, measured, probed = None, None, None
     if corpus is not None:
         from memcli.training.forward import base_loss
 
-        measured = base_loss(corpus, model, key=key, chat_template=chat_template, eos=eos,
-                             allow_conflicting_keys=allow_conflicting_keys)
+        measured = base_loss(corpus, model, **corpus_options)
         tokens = measured.tokens
         if l_init is None:
             l_init, source = measured.l_init, f"measured on {corpus} with {measured.model}"
     if probe:
-        law_path, law_source, cost = _probe(corpus, measured, model, key, chat_template, eos, allow_conflicting_keys,
-                                            probe_out, probe_ranks, probe_shares)
-        extrapolate = True
+        probed = _probe(corpus, measured, model, corpus_options, probe_out or Path(f"probe-{corpus.stem}"), ranks,
+                        shares)
+        law_path, law_source = probed.law, f"fitted by the probe on prefixes of {corpus} ({probed.law})"
     else:
         law_path, law_source = choose_law(law, model, measured.entries if measured else None)
-    result = plan_from_file(law_path, tokens, l_init, margin, l_init_source=source, extrapolate=extrapolate,
-                            goal=goal)
+    result = plan_from_file(law_path, tokens, l_init, margin, l_init_source=source,
+                            extrapolate=extrapolate or probe, goal=goal)
     print_plan(result, out_console, law_source or str(law_path), str(corpus) if corpus else "CORPUS")
-    if probe:
-        out_console.print(cost(result.settings or {}), highlight=False)
+    if probed is not None:
+        out_console.print(probed.cost_sentence(measured.tokens, result.settings or {}, measured.entries),
+                          highlight=False)
 
 
-def _probe(corpus, measured, model, key, chat_template, eos, allow_conflicting_keys, out, ranks, shares):
-    """plan --probe: train and fit the probe; (law file, where it came from, the cost sentence's maker)."""
-    from memcli.cli.terminal import console, parse_floats, parse_ints
+def _probe(corpus: Path, measured, model: str | None, corpus_options: dict, out: Path, ranks: list[int],
+           shares: list[float]):
+    """plan --probe: train the probe's sweep in train's protocol and fit its law (a Probe)."""
+    from memcli.cli.terminal import console
     from memcli.commands.law.probe import run_probe
     from memcli.training.config import TrainConfig
 
-    base = TrainConfig.from_sources(None, dict(corpus=str(corpus), model=model or TrainConfig.model, key=key,
-                                               chat_template=chat_template, eos=eos,
-                                               allow_conflicting_keys=allow_conflicting_keys))
-    folder = out or Path(f"probe-{corpus.stem}")
+    base = TrainConfig.from_sources(None, dict(corpus=str(corpus), model=model or TrainConfig.model,
+                                               **corpus_options))
 
     def done(name, summary, n, total):
         console.print(f"probe [{n}/{total}] {name}: exact match {summary['exact_match']:.2%}, L_final "
-                          f"{summary['l_final']:.4f}, {summary['steps']} steps, {summary['wall_seconds']:.0f} s",
-                          highlight=False)
-    result = run_probe(base, measured.tokens, measured.first_tokens, folder, parse_ints(ranks, "--probe-ranks"),
-                       parse_floats(shares, "--probe-shares"), log=lambda m: console.print(m, markup=False),
-                       on_done=done)
-    law_source = f"fitted by the probe on prefixes of {corpus} ({result.law})"
-    return result.law, law_source, lambda settings: result.cost_sentence(measured.tokens, settings, measured.entries)
+                      f"{summary['l_final']:.4f}, {summary['steps']} steps, {summary['wall_seconds']:.0f} s",
+                      highlight=False)
+    return run_probe(base, measured.tokens, measured.first_tokens, out, ranks, shares,
+                     log=lambda m: console.print(m, markup=False), on_done=done)

@@ -35,8 +35,10 @@ class Probe:
 
     def cost_sentence(self, corpus_tokens: int, settings: dict, entries: int) -> str:
         """The probe's cost beside the budget of the training it plans (which stops sooner once certified)."""
-        budget = (settings.get("max_steps") and f"{settings['max_steps']} steps"
-                  or f"{settings['epochs']} epochs of {entries:,} entries = {settings['epochs'] * entries:,}")
+        if settings.get("max_steps"):
+            budget = f"{settings['max_steps']:,} steps of {settings['batch_size']}"
+        else:
+            budget = f"{settings['epochs']} epochs of {entries:,} entries = {settings['epochs'] * entries:,}"
         return (f"The probe trained {self.runs} runs (ranks {', '.join(map(str, self.ranks))}; prefixes of "
                 f"{', '.join(f'{n:,}' for n in self.lengths)} of the corpus's {corpus_tokens:,} answer tokens) in "
                 f"{self.train_seconds:,.0f} s, on {self.examples:,} entries in all; the training it plans may use "
