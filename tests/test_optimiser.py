@@ -126,3 +126,15 @@ def test_a_run_recorded_before_a_setting_existed_trained_with_its_old_behaviour(
     saved = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "tail_threshold"}
     assert setting_differences(saved, TrainConfig(tail_threshold=0.5)) == []
     assert [d[0] for d in setting_differences(saved, TrainConfig(tail_threshold=0.9))] == ["tail_threshold"]
+
+
+@pytest.mark.parametrize("tail_from, in_tail", [(0.0, True), (1.0, False)])
+def test_tail_from_decides_when_the_tail_starts(tmp_path, pb8, tail_from, in_tail):
+    """--tail-from 0: the tail (and its threshold) from the first clean check; 1: only once every answer token is
+    past p = 0.5, which two steps of a tiny run do not reach."""
+    from memcli.training.trainer import Trainer
+
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", tail_from=tail_from, max_steps=2, check_every=1, gguf="off")
+    t = Trainer(cfg, tmp_path / "run", log=lambda m: None)
+    t.run()
+    assert t.tail is in_tail

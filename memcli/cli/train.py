@@ -58,10 +58,12 @@ def train(
                                                     + _default("train_threshold")),
     floor: Optional[float] = typer.Option(None, help="memft-ot: weight kept by a token above --train-threshold."
                                           + _default("floor")),
-    tail_threshold: Optional[float] = typer.Option(None, help="memft-ot in a run's tail (a clean check found at "
-                                                   "least 90 % of the answer tokens at p > 0.5): train a token "
-                                                   "while its p is at or below this (0.5: the paper's throughout)."
-                                                   + _default("tail_threshold")),
+    tail_threshold: Optional[float] = typer.Option(None, help="memft-ot in a run's tail (see --tail-from): train "
+                                                   "a token while its p is at or below this (0.5: the paper's "
+                                                   "throughout)." + _default("tail_threshold")),
+    tail_from: Optional[float] = typer.Option(None, help="memft-ot: a run's tail starts once a clean check finds "
+                                              "this share of the answer tokens at p > 0.5 (0: from the first "
+                                              "check)." + _default("tail_from")),
     sw_form: Optional[str] = typer.Option(None, help="memft-sw: spatial (one long value) | temporal (curriculum "
                                           "over many entries) | auto (by corpus shape)." + _default("sw_form")),
     curriculum_epochs: Optional[str] = typer.Option(None, help="memft-sw temporal: epochs where exposure grows "

@@ -45,7 +45,8 @@ class TrainConfig:
     no_hard_tokens: str = "fallback"  # memft-ot: fallback (SFT step) | skip
     train_threshold: float = 0.5  # memft-ot: train tokens while p <= this (0.5: the paper); certify at p > 0.5
     floor: float = 0.0  # memft-ot: the weight a token above train_threshold keeps (0: the paper)
-    tail_threshold: float = 0.9  # memft-ot in the tail (objectives.TAIL_FROM): train tokens while p <= this
+    tail_threshold: float = 0.9  # memft-ot in the tail: train tokens while p <= this
+    tail_from: float = 0.9  # the tail starts when a clean check finds this share of answer tokens at p > 0.5
     sw_form: str = "auto"  # memft-sw: auto | spatial | temporal
     curriculum_epochs: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
     # adapter
@@ -142,6 +143,7 @@ class TrainConfig:
             (0.5 <= self.train_threshold < 1, f"--train-threshold must be in [0.5, 1), got {self.train_threshold}"),
             (0 <= self.floor <= 1, f"--floor must be in [0, 1], got {self.floor}"),
             (0.5 <= self.tail_threshold < 1, f"--tail-threshold must be in [0.5, 1), got {self.tail_threshold}"),
+            (0 <= self.tail_from <= 1, f"--tail-from must be in [0, 1], got {self.tail_from}"),
             (self.sw_form in ("auto", "spatial", "temporal"), "--sw-form must be auto, spatial or temporal"),
             (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),

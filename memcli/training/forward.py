@@ -274,7 +274,7 @@ class CorpusLoss(NamedTuple):
     l_init: float  # the base model's mean answer CE
     model: str  # the model's name
     entries: int
-    first_tokens: int  # answer tokens of the first entry (the shortest prefix a sweep on the corpus can take)
+    first_tokens: int  # the shortest prefix a sweep can take: the first entry's answer tokens (1 for one value)
 
 
 def base_loss(corpus_path, model: str | None = None, **corpus_options) -> CorpusLoss:
@@ -284,4 +284,4 @@ def base_loss(corpus_path, model: str | None = None, **corpus_options) -> Corpus
     examples = load_examples(corpus_path, tokenizer, n_ctx=base.config.max_position_embeddings, **corpus_options)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return CorpusLoss(answer_tokens(examples), evaluate(base, examples, pad_id, "cpu").mean_ce, spec.name,
-                      len(examples), len(examples[0].target_ids))
+                      len(examples), 1 if len(examples) == 1 else len(examples[0].target_ids))

@@ -14,7 +14,6 @@ import torch
 from memcli.core.scoring import LN2  # the certification threshold, defined once
 
 EPS = 1e-8
-TAIL_FROM = 0.9  # the tail of a run: a clean check found at least this share of the answer tokens at p > 0.5
 
 
 def weighted_mean(ce: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

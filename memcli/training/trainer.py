@@ -34,7 +34,6 @@ from memcli.training.config import (
 from memcli.training.deploy_aware import Deployment
 from memcli.training.locality import reference_windows, torch_locality
 from memcli.training.objectives import (
-    TAIL_FROM,
     Curriculum,
     SlidingConfig,
     SlidingState,
@@ -327,7 +326,7 @@ class Trainer:
                 checked = step % cfg.check_every == 0 or step == self.total_steps
                 if checked:
                     recall, recall_step = self.evaluate(), step
-                    self.tail = recall.above >= TAIL_FROM
+                    self.tail = recall.above >= cfg.tail_from
                     row = (row or {"step": step, "epoch": epoch}) | {
                         "exact_match": recall.exact_match, "certified": recall.certified_rate,
                         "clean_ce": round(recall.mean_ce, 6), "clean_above": round(recall.above, 6)}
