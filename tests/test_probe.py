@@ -2,8 +2,10 @@
 (a rank above one that certified every entry at a length is not trained)."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from helpers import run_cli
 
 from memcli.commands.law.probe import probe_lengths, run_probe
@@ -75,3 +77,34 @@ def test_bad_probe_options_exit_2(tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "probe").exists()
+
+
+@pytest.mark.parametrize("capacity, lengths, whole", [
+    (70, [10, 20, 40, 80], None),  # rank 1 fails at 80: a law is fitted (here: too few runs, so refused)
+    (1000, [10, 20, 40, 80, 100], 1),  # rank 1 certifies the whole corpus: no law needed
+])
+def test_probe_goes_longer_while_the_smallest_rank_certifies(tmp_path, monkeypatch, capacity, lengths, whole):
+    """The smallest rank certifying the longest prefix says nothing about capacity: the probe doubles the prefix
+    (at most the whole corpus, 100 tokens here) until it fails; rank r certifies l tokens when r * capacity >= l."""
+    from memcli.commands.law import probe as probe_mod
+
+    def fake_cell(settings, run_dir, device=None, threads=None):  # a run folder as train leaves it, in brief
+        r, n = settings["rank"], settings["answer_tokens"]
+        certified = r * capacity >= n
+        summary = {"all_certified": certified, "rank": r, "answer_tokens": n, "wall_seconds": 1.0, "examples": n,
+                   "l_init": 3.0, "l_final": 0.1 if certified else 1.5, "delta_l": 2.9 if certified else 1.5}
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(sweep, "run_cell", fake_cell)
+    base = TrainConfig(corpus="unused.jsonl", model="tiny")
+    if whole is None:
+        with pytest.raises(UserError, match="give no law"):
+            run_probe(base, 100, 10, tmp_path / "p", ranks=(1, 2), shares=(0.1, 0.2))
+        return
+    probe = probe_mod.run_probe(base, 100, 10, tmp_path / "p", ranks=(1, 2), shares=(0.1, 0.2))
+    assert (probe.lengths, probe.whole_rank, probe.law) == (lengths, whole, None)
+    assert probe.runs == len(lengths) and probe.examples == sum(lengths)
+    assert probe.settings["until_recall"] is True and "rank" not in probe.settings  # the command's settings

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from memcli.cli.terminal import out_console, user_errors
 from memcli.commands.law import points as law_defaults
@@ -90,6 +91,15 @@ def plan(
     if probe:
         probed = _probe(corpus, measured, model, corpus_options, probe_out or Path(f"probe-{corpus.stem}"), ranks,
                         shares)
+        if probed.whole_rank is not None:
+            from memcli.commands.law.plan import train_command
+
+            out_console.print(f"Rank {probed.whole_rank}, the smallest probed, certified the whole corpus during the "
+                              f"probe ({probed.folder}): no law is needed. Train it with:", highlight=False)
+            out_console.print(escape(train_command(probed.settings, probed.whole_rank, str(corpus))), soft_wrap=True)
+            out_console.print(probed.cost_sentence(measured.tokens, probed.settings, measured.entries),
+                              highlight=False)
+            return
         law_path, law_source = probed.law, f"fitted by the probe on prefixes of {corpus} ({probed.law})"
     else:
         law_path, law_source = choose_law(law, model, measured.entries if measured else None)

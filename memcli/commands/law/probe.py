@@ -15,23 +15,25 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from memcli.commands.law.fit import fit_and_save
-from memcli.commands.law.points import PROBE_RANKS, PROBE_SHARES, LawError
+from memcli.commands.law.points import PROBE_RANKS, PROBE_SHARES, LawError, load_points, shared_settings
 from memcli.core.errors import UserError
 from memcli.training.config import TrainConfig
-from memcli.training.sweep import run_sweep
+from memcli.training.sweep import cell_name, run_sweep
 
 
 @dataclass
 class Probe:
     """What the probe trained and what it cost."""
 
-    law: Path  # the law fitted on its runs (OUT/law.json)
+    law: Path | None  # the law fitted on its runs (OUT/law.json); None when the smallest rank certified the whole
     folder: Path
     ranks: list[int]
     lengths: list[int]  # answer tokens of each nested prefix
     runs: int
     train_seconds: float  # the runs' training time, summed
     examples: int  # entries trained on, summed over the runs
+    whole_rank: int | None = None  # the smallest rank, when it certified the whole corpus during the probe
+    settings: dict | None = None  # with whole_rank: that run's training settings
 
     def cost_sentence(self, corpus_tokens: int, settings: dict, entries: int) -> str:
         """The probe's cost beside the budget of the training it plans (which stops sooner once certified)."""
@@ -62,18 +64,33 @@ def run_probe(base: TrainConfig, corpus_tokens: int, first_entry_tokens: int, ou
               ranks: Sequence[int] = PROBE_RANKS, shares: Sequence[float] = PROBE_SHARES,
               log: Callable[[str], None] = lambda m: None,
               on_done: Callable[[str, dict, int, int], None] | None = None) -> Probe:
-    """Train the probe's sweep (resuming one already in `out`) and fit its law into out/law.json."""
+    """Train the probe's sweep (resuming one already in `out`) and fit its law into out/law.json. While the
+    smallest rank still certifies the longest prefix, the probe goes on to a prefix twice as long (up to the whole
+    corpus): a law needs runs that did not certify. If the smallest rank certifies the whole corpus, no law is
+    needed (Probe.whole_rank) and none is fitted."""
     if not ranks or min(ranks) < 1:
         raise UserError("--probe-ranks must be positive ranks, e.g. 1,2,4,8")
+    ranks = sorted(set(ranks))
     lengths = probe_lengths(corpus_tokens, first_entry_tokens, shares)
     base = dataclasses.replace(base, until_recall=True, gguf="off")
-    summaries = run_sweep(base, sorted(set(ranks)), lengths, out, on_done=on_done, log=log, skip_above_certified=True)
+    while True:
+        summaries = run_sweep(base, ranks, lengths, out, on_done=on_done, log=log, skip_above_certified=True)
+        smallest = next(s for s in summaries if s["rank"] == ranks[0] and s["answer_tokens"] == lengths[-1])
+        if not smallest.get("all_certified") or lengths[-1] >= corpus_tokens:
+            break
+        lengths.append(min(corpus_tokens, 2 * lengths[-1]))
+        log(f"rank {ranks[0]} certified {smallest['answer_tokens']} answer tokens: the probe goes on to {lengths[-1]}")
+    probe = Probe(None, out, ranks, lengths, len(summaries), sum(s.get("wall_seconds") or 0.0 for s in summaries),
+                  sum(s.get("examples") or 0 for s in summaries))
+    if smallest.get("all_certified") and lengths[-1] >= corpus_tokens:
+        probe.whole_rank = ranks[0]
+        probe.settings = shared_settings(load_points([out / cell_name(ranks[0], lengths[-1])]))[0]
+        return probe
     try:
         fit_and_save([out], "rank", out / "law.json", plots=True)
     except LawError as e:
         raise LawError(f"the probe's {len(summaries)} runs in {out} give no law: {e}. Most likely too many of them "
                        "recalled their prefix (a saturated run says only that the rank was enough): probe longer "
                        "prefixes (--probe-shares) or lower ranks") from None
-    return Probe(out / "law.json", out, sorted(set(ranks)), lengths, len(summaries),
-                 sum(s.get("wall_seconds") or 0.0 for s in summaries),
-                 sum(s.get("examples") or 0 for s in summaries))
+    probe.law = out / "law.json"
+    return probe
