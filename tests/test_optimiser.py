@@ -138,3 +138,41 @@ def test_tail_from_decides_when_the_tail_starts(tmp_path, pb8, tail_from, in_tai
     t = Trainer(cfg, tmp_path / "run", log=lambda m: None)
     t.run()
     assert t.tail is in_tail
+
+
+def test_latest_pass_counts_what_each_entry_last_saw():
+    """Hand-made CE: p = 0.9, 0.4 | 0.3, 0.8 (a pad slot off the mask), then entry 0 again, all past 0.5."""
+    import math
+
+    import torch
+
+    from memcli.training.forward import LatestPass
+
+    latest = LatestPass(3)
+    ce = -torch.log(torch.tensor([[0.9, 0.4], [0.8, 0.3]]))
+    mask = torch.tensor([[True, True], [True, False]])
+    latest.update([0, 2], ce * mask, mask)
+    assert latest.hard.tolist() == [1, -1, 0] and latest.above == pytest.approx(2 / 3)  # entry 1 not seen
+    latest.update([0], -torch.log(torch.tensor([[0.9, 0.6]])), torch.ones(1, 2, dtype=torch.bool))
+    assert latest.hard.tolist() == [0, -1, 0] and latest.above == 1.0
+    margin = torch.tensor([[math.inf, 0.5]])  # --margin 1: a token past p = 0.5 but under the margin counts
+    latest.update([0], -torch.log(torch.tensor([[0.9, 0.6]])), torch.ones(1, 2, dtype=torch.bool), margin, 1.0)
+    assert latest.hard.tolist() == [1, -1, 0]
+
+
+@pytest.mark.parametrize("settings, clean_steps", [
+    ({}, [6]),  # gated: the tail is out of reach (tail_from 1), so only the last step's clean pass runs
+    ({"gate_checks": False}, [2, 4, 6]),  # every --check-every steps
+    ({"dropout": 0.1}, [2, 4, 6]),  # with dropout a training pass is not the clean one: never gated
+])
+def test_clean_checks_are_gated_by_the_latest_passes(tmp_path, pb8, settings, clean_steps):
+    from memcli.training.trainer import Trainer
+
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", tail_from=1.0, max_steps=6, check_every=2, gguf="off",
+                      **settings)
+    Trainer(cfg, tmp_path / "run", log=lambda m: None).run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "clean_above" in r] == clean_steps
+    skipped = [r for r in rows if "latest_above" in r]
+    assert [r["step"] for r in skipped] == [s for s in (2, 4) if s not in clean_steps]
+    assert all(0 <= r["latest_above"] < 1 for r in skipped)

@@ -27,7 +27,8 @@ OUTPUT_ONLY = ("gguf",)
 # Settings added after runs were first recorded, with the value that does what a run recorded before them did:
 # a config.yaml or law.json that lacks one trained with this value, whatever train's default is now.
 BEFORE = {"tail_threshold": 0.5, "schedule": "linear", "warmup_steps": 0, "lora_plus": 1.0, "rslora": False,
-          "init": "default", "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}
+          "init": "default", "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
+          "gate_checks": False}
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainConfig:
     # stopping, logging
     until_recall: bool = False
     check_every: int = 10
+    gate_checks: bool = True  # skip clean checks while the latest training passes are short of tail_from
     checkpoint_every: int = 50
     log_every: int = 1
     # deployment

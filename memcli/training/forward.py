@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from memcli.core import models
 from memcli.core.batching import plan_batches
 from memcli.core.corpus import Example, answer_tokens, load_examples
-from memcli.core.scoring import score_logits
+from memcli.core.scoring import LN2, score_logits
 from memcli.core.verdicts import verdicts
 from memcli.llama.sampler import GREEDY, Sampler
 
@@ -226,6 +226,30 @@ class Recall:
     @property
     def mean_token_accuracy(self) -> float:
         return sum(self.token_accuracy) / len(self.token_accuracy)
+
+
+class LatestPass:
+    """Each entry's answer tokens as its latest training pass saw them, before that step's update: how many were
+    still uncertified (p <= 0.5, or a logit margin under --margin). Without dropout that pass is the clean pass at
+    that step's weights, a step or an epoch old: far from certified, a clean check can be skipped on its word."""
+
+    def __init__(self, n_entries: int):
+        self.hard = np.full(n_entries, -1)  # -1: not seen yet
+        self.tokens = np.zeros(n_entries, dtype=np.int64)
+
+    def update(self, idx: list[int], ce: torch.Tensor, mask: torch.Tensor, margin: torch.Tensor | None = None,
+               min_margin: float = 0.0) -> None:
+        hard = (ce.detach() >= LN2) & mask
+        if min_margin > 0 and margin is not None:
+            hard |= (margin < min_margin) & mask
+        self.hard[idx] = hard.sum(1).cpu().numpy()
+        self.tokens[idx] = mask.sum(1).cpu().numpy()
+
+    @property
+    def above(self) -> float:
+        """The share of the answer tokens of the entries seen so far past p = 0.5 in their latest pass."""
+        seen = self.hard >= 0
+        return 1.0 - float(self.hard[seen].sum()) / max(1, int(self.tokens[seen].sum()))
 
 
 @torch.no_grad()

@@ -135,6 +135,9 @@ class Trainer:
         created = not self.out.exists()
         self.step, self.wall, self.l_init, self.resumed = 0, 0.0, None, resume
         self.tail = False  # memft-ot: the last clean check found the run in its tail (--tail-threshold applies)
+        self.latest = forward.LatestPass(len(self.examples))  # what each entry's latest training pass saw
+        # --gate-checks: only without dropout is a training pass the clean pass of its step
+        self.gated = cfg.gate_checks and cfg.dropout == 0
         try:
             runs.create_run(self.out)
             if not resume:
@@ -270,6 +273,7 @@ class Trainer:
         batch = forward.collate([self.examples[i] for i in idx], self.pad_id, self.device, self.prefix, idx,
                                 self.sampler)
         ce, correct, margin = self.answer_ce(batch)
+        self.latest.update(idx, ce, batch.mask, margin, self.cfg.margin)
         loss, hard = self.objective(ce, correct, batch, idx, margin)
         kept = None
         if loss is not None and self.preserve is not None:
@@ -324,6 +328,10 @@ class Trainer:
                 if not (step % cfg.log_every == 0 or step == self.total_steps):
                     row = None
                 checked = step % cfg.check_every == 0 or step == self.total_steps
+                if checked and self.gated and step != self.total_steps and self.latest.above < cfg.tail_from:
+                    checked = False  # too far from certified for a clean pass to certify: none yet
+                    self.tail = self.latest.above >= cfg.tail_from
+                    row = (row or {"step": step, "epoch": epoch}) | {"latest_above": round(self.latest.above, 6)}
                 if checked:
                     recall, recall_step = self.evaluate(), step
                     self.tail = recall.above >= cfg.tail_from

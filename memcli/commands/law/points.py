@@ -128,7 +128,8 @@ def load_points(inputs: Sequence[Path | str], capacity: str = "rank") -> list[Po
 # What a sweep varies per cell (the seed: per replicate of a cell), and what does not change what a run learns:
 # not part of the law's settings.
 _PER_CELL = ("corpus", "rank", "answer_tokens", "seed")
-_BOOKKEEPING = ("gguf", "check_every", "checkpoint_every", "log_every", "device", "allow_conflicting_keys")
+_BOOKKEEPING = ("gguf", "check_every", "gate_checks", "checkpoint_every", "log_every", "device",
+                "allow_conflicting_keys")
 
 
 def shared_settings(points: Iterable[Point]) -> tuple[dict[str, Any], list[str]]:
