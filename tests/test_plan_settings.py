@@ -208,7 +208,7 @@ def test_a_kind_without_a_shipped_law_is_said_with_its_reason(tmp_path):
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert "no phonebook law ships for model smollm2-135m: its sweep did not follow the law" in text
-    assert "--law law.json" in text
+    assert "--law law.json" in text and "--probe" in text
 
 
 def test_recall_frontier_is_the_smallest_rank_above_which_every_run_recalled():

@@ -362,8 +362,9 @@ def choose_law(law: str | None, model: str | None, entries: int | None) -> tuple
         missing = spec.info.get("laws_missing", {}).get(kind)
         have = f"it ships {', '.join(shipped)}" if shipped else "memcli ships no law for it"
         why = f": {missing}" if missing else ""
-        raise LawError(f"no {kind} law ships for model {spec.name}{why} ({have}). Fit one on corpora like yours "
-                       "with `memcli sweep` and `memcli fit`, then pass --law law.json")
+        raise LawError(f"no {kind} law ships for model {spec.name}{why} ({have}). Fit one on this corpus with "
+                       "--probe, or on corpora like yours with `memcli sweep` and `memcli fit`, then pass --law "
+                       "law.json")
     why = f"the {kind} law shipped for {spec.name}"
     if law is None:
         why += " (chosen by the corpus's shape: " + ("one value" if entries == 1 else f"{entries} entries") + ")"
