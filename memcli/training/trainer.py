@@ -329,8 +329,7 @@ class Trainer:
                     row = None
                 checked = step % cfg.check_every == 0 or step == self.total_steps
                 if checked and self.gated and step != self.total_steps and self.latest.above < cfg.tail_from:
-                    checked = False  # too far from certified for a clean pass to certify: none yet
-                    self.tail = self.latest.above >= cfg.tail_from
+                    checked, self.tail = False, False  # too far from certified for a clean pass to certify
                     row = (row or {"step": step, "epoch": epoch}) | {"latest_above": round(self.latest.above, 6)}
                 if checked:
                     recall, recall_step = self.evaluate(), step
