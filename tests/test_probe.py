@@ -82,6 +82,7 @@ def test_bad_probe_options_exit_2(tmp_path, args, message):
 @pytest.mark.parametrize("capacity, lengths, whole", [
     (70, [10, 20, 40, 80], None),  # rank 1 fails at 80: a law is fitted (here: too few runs, so refused)
     (1000, [10, 20, 40, 80, 100], 1),  # rank 1 certifies the whole corpus: no law needed
+    (90, [10, 20, 40, 80, 100], 2),  # rank 1 fails only on the whole corpus, where rank 2 certifies it
 ])
 def test_probe_goes_longer_while_the_smallest_rank_certifies(tmp_path, monkeypatch, capacity, lengths, whole):
     """The smallest rank certifying the longest prefix says nothing about capacity: the probe doubles the prefix
@@ -106,5 +107,7 @@ def test_probe_goes_longer_while_the_smallest_rank_certifies(tmp_path, monkeypat
         return
     probe = probe_mod.run_probe(base, 100, 10, tmp_path / "p", ranks=(1, 2), shares=(0.1, 0.2))
     assert (probe.lengths, probe.whole_rank, probe.law) == (lengths, whole, None)
-    assert probe.runs == len(lengths) and probe.examples == sum(lengths)
+    trained = [json.loads(p.read_text()) for p in (tmp_path / "p").glob("*/summary.json")]
+    assert probe.runs == len(trained) == len(lengths) + whole - 1  # rank 2 trained on the whole corpus only
+    assert probe.examples == sum(t["answer_tokens"] for t in trained)
     assert probe.settings["until_recall"] is True and "rank" not in probe.settings  # the command's settings

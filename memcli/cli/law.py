@@ -94,8 +94,9 @@ def plan(
         if probed.whole_rank is not None:
             from memcli.commands.law.plan import train_command
 
-            out_console.print(f"Rank {probed.whole_rank}, the smallest probed, certified the whole corpus during the "
-                              f"probe ({probed.folder}): no law is needed. Train it with:", highlight=False)
+            out_console.print(f"The probe went on to the whole corpus, where rank {probed.whole_rank} was the smallest "
+                              f"that certified it ({probed.folder}): measured, no law needed. Train it with:",
+                              highlight=False)
             out_console.print(escape(train_command(probed.settings, probed.whole_rank, str(corpus))), soft_wrap=True)
             out_console.print(probed.cost_sentence(measured.tokens, probed.settings, measured.entries),
                               highlight=False)

@@ -32,7 +32,7 @@ class Probe:
     runs: int
     train_seconds: float  # the runs' training time, summed
     examples: int  # entries trained on, summed over the runs
-    whole_rank: int | None = None  # the smallest rank, when it certified the whole corpus during the probe
+    whole_rank: int | None = None  # the smallest rank that certified the whole corpus, when the probe got there
     settings: dict | None = None  # with whole_rank: that run's training settings
 
     def cost_sentence(self, corpus_tokens: int, settings: dict, entries: int) -> str:
@@ -66,8 +66,8 @@ def run_probe(base: TrainConfig, corpus_tokens: int, first_entry_tokens: int, ou
               on_done: Callable[[str, dict, int, int], None] | None = None) -> Probe:
     """Train the probe's sweep (resuming one already in `out`) and fit its law into out/law.json. While the
     smallest rank still certifies the longest prefix, the probe goes on to a prefix twice as long (up to the whole
-    corpus): a law needs runs that did not certify. If the smallest rank certifies the whole corpus, no law is
-    needed (Probe.whole_rank) and none is fitted."""
+    corpus): a law needs runs that did not certify. When the probe reaches the whole corpus, the smallest rank that
+    certified it is the answer (Probe.whole_rank) and no law is fitted."""
     if not ranks or min(ranks) < 1:
         raise UserError("--probe-ranks must be positive ranks, e.g. 1,2,4,8")
     ranks = sorted(set(ranks))
@@ -82,9 +82,10 @@ def run_probe(base: TrainConfig, corpus_tokens: int, first_entry_tokens: int, ou
         log(f"rank {ranks[0]} certified {smallest['answer_tokens']} answer tokens: the probe goes on to {lengths[-1]}")
     probe = Probe(None, out, ranks, lengths, len(summaries), sum(s.get("wall_seconds") or 0.0 for s in summaries),
                   sum(s.get("examples") or 0 for s in summaries))
-    if smallest.get("all_certified") and lengths[-1] >= corpus_tokens:
-        probe.whole_rank = ranks[0]
-        probe.settings = shared_settings(load_points([out / cell_name(ranks[0], lengths[-1])]))[0]
+    whole = [s["rank"] for s in summaries if s["answer_tokens"] >= corpus_tokens and s.get("all_certified")]
+    if whole:  # trained on the whole corpus: what certified it is measured, not predicted
+        probe.whole_rank = min(whole)
+        probe.settings = shared_settings(load_points([out / cell_name(probe.whole_rank, lengths[-1])]))[0]
         return probe
     try:
         fit_and_save([out], "rank", out / "law.json", plots=True)
