@@ -90,6 +90,8 @@ def test_settings_study_compares_variants_on_the_same_corpus_and_seed(tmp_path, 
                                "--variant", bad), "--variant")
     assert_refused(run_cli("bench", "settings", "--out", tmp_path / "bad", "--corpus", "pb8=/nonexistent"),
                    "--corpus")
+    assert_refused(run_cli("bench", "settings", "--out", tmp_path / "bad", "--corpus", f"pb8={pb8}", "--corpus",
+                           f"pb8={pb8}"), "two corpora are named 'pb8'")
     assert not (tmp_path / "bad").exists()
 
 

@@ -272,6 +272,8 @@ def bench_settings_cmd(
         name, eq, path = item.partition("=")
         if not eq or not name or not Path(path).is_file():
             raise UserError(f"--corpus '{item}': give NAME=FILE with an existing file")
+        if name in corpora:
+            raise UserError(f"--corpus: two corpora are named '{name}'")
         corpora[name] = Path(path)
     variants = [Variant.parse(v) for v in variant]
     if len({v.name for v in variants}) != len(variants):
