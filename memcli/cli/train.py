@@ -112,9 +112,10 @@ def train(
     check_every: Optional[int] = typer.Option(None, help="Steps between clean recall checks."
                                               + _default("check_every")),
     gate_checks: Optional[bool] = typer.Option(None, "--gate-checks/--no-gate-checks", help="Without dropout: "
-                                               "skip a clean check while less than --tail-from of the answer tokens "
-                                               "were past p = 0.5 in their latest training pass (it cannot certify "
-                                               "yet); --no-gate-checks checks every --check-every steps."
+                                               "skip a clean check while the share of answer tokens past p = 0.5 in "
+                                               "their latest training pass is 0.2 or more short of --tail-from (no "
+                                               "clean pass could certify yet); --no-gate-checks checks every "
+                                               "--check-every steps."
                                                + _default("gate_checks")),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints."
                                                    + _default("checkpoint_every")),

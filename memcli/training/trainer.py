@@ -58,6 +58,12 @@ class NonFiniteLoss(Exception):
     pass
 
 
+# --gate-checks: the share of tokens past p = 0.5 in the entries' latest training passes lags the clean pass's (the
+# passes are up to an epoch old, and taken before the update that trains those tokens): 0.05-0.15 on the 20-entry
+# PhoneBooks. Checks resume this far below --tail-from, so the tail starts when the clean pass says, as ungated.
+GATE_SLACK = 0.2
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, force: bool = False, log=print):
         self.cfg, self.out, self.log = cfg, Path(out), log
@@ -328,7 +334,8 @@ class Trainer:
                 if not (step % cfg.log_every == 0 or step == self.total_steps):
                     row = None
                 checked = step % cfg.check_every == 0 or step == self.total_steps
-                if checked and self.gated and step != self.total_steps and self.latest.above < cfg.tail_from:
+                if (checked and self.gated and step != self.total_steps
+                        and self.latest.above < cfg.tail_from - GATE_SLACK):
                     checked, self.tail = False, False  # too far from certified for a clean pass to certify
                     row = (row or {"step": step, "epoch": epoch}) | {"latest_above": round(self.latest.above, 6)}
                 if checked:
