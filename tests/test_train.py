@@ -74,7 +74,7 @@ def test_saved_adapter_reloads_with_the_same_probabilities(pb8, tmp_path):
 def test_l_init_is_measured_once_with_the_adapter_disabled(pb8, tmp_path, monkeypatch):
     from peft.tuners.lora import LoraLayer
 
-    cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=4, check_every=2)
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", max_steps=4, check_every=2, gate_checks=False)  # both checks
     trainer = Trainer(cfg, tmp_path / "run", log=lambda m: None)
     with torch.no_grad():  # B is zero at initialisation; make the adapter change the outputs from the start
         for name, p in trainer.model.named_parameters():
