@@ -80,13 +80,14 @@ def test_bad_probe_options_exit_2(tmp_path, args, message):
 
 
 @pytest.mark.parametrize("capacity, lengths, whole", [
-    (70, [10, 20, 40, 80], None),  # rank 1 fails at 80: a law is fitted (here: too few runs, so refused)
     (1000, [10, 20, 40, 80, 100], 1),  # rank 1 certifies the whole corpus: no law needed
     (90, [10, 20, 40, 80, 100], 2),  # rank 1 fails only on the whole corpus, where rank 2 certifies it
+    (30, [10, 20, 40, 80, 100], 4),  # 4 runs fail before the whole corpus: still too few for a law
+    (0, [10, 20, 40, 80, 100], None),  # nothing certifies anything: 5 runs of one rank, no law, refused
 ])
-def test_probe_goes_longer_while_the_smallest_rank_certifies(tmp_path, monkeypatch, capacity, lengths, whole):
-    """The smallest rank certifying the longest prefix says nothing about capacity: the probe doubles the prefix
-    (at most the whole corpus, 100 tokens here) until it fails; rank r certifies l tokens when r * capacity >= l."""
+def test_probe_goes_longer_while_too_few_runs_fail(tmp_path, monkeypatch, capacity, lengths, whole):
+    """Saturated runs say nothing about capacity: while fewer than 6 runs failed to certify, the probe doubles its
+    longest prefix (at most the whole corpus, 100 tokens here); rank r certifies l tokens when r * capacity >= l."""
     from memcli.commands.law import probe as probe_mod
 
     def fake_cell(settings, run_dir, device=None, threads=None):  # a run folder as train leaves it, in brief
@@ -103,11 +104,13 @@ def test_probe_goes_longer_while_the_smallest_rank_certifies(tmp_path, monkeypat
     base = TrainConfig(corpus="unused.jsonl", model="tiny")
     if whole is None:
         with pytest.raises(UserError, match="give no law"):
-            run_probe(base, 100, 10, tmp_path / "p", ranks=(1, 2), shares=(0.1, 0.2))
+            run_probe(base, 100, 10, tmp_path / "p", ranks=(1,), shares=(0.1, 0.2))
         return
-    probe = probe_mod.run_probe(base, 100, 10, tmp_path / "p", ranks=(1, 2), shares=(0.1, 0.2))
+    probe = probe_mod.run_probe(base, 100, 10, tmp_path / "p", ranks=(1, 2, 4), shares=(0.1, 0.2))
     assert (probe.lengths, probe.whole_rank, probe.law) == (lengths, whole, None)
     trained = [json.loads(p.read_text()) for p in (tmp_path / "p").glob("*/summary.json")]
-    assert probe.runs == len(trained) == len(lengths) + whole - 1  # rank 2 trained on the whole corpus only
-    assert probe.examples == sum(t["answer_tokens"] for t in trained)
+    by_hand = [(r, n) for n in lengths for r in (1, 2, 4)  # every cell up to the first rank that certifies
+               if all(q * capacity < n for q in (1, 2, 4) if q < r)]
+    assert sorted((t["rank"], t["answer_tokens"]) for t in trained) == sorted(by_hand)
+    assert probe.runs == len(trained) and probe.examples == sum(t["answer_tokens"] for t in trained)
     assert probe.settings["until_recall"] is True and "rank" not in probe.settings  # the command's settings

@@ -20,6 +20,8 @@ from memcli.core.errors import UserError
 from memcli.training.config import TrainConfig
 from memcli.training.sweep import cell_name, run_sweep
 
+MIN_UNSATURATED = 6  # runs that did not certify, for a law of four coefficients with a bootstrap
+
 
 @dataclass
 class Probe:
@@ -64,10 +66,10 @@ def run_probe(base: TrainConfig, corpus_tokens: int, first_entry_tokens: int, ou
               ranks: Sequence[int] = PROBE_RANKS, shares: Sequence[float] = PROBE_SHARES,
               log: Callable[[str], None] = lambda m: None,
               on_done: Callable[[str, dict, int, int], None] | None = None) -> Probe:
-    """Train the probe's sweep (resuming one already in `out`) and fit its law into out/law.json. While the
-    smallest rank still certifies the longest prefix, the probe goes on to a prefix twice as long (up to the whole
-    corpus): a law needs runs that did not certify. When the probe reaches the whole corpus, the smallest rank that
-    certified it is the answer (Probe.whole_rank) and no law is fitted."""
+    """Train the probe's sweep (resuming one already in `out`) and fit its law into out/law.json. While fewer than
+    MIN_UNSATURATED of its runs failed to certify, the probe goes on to a prefix twice as long (up to the whole
+    corpus): a law is fitted on runs that did not certify. When the probe reaches the whole corpus, the smallest
+    rank that certified it is the answer (Probe.whole_rank) and no law is fitted."""
     if not ranks or min(ranks) < 1:
         raise UserError("--probe-ranks must be positive ranks, e.g. 1,2,4,8")
     ranks = sorted(set(ranks))
@@ -75,11 +77,12 @@ def run_probe(base: TrainConfig, corpus_tokens: int, first_entry_tokens: int, ou
     base = dataclasses.replace(base, until_recall=True, gguf="off")
     while True:
         summaries = run_sweep(base, ranks, lengths, out, on_done=on_done, log=log, skip_above_certified=True)
-        smallest = next(s for s in summaries if s["rank"] == ranks[0] and s["answer_tokens"] == lengths[-1])
-        if not smallest.get("all_certified") or lengths[-1] >= corpus_tokens:
+        unsaturated = sum(not s.get("all_certified") for s in summaries)
+        if unsaturated >= MIN_UNSATURATED or lengths[-1] >= corpus_tokens:
             break
         lengths.append(min(corpus_tokens, 2 * lengths[-1]))
-        log(f"rank {ranks[0]} certified {smallest['answer_tokens']} answer tokens: the probe goes on to {lengths[-1]}")
+        log(f"{unsaturated} of the probe's runs did not certify, too few for a law: it goes on to {lengths[-1]} "
+            "answer tokens")
     probe = Probe(None, out, ranks, lengths, len(summaries), sum(s.get("wall_seconds") or 0.0 for s in summaries),
                   sum(s.get("examples") or 0 for s in summaries))
     whole = [s["rank"] for s in summaries if s["answer_tokens"] >= corpus_tokens and s.get("all_certified")]
