@@ -114,3 +114,29 @@ def test_probe_goes_longer_while_too_few_runs_fail(tmp_path, monkeypatch, capaci
     assert sorted((t["rank"], t["answer_tokens"]) for t in trained) == sorted(by_hand)
     assert probe.runs == len(trained) and probe.examples == sum(t["answer_tokens"] for t in trained)
     assert probe.settings["until_recall"] is True and "rank" not in probe.settings  # the command's settings
+
+
+def test_plan_probe_prints_the_measured_rank_when_it_reached_the_whole_corpus(tmp_path, monkeypatch):
+    """plan --probe as a user runs it, with the training faked (rank r certifies l tokens when 50 r >= l): the
+    probe reaches the whole corpus, where rank 2 was the smallest to certify, and prints that rank's command."""
+    def fake_cell(settings, run_dir, device=None, threads=None):
+        r, n = settings["rank"], settings["answer_tokens"]
+        certified = 50 * r >= n
+        summary = {"all_certified": certified, "rank": r, "answer_tokens": n, "wall_seconds": 2.0, "examples": n,
+                   "l_init": 3.0, "l_final": 0.1 if certified else 1.5, "delta_l": 2.9 if certified else 1.5,
+                   "exact_match": float(certified), "steps": 10}
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(sweep, "run_cell", fake_cell)
+    corpus = tmp_path / "pb.jsonl"
+    assert run_cli("data", "phonebook", "--entries", "8", "--out", corpus).exit_code == 0  # 80 answer tokens
+    result = run_cli("plan", corpus, "--model", "tiny", "--probe", "--probe-out", tmp_path / "probe",
+                     "--probe-ranks", "1,2", "--probe-shares", "0.125,0.25")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "rank 2 was the smallest that certified it" in text
+    assert f"memcli train {corpus} --out runs/planned --rank 2 " in text and "--until-recall" in text
+    assert "The probe trained 5 runs" in text  # rank 1 at 10, 20, 40 and 80 tokens, rank 2 at 80 only

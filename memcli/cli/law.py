@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
 from memcli.cli.terminal import out_console, user_errors
 from memcli.commands.law import points as law_defaults
@@ -92,14 +91,9 @@ def plan(
         probed = _probe(corpus, measured, model, corpus_options, probe_out or Path(f"probe-{corpus.stem}"), ranks,
                         shares)
         if probed.whole_rank is not None:
-            from memcli.commands.law.plan import train_command
+            from memcli.cli.terminal import print_measured_rank
 
-            out_console.print(f"The probe went on to the whole corpus, where rank {probed.whole_rank} was the smallest "
-                              f"that certified it ({probed.folder}): measured, no law needed. Train it with:",
-                              highlight=False)
-            out_console.print(escape(train_command(probed.settings, probed.whole_rank, str(corpus))), soft_wrap=True)
-            out_console.print(probed.cost_sentence(measured.tokens, probed.settings, measured.entries),
-                              highlight=False)
+            print_measured_rank(probed, str(corpus), measured.tokens, measured.entries, out_console)
             return
         law_path, law_source = probed.law, f"fitted by the probe on prefixes of {corpus} ({probed.law})"
     else:

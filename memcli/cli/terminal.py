@@ -196,6 +196,17 @@ def print_plan(result: Plan, console: Console, law: str = "", corpus: str = "COR
         console.print(escape(train_command(result.settings, result.train_rank, corpus)), soft_wrap=True)
 
 
+def print_measured_rank(probed, corpus: str, tokens: int, entries: int, console: Console) -> None:
+    """`memcli plan --probe` when the probe reached the whole corpus: the smallest rank that certified it, its
+    command and the probe's cost."""
+    from memcli.commands.law.plan import train_command  # lazy: scipy only for `plan`
+
+    console.print(f"The probe went on to the whole corpus, where rank {probed.whole_rank} was the smallest that "
+                  f"certified it ({probed.folder}): measured, no law needed. Train it with:", highlight=False)
+    console.print(escape(train_command(probed.settings, probed.whole_rank, corpus)), soft_wrap=True)
+    console.print(probed.cost_sentence(tokens, probed.settings, entries), highlight=False)
+
+
 # --- verify --------------------------------------------------------------------------------------------------
 
 def verify_progress():
