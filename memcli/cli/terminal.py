@@ -23,22 +23,22 @@ console = Console(stderr=True)  # progress, notes and errors
 out_console = Console()  # results a user may pipe
 
 
-def parse_ints(text: str | None, name: str) -> list[int] | None:
-    """A comma-separated list of integers from the command line; bad input is the exit-2 path."""
+def _parse_list(text: str | None, name: str, convert, what: str) -> list | None:
+    """A comma-separated list from the command line; bad input is the exit-2 path."""
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [convert(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"{name} takes comma-separated integers, got '{text}'") from None
+        raise UserError(f"{name} takes comma-separated {what}, got '{text}'") from None
 
 
-def parse_floats(text: str, name: str) -> list[float]:
-    """A comma-separated list of numbers from the command line; bad input is the exit-2 path."""
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{name} takes comma-separated numbers, got '{text}'") from None
+def parse_ints(text: str | None, name: str) -> list[int] | None:
+    return _parse_list(text, name, int, "integers")
+
+
+def parse_floats(text: str | None, name: str) -> list[float] | None:
+    return _parse_list(text, name, float, "numbers")
 
 
 def user_errors(fn):

@@ -238,8 +238,9 @@ class LocalityTotals:
 def torch_locality(model, windows: list[list[int]], device: str = "cpu", text: str = "reference",
                    windows_per_batch: int = 4, threads: int = 0, first_layer: int = 0) -> dict:
     """Base (the same PEFT model with its adapter switched off) against tuned, teacher-forced over the windows,
-    in torch; the model's training mode is restored after. With `first_layer` (the lowest adapted layer) the
-    layers below it, the same in both models, run once for the two passes."""
+    in torch; the model's training mode is restored after. With `first_layer` (the lowest adapted layer, for a
+    model whose pass can start there: forward.FrozenPrefix.agrees) the layers below it, the same in both models,
+    run once for the two passes."""
     import torch
 
     # lazy: verify's llama.cpp path imports this module
@@ -247,8 +248,6 @@ def torch_locality(model, windows: list[list[int]], device: str = "cpu", text: s
 
     examples = as_examples(windows)
     prefix = FrozenPrefix(model, examples, first_layer, 0, device) if first_layer > 0 else None
-    if prefix is not None and not prefix.agrees(model, examples, 0, device, n=1):
-        prefix = None
     totals = LocalityTotals()
     was_training = model.training
     model.eval()

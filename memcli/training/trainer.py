@@ -194,9 +194,11 @@ class Trainer:
                         first_layer=min(self.layers))
 
     def measure_locality(self) -> dict:
-        """Base against tuned on the measure half of the default reference (torch, adapter off for the base)."""
+        """Base against tuned on the measure half of the default reference (torch, adapter off for the base), from
+        the first adapted layer when training could start there (its frozen prefix agreed with the full pass)."""
         windows = reference_windows(self.spec, "measure", self.log, (self.model, self.tokenizer))
-        return torch_locality(self.model, windows, self.device, first_layer=min(self.layers))
+        first = min(self.layers) if self.prefix is not None else 0
+        return torch_locality(self.model, windows, self.device, first_layer=first)
 
     # --- data order ------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:

@@ -27,7 +27,7 @@ MIN_UNSATURATED = 6  # runs that did not certify, for a law of four coefficients
 class Probe:
     """What the probe trained and what it cost."""
 
-    law: Path | None  # the law fitted on its runs (OUT/law.json); None when the smallest rank certified the whole
+    law: Path | None  # the law fitted on its runs (OUT/law.json); None with whole_rank
     folder: Path
     ranks: list[int]
     lengths: list[int]  # answer tokens of each nested prefix
