@@ -5,6 +5,8 @@ report folder, and bad input with exit codes."""
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -363,3 +365,16 @@ def test_bench_verify_runs_side_by_side(cli, tiny_run, pb8, tmp_path):
     for k in ("b", "c", "d"):
         assert results[k]["agree"] == results[k]["compared"], k
     assert "(scaled)" in result.stdout
+
+
+def test_verify_in_llama_cpp_runs_without_torch(tiny_run, pb8, tmp_path):
+    """The whole llama.cpp verify, as a user starts it, never imports torch, transformers' models or PEFT (they
+    cost seconds of start-up): its tokenizer is loaded without them."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['memcli', 'verify', {str(pb8)!r}, '--lora', {str(tiny_run)!r}, '--out', "
+            f"{str(tmp_path / 'v')!r}]\n"
+            "try:\n    runpy.run_module('memcli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers.modeling_utils', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert (tmp_path / "v" / "report.json").exists()
+    assert out.strip().splitlines()[-1] == "[]"
