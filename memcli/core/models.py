@@ -300,7 +300,7 @@ def source_tokenizer(name: str):
         except UserError as e:
             raise UserError(f"{e} (or put a tokenizer-only copy of it at {copy})") from None
         atomic_dir(copy, tokenizer.save_pretrained, replace=False)
-    return _tokenizer_in(copy)
+    return tokenizer_in(copy)
 
 
 def _quiet_transformers() -> None:
@@ -320,10 +320,11 @@ _PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def load_tokenizer(spec: ModelSpec):
-    return _tokenizer_in(hf_dir(spec))
+    return tokenizer_in(hf_dir(spec))
 
 
-def _tokenizer_in(folder: Path):
+def tokenizer_in(folder: Path):
+    """The tokenizer of an HF folder, as transformers' AutoTokenizer loads it."""
     _quiet_transformers()
     try:
         named = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")

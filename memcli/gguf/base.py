@@ -36,7 +36,6 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
     `deltas` (HF tensor name -> float32 array of its shape) are added to those weights in float32 before they
     are written: a LoRA merged into the model (memcli.gguf.merge). `metadata`: extra string keys to record."""
     import gguf
-    from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
     reader.check_outtype(outtype)
@@ -45,7 +44,7 @@ def export_base(hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str 
         name, hf_dir = name or spec.name, models.hf_dir(spec)
     hf, vocab, pairs = read_base(hf_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(hf.folder)
+        tok = models.tokenizer_in(hf.folder)
     except Exception as e:
         raise UserError(f"tokenizer of {hf.folder} cannot be loaded ({e})") from None
     probe_plain = tok("a", add_special_tokens=False).input_ids

@@ -133,7 +133,7 @@ def read_hf(folder: str | os.PathLike) -> HFModel:
     files, shapes = {}, {}
     for file_name in file_names:
         try:
-            with safe_open(folder / file_name, "pt") as f:
+            with safe_open(folder / file_name, "np") as f:  # the header only: no tensor is read
                 for name in f.keys():
                     files[name] = folder / file_name
                     shapes[name] = tuple(f.get_slice(name).get_shape())
@@ -186,7 +186,12 @@ def iter_hf_tensors(hf: HFModel, names):
     for name in names:
         by_file.setdefault(hf.files[name], []).append(name)
     for path, file_names in by_file.items():
-        with safe_open(path, "pt") as f:
+        with safe_open(path, "np") as f:
+            if all(f.get_slice(name).get_dtype() != "BF16" for name in file_names):
+                for name in file_names:
+                    yield name, f.get_tensor(name).astype(np.float32, copy=False)
+                continue
+        with safe_open(path, "pt") as f:  # numpy has no bfloat16: torch reads such a file (and costs its import)
             for name in file_names:
                 yield name, f.get_tensor(name).float().numpy()
 
@@ -274,9 +279,7 @@ def _loaded_pre_tokenizer(folder: Path, tj: dict):
     (transformers 5 loads a qwen2 folder with Qwen2Tokenizer, which splits with Qwen2's regex whatever the file
     says). Falls back to tokenizer.json's when the tokenizer does not load."""
     try:
-        from transformers import AutoTokenizer
-
-        backend = AutoTokenizer.from_pretrained(folder).backend_tokenizer
+        backend = models.tokenizer_in(folder).backend_tokenizer
         return json.loads(backend.to_str()).get("pre_tokenizer")
     except Exception:
         return tj.get("pre_tokenizer")
