@@ -50,13 +50,14 @@ def test_train_command_realises_the_law_settings(tmp_path, monkeypatch):
     settings = {**TrainConfig().__dict__, "max_steps": 50, "batch_size": 1, "method": "sft", "dropout": 0.0,
                 "chat_template": True, "eos": False, "curriculum_epochs": [5, 10, 15, 20],
                 "modules": ["up_proj", "down_proj"]}
-    for key in ("rank", "answer_tokens", "corpus", "gguf", "check_every", "checkpoint_every", "log_every",
-                "device", "allow_conflicting_keys"):
+    for key in ("rank", "answer_tokens", "corpus", "gguf", "check_every", "gate_checks", "checkpoint_every",
+                "log_every", "device", "allow_conflicting_keys"):  # not part of a law's settings
         settings.pop(key)
     command = train_command(settings, 6, str(tmp_path / "c.jsonl"), str(tmp_path / "run"))
     assert command.startswith("memcli train ") and "--rank 6" in command
     assert "--lr 0.01" in command  # spelled at its default too: a later change of default does not change the plan
     assert "--no-eos" in command and "--no-until-recall" in command  # a flag off is an option the command takes
+    assert "gate-checks" not in command  # bookkeeping: the planned run checks as train does by default
     (tmp_path / "c.jsonl").write_text('{"key": "a:", "value": " 1"}\n')
 
     seen = {}
@@ -76,6 +77,7 @@ def test_train_command_realises_the_law_settings(tmp_path, monkeypatch):
     assert cfg.rank == 6
     for key, value in settings.items():
         assert getattr(cfg, key) == value, key
+    assert cfg.gate_checks == TrainConfig().gate_checks
 
     # a law recorded before a setting existed: its command gives that setting the value its runs had
     older = {k: v for k, v in settings.items() if k not in ("tail_threshold", "lora_plus", "schedule")}

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from memcli.commands.law.fit import LawFit, load_law
-from memcli.commands.law.points import GOAL, MARGIN, LawError, law_value
+from memcli.commands.law.points import BOOKKEEPING, GOAL, MARGIN, LawError, law_value
 from memcli.core import models
 from memcli.core.runs import json_safe
 from memcli.core.scoring import LN2
@@ -259,12 +259,15 @@ def _l_final_interval(law: LawFit, x: int | None, length: float, l_init: float) 
 
 # The settings a reader of a plan needs to see even at their defaults: what decides how much a run memorises.
 KEY_SETTINGS = ("model", "method", "lr", "batch_size", "dropout")
+# A setting the law predates has the value its runs had; bookkeeping (when checks run, what is written) is not
+# part of a law, so a planned run takes train's own.
+PREDATES = {k: v for k, v in BEFORE.items() if k not in BOOKKEEPING}
 
 
 def assumed_settings(settings: dict[str, Any]) -> str:
     """The law's settings in one line: the key ones, the budget, and every other one not at train's default."""
     defaults = asdict(TrainConfig())
-    settings = BEFORE | settings  # a setting the law predates: the value its runs had
+    settings = PREDATES | settings
     budget = ("max_steps",) if settings.get("max_steps") is not None else ("epochs",)
     shown = [k for k in KEY_SETTINGS + budget if k in settings]
     shown += [k for k, v in settings.items() if k not in shown and k in defaults and v != defaults[k]]
@@ -281,7 +284,7 @@ def train_command(settings: dict[str, Any], rank: int, corpus: str = "CORPUS", o
     is the value its runs had, config.BEFORE)."""
     defaults = asdict(TrainConfig())
     words = ["memcli", "train", shlex.quote(corpus), "--out", shlex.quote(out), "--rank", str(rank)]
-    for key, value in (BEFORE | settings).items():
+    for key, value in (PREDATES | settings).items():
         if key not in defaults or key in ("rank", "corpus"):
             continue
         option = "--" + key.replace("_", "-")

@@ -128,7 +128,7 @@ def load_points(inputs: Sequence[Path | str], capacity: str = "rank") -> list[Po
 # What a sweep varies per cell (the seed: per replicate of a cell), and what does not change what a run learns:
 # not part of the law's settings.
 _PER_CELL = ("corpus", "rank", "answer_tokens", "seed")
-_BOOKKEEPING = ("gguf", "check_every", "gate_checks", "checkpoint_every", "log_every", "device",
+BOOKKEEPING = ("gguf", "check_every", "gate_checks", "checkpoint_every", "log_every", "device",
                 "allow_conflicting_keys")
 
 
@@ -145,7 +145,7 @@ def shared_settings(points: Iterable[Point]) -> tuple[dict[str, Any], list[str]]
             settings = runs.read_settings(folder)
         except UserError:
             continue
-        settings = {k: v for k, v in complete_settings(settings).items() if k not in _PER_CELL + _BOOKKEEPING}
+        settings = {k: v for k, v in complete_settings(settings).items() if k not in _PER_CELL + BOOKKEEPING}
         if common is None:
             common = settings
             continue
