@@ -62,7 +62,7 @@ def test_entries_trained_on_count_a_partial_batch_as_it_is(trainer):
 def test_bad_optimiser_settings_are_refused(tmp_path):
     corpus = DATA / "phonebook" / "llama" / "PB16.jsonl"
     for option, value in (("--schedule", "step"), ("--init", "pissa"), ("--lora-plus", "0"), ("--adam-beta2", "1"),
-                          ("--adam-eps", "0"), ("--warmup-steps", "-1")):
+                          ("--adam-eps", "0"), ("--warmup-steps", "-1"), ("--tail-lr", "0"), ("--tail-lr", "1.5")):
         assert_refused(run_cli("train", corpus, "--out", tmp_path / "r", "--model", "tiny", option, value),
                        option)
     assert not (tmp_path / "r").exists()
@@ -140,6 +140,18 @@ def test_tail_from_decides_when_the_tail_starts(tmp_path, pb8, tail_from, in_tai
     t = Trainer(cfg, tmp_path / "run", log=lambda m: None)
     t.run()
     assert t.tail is in_tail
+
+
+def test_tail_lr_scales_the_learning_rate_once_the_run_is_in_its_tail(tmp_path, pb8):
+    """--tail-lr 0.5 with the tail from the first clean check (--tail-from 0, a check after every step): the
+    schedule's next learning rate after that check is halved; steps 1 and 2 had theirs set before it."""
+    from memcli.training.trainer import Trainer
+
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", tail_from=0.0, tail_lr=0.5, schedule="constant", lr=0.01,
+                      max_steps=4, check_every=1, log_every=1, gguf="off")
+    Trainer(cfg, tmp_path / "run", log=lambda m: None).run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([0.01, 0.01, 0.005, 0.005])
 
 
 def test_latest_pass_counts_what_each_entry_last_saw():

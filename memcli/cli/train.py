@@ -64,6 +64,9 @@ def train(
     tail_from: Optional[float] = typer.Option(None, help="memft-ot: a run's tail starts once a clean check finds "
                                               "this share of the answer tokens at p > 0.5 (0: from the first "
                                               "check)." + _default("tail_from")),
+    tail_lr: Optional[float] = typer.Option(None, help="The learning rate is multiplied by this while a run is in "
+                                            "its tail (see --tail-from; 1: the schedule alone)."
+                                            + _default("tail_lr")),
     sw_form: Optional[str] = typer.Option(None, help="memft-sw: spatial (one long value) | temporal (curriculum "
                                           "over many entries) | auto (by corpus shape)." + _default("sw_form")),
     curriculum_epochs: Optional[str] = typer.Option(None, help="memft-sw temporal: epochs where exposure grows "

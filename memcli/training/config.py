@@ -28,7 +28,7 @@ OUTPUT_ONLY = ("gguf",)
 # a config.yaml or law.json that lacks one trained with this value, whatever train's default is now.
 BEFORE = {"tail_threshold": 0.5, "schedule": "linear", "warmup_steps": 0, "lora_plus": 1.0, "rslora": False,
           "init": "default", "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
-          "gate_checks": False}
+          "gate_checks": False, "tail_lr": 1.0}
 
 
 @dataclass
@@ -48,6 +48,7 @@ class TrainConfig:
     floor: float = 0.0  # memft-ot: the weight a token above train_threshold keeps (0: the paper)
     tail_threshold: float = 0.9  # memft-ot in the tail: train tokens while p <= this
     tail_from: float = 0.9  # the tail starts when a clean check finds this share of answer tokens at p > 0.5
+    tail_lr: float = 1.0  # the learning rate is multiplied by this while the run is in its tail
     sw_form: str = "auto"  # memft-sw: auto | spatial | temporal
     curriculum_epochs: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
     # adapter
@@ -146,6 +147,7 @@ class TrainConfig:
             (0 <= self.floor <= 1, f"--floor must be in [0, 1], got {self.floor}"),
             (0.5 <= self.tail_threshold < 1, f"--tail-threshold must be in [0.5, 1), got {self.tail_threshold}"),
             (0 <= self.tail_from <= 1, f"--tail-from must be in [0, 1], got {self.tail_from}"),
+            (0 < self.tail_lr <= 1, f"--tail-lr must be in (0, 1], got {self.tail_lr}"),
             (self.sw_form in ("auto", "spatial", "temporal"), "--sw-form must be auto, spatial or temporal"),
             (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),

@@ -132,15 +132,15 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(lora.parameter_groups(self.model, cfg.lr, cfg.lora_plus), lr=cfg.lr,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
+        self.tail = False  # the last clean check found the run in its tail (--tail-threshold, --tail-lr apply)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(cfg, s, self.total_steps))
+            self.optimizer, lambda s: lr_factor(cfg, s, self.total_steps) * (cfg.tail_lr if self.tail else 1.0))
 
         # Inputs are good: from here on the run folder exists.
         if force and self.out.exists() and not resume:
             runs.remove_run(self.out)
         created = not self.out.exists()
         self.step, self.wall, self.l_init, self.resumed = 0, 0.0, None, resume
-        self.tail = False  # memft-ot: the last clean check found the run in its tail (--tail-threshold applies)
         self.latest = forward.LatestPass(len(self.examples))  # what each entry's latest training pass saw
         # --gate-checks: only without dropout is a training pass the clean pass of its step
         self.gated = cfg.gate_checks and cfg.dropout == 0
