@@ -204,6 +204,19 @@ def test_plan_flags_extrapolation_and_limits(exact_law):
     assert "constant b" in plan(offset, 800, 3.0).sentence
 
 
+def test_a_logarithmic_law_is_said_to_extrapolate_unreliably(exact_law):
+    """Runs that follow delta_l = a + c ln r - d ln l (no power law) drive the fit to alpha -> 0, C -> infinity
+    (C r^alpha = C + C alpha ln r + ...): a plan far outside them says its answer is unreliable; a power law's
+    plan does not."""
+    points = [Point(x=r, length=n, delta_l=6.0 + 0.8 * math.log(r) - 0.3 * math.log(n), rank=r,
+                    source=f"r{r}_l{n}") for r in RANKS for n in LENGTHS]
+    law = fit_law(points, n_boot=0)
+    assert any(b.startswith("alpha at its lower bound") for b in law.convergence["at_bound"])
+    far = plan(law, 10000, 8.0, extrapolate=True)
+    assert any("logarithm of rank" in note for note in far.extrapolation), far.extrapolation
+    assert not any("logarithm" in note for note in plan(exact_law, 10000, 2.0, extrapolate=True).extrapolation)
+
+
 # ------------------------------------------------------------------------------------------------ I/O
 
 
