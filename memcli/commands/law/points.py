@@ -129,7 +129,7 @@ def load_points(inputs: Sequence[Path | str], capacity: str = "rank") -> list[Po
 # not part of the law's settings.
 _PER_CELL = ("corpus", "rank", "answer_tokens", "seed")
 BOOKKEEPING = ("gguf", "check_every", "gate_checks", "checkpoint_every", "log_every", "device",
-                "allow_conflicting_keys")
+               "allow_conflicting_keys")
 
 
 def shared_settings(points: Iterable[Point]) -> tuple[dict[str, Any], list[str]]:
