@@ -48,7 +48,7 @@ class TrainConfig:
     floor: float = 0.0  # memft-ot: the weight a token above train_threshold keeps (0: the paper)
     tail_threshold: float = 0.9  # memft-ot in the tail: train tokens while p <= this
     tail_from: float = 0.9  # the tail starts when a clean check finds this share of answer tokens at p > 0.5
-    tail_lr: float = 1.0  # the learning rate is multiplied by this while the run is in its tail
+    tail_lr: float = 0.5  # the learning rate is multiplied by this while the run is in its tail
     sw_form: str = "auto"  # memft-sw: auto | spatial | temporal
     curriculum_epochs: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
     # adapter
