@@ -173,11 +173,10 @@ def plan(law: LawFit, length: float, l_init: float, margin: float = MARGIN, max_
     if law.r2 is not None and law.r2 < 0.9:
         extrapolation.insert(0, f"This law fits its own runs poorly (R^2 {law.r2:.2f}, MAPE {law.mape:.1f} %): its "
                                 "answer is a rough guess.")
-    at_zero = [b.split(" ")[0] for b in law.convergence.get("at_bound", []) if "lower bound 0" in b]
-    if at_zero and extrapolation:  # C r^a l^-b + b' with a -> 0, C -> inf: C a ln r + const
-        of = " and ".join({"alpha": unit, "beta": "length"}[name] for name in at_zero)
-        extrapolation.append(f"The law's {' and '.join(at_zero)} fell to 0: over its runs delta_l follows the "
-                             f"logarithm of {of}, not a power, so an answer this far out is unreliable.")
+    # alpha at its lower bound 0 with C -> inf: C r^alpha tends to C + C alpha ln r, a law in the logarithm of r
+    if extrapolation and any(b.startswith("alpha at its lower bound") for b in law.convergence.get("at_bound", [])):
+        extrapolation.append(f"The law's alpha fell to 0: over its runs delta_l follows the logarithm of {unit}, "
+                             "not a power of it, so an answer this far out is unreliable.")
     result = Plan(capacity=law.capacity, length=float(length), l_init=float(l_init), margin=float(margin),
                   target_l_final=target, target_source=target_source, status=status, x=x, rank=rank, params=params,
                   predicted_delta_l=predicted,
