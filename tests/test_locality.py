@@ -238,6 +238,84 @@ def test_the_default_models_reference_ships_and_is_its_own(monkeypatch, tmp_path
     assert not any((tmp_path / "locality").glob("*"))  # nothing written to the cache
 
 
+@pytest.mark.slow
+def test_the_base_side_is_run_once_then_read_with_the_same_figures(trained, text, tmp_path):
+    """train's locality keeps the base's side of the comparison (`BaseSide`): the first measurement runs both
+    models and saves it, later ones run only the tuned model and read it; both give the figures of plain torch +
+    PEFT. A damaged file is computed again."""
+    from peft import PeftModel
+
+    from memcli.core import models
+    from memcli.training.locality import text_windows, torch_locality
+
+    want = independent_locality(trained / "adapter", text)
+    base, tok = models.load_model(models.resolve("tiny"))
+    model = PeftModel.from_pretrained(base, trained / "adapter")
+    windows, cache = text_windows(text, tok), tmp_path / "side.npz"
+
+    def check(got, tol):
+        assert got["tokens"] == want["tokens"] and got["argmax_agreement"] == want["argmax_agreement"]
+        for key in ("kl", "ce_base", "ce_tuned"):
+            assert got[key] == pytest.approx(want[key], rel=tol, abs=tol), key
+
+    check(torch_locality(model, windows, "cpu", base_cache=cache), 1e-4)
+    assert cache.is_file()
+    real = model.disable_adapter
+    model.disable_adapter = lambda: pytest.fail("the base ran again")
+    check(torch_locality(model, windows, "cpu", base_cache=cache), 2e-4)  # its expected rows kept in float16
+    model.disable_adapter = real
+    cache.write_bytes(b"not an npz")
+    check(torch_locality(model, windows, "cpu", base_cache=cache), 1e-4)
+    model.disable_adapter = lambda: pytest.fail("the base ran again")
+    check(torch_locality(model, windows, "cpu", base_cache=cache), 2e-4)
+
+
+def test_the_default_models_base_side_ships_for_its_reference(monkeypatch, tmp_path):
+    """A newcomer's first train reads the default model's base side from what memcli ships: the file named for
+    the default model's weights, its measure windows and train's dtype is there, with a row per position."""
+    from memcli.core import models
+    from memcli.training import locality
+
+    monkeypatch.setenv("MEMCLI_CACHE", str(tmp_path))
+    spec = models.resolve("smollm2-135m")
+    windows = locality.reference_windows(spec, "measure")
+    path = models.shipped_file(f"locality/{locality.base_side_path(spec, windows, 'torch.float32').name}")
+    assert path is not None
+    side = locality.BaseSide.load(path, sum(len(w) - 1 for w in windows), 576)  # d of SmolLM2-135M
+    assert side is not None and side.expected_row.dtype == np.float16
+    assert np.all(side.negentropy <= 0) and np.all(side.logprob <= 0)
+
+
+@pytest.mark.slow
+def test_the_default_models_shipped_base_side_gives_the_two_pass_figures(monkeypatch, tmp_path):
+    """On the default model, an adapter that moves it (LoRA's B set at random): locality read against the
+    shipped base side equals the two passes."""
+    import torch
+
+    from memcli.core import models
+    from memcli.training import locality, lora
+
+    spec = models.resolve("smollm2-135m")
+    model, _ = models.load_model(spec)  # from the usual cache
+    monkeypatch.setenv("MEMCLI_CACHE", str(tmp_path))
+    model = lora.add_lora(model, 8, None, 0.0, [15], ["gate_proj", "up_proj", "down_proj"], 0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 2.0)
+    windows = locality.reference_windows(spec, "measure")
+    want = locality.torch_locality(model, windows, first_layer=15)
+    assert want["kl"] > 1e-2
+    cache = locality.base_side_path(spec, windows, "torch.float32")
+    model.disable_adapter = lambda: pytest.fail("the base ran")
+    got = locality.torch_locality(model, windows, first_layer=15, base_cache=cache)
+    assert not cache.exists()  # read from what memcli ships, nothing written
+    assert got["tokens"] == want["tokens"] and got["argmax_agreement"] == want["argmax_agreement"]
+    for key in ("kl", "ce_base", "ce_tuned"):
+        assert got[key] == pytest.approx(want[key], rel=2e-4, abs=2e-4), key
+
+
 # ------------------------------------------------------------------ bad input: one line, exit 2, no report folder
 
 

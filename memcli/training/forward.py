@@ -168,17 +168,26 @@ def collate(examples: list[Example], pad_id: int, device, prefix: FrozenPrefix |
     return batch
 
 
-def answer_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits [B, L, V] (float32) at the positions that predict answer tokens only: the output layer, the
-    costliest matrix product for a large vocabulary, never runs over prompt or padding positions."""
-    base = _base(model)
-    decoder = base.get_decoder()
+def output_layer(model) -> torch.nn.Module:
+    """The module that turns the decoder's last states into logits (the LM head)."""
+    return _base(model).get_output_embeddings()
+
+
+def answer_hidden(model, batch: Batch) -> torch.Tensor:
+    """The decoder's last states [B, L, d] at the positions that predict answer tokens (the output layer's input)."""
+    decoder = _base(model).get_decoder()
     if batch.hidden is None:
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     else:
         with _layers_from(decoder, batch.first_layer):
             hidden = decoder(inputs_embeds=batch.hidden, attention_mask=batch.attention_mask).last_hidden_state
-    return base.get_output_embeddings()(hidden[batch.rows, batch.positions]).float()
+    return hidden[batch.rows, batch.positions]
+
+
+def answer_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits [B, L, V] (float32) at the positions that predict answer tokens only: the output layer, the
+    costliest matrix product for a large vocabulary, never runs over prompt or padding positions."""
+    return output_layer(model)(answer_hidden(model, batch)).float()
 
 
 def _token_terms(logits: torch.Tensor, batch: Batch):

@@ -32,7 +32,7 @@ from memcli.training.config import (
     setting_differences,
 )
 from memcli.training.deploy_aware import Deployment
-from memcli.training.locality import reference_windows, torch_locality
+from memcli.training.locality import base_side_path, reference_windows, torch_locality
 from memcli.training.objectives import (
     Curriculum,
     SlidingConfig,
@@ -195,10 +195,13 @@ class Trainer:
 
     def measure_locality(self) -> dict:
         """Base against tuned on the measure half of the default reference (torch, adapter off for the base), from
-        the first adapted layer when training could start there (its frozen prefix agreed with the full pass)."""
+        the first adapted layer when training could start there (its frozen prefix agreed with the full pass);
+        the base's side read from the cache (shipped for the default model) after its first computation."""
         windows = reference_windows(self.spec, "measure", self.log, (self.model, self.tokenizer))
         first = min(self.layers) if self.prefix is not None else 0
-        return torch_locality(self.model, windows, self.device, first_layer=first)
+        dtype = str(next(self.model.parameters()).dtype)
+        return torch_locality(self.model, windows, self.device, first_layer=first,
+                              base_cache=base_side_path(self.spec, windows, dtype))
 
     # --- data order ------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
