@@ -2,8 +2,11 @@
 same files (docs/measurements.md, "The set-up command"):
 
 - the first use's dequantisation for torch: transformers' own conversion, against the same conversion with gguf's
-  parser and tensor-name table cached (memcli.core.models._gguf_parsed_once); the two folders are compared;
-- the locality measurement at the end of train: two whole passes, against the layers below the adapter run once;
+  parser and tensor-name table cached (memcli.core.models._gguf_parsed_once), and with the parser reading a
+  plain array (memcli.core.models._plain_map_reader); the folders are compared;
+- the locality measurement at the end of train: two whole passes, against the layers below the adapter run once,
+  and against the tuned pass alone with the base's side read (memcli.training.locality.BaseSide: the shipped
+  one for the default model);
 - for each corpus given: a training step against a clean check (what a check skipped by --gate-checks saves).
 
 Usage: python docs/overhead.py CORPUS.jsonl [MORE.jsonl ...]   (the default model; a few minutes on 2 cores)
@@ -21,7 +24,7 @@ from safetensors.torch import load_file
 
 from memcli.core import models
 from memcli.training.config import TrainConfig
-from memcli.training.locality import reference_windows, torch_locality
+from memcli.training.locality import base_side_path, reference_windows, torch_locality
 from memcli.training.trainer import Trainer
 
 
@@ -55,25 +58,34 @@ def main(corpus: str, more: list[str]) -> None:
     work = Path(tempfile.mkdtemp())
     try:
         new, _ = timed(lambda: models._dequantise_gguf(spec.path, work / "new"))
+        plain = models._plain_map_reader
+        models._plain_map_reader = lambda reader_class: reader_class
+        once, _ = timed(lambda: models._dequantise_gguf(spec.path, work / "once"))
+        models._plain_map_reader = plain
         cached = models._gguf_parsed_once
         models._gguf_parsed_once = contextlib.nullcontext
         old, _ = timed(lambda: models._dequantise_gguf(spec.path, work / "old"))
         models._gguf_parsed_once = cached
-        a, b = (load_file(work / f / "model.safetensors") for f in ("new", "old"))
-        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        print(f"dequantise: transformers {old:.1f} s, parsed once {new:.1f} s ({new / old:.2f}x); same tensors: {same}")
+        a, b, c = (load_file(work / f / "model.safetensors") for f in ("new", "once", "old"))
+        same = all(x.keys() == c.keys() and all(torch.equal(x[k], c[k]) for k in c) for x in (a, b))
+        print(f"dequantise: transformers {old:.1f} s, parsed once {once:.1f} s ({once / old:.2f}x), and through a "
+              f"plain array {new:.1f} s ({new / old:.2f}x); same tensors: {same}")
 
         trainer = Trainer(TrainConfig(corpus=corpus, max_steps=30, gguf="off"), work / "run", force=True,
                           log=lambda m: None)
         trainer.run()
         windows = reference_windows(trainer.spec, "measure", None, (trainer.model, trainer.tokenizer))
         first = min(trainer.layers)
+        side = base_side_path(trainer.spec, windows, str(next(trainer.model.parameters()).dtype))
         for _ in range(2):
             whole, a = timed(lambda: torch_locality(trainer.model, windows, trainer.device))
             shared, b = timed(lambda: torch_locality(trainer.model, windows, trainer.device, first_layer=first))
+            one, c = timed(lambda: torch_locality(trainer.model, windows, trainer.device, first_layer=first,
+                                                  base_cache=side))
             print(f"locality: two whole passes {whole:.1f} s, layers below {first} once {shared:.1f} s "
-                  f"({shared / whole:.2f}x); agreement {a['argmax_agreement']:.4f} / {b['argmax_agreement']:.4f}, "
-                  f"KL {a['kl']:.5f} / {b['kl']:.5f}")
+                  f"({shared / whole:.2f}x), the tuned pass against the base's side {one:.1f} s ({one / whole:.2f}x);"
+                  f" agreement {a['argmax_agreement']:.4f} / {b['argmax_agreement']:.4f} / "
+                  f"{c['argmax_agreement']:.4f}, KL {a['kl']:.5f} / {b['kl']:.5f} / {c['kl']:.5f}")
         for path in (corpus, *more):
             step_and_check(path, work)
     finally:

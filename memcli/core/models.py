@@ -204,7 +204,7 @@ def _dequantise_gguf(path: Path, out: Path) -> None:
 
     _quiet_transformers()
     print(f"memcli: first use of {path.name}: dequantising it for torch into {cache_dir() / 'hf'} "
-          "(once; about 10 s on 2 cores)", file=sys.stderr, flush=True)
+          "(once; 5-10 s on 2 cores)", file=sys.stderr, flush=True)
     with _gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
