@@ -11,8 +11,9 @@ cut into windows of WINDOW tokens; at every position that predicts a next token 
 
 The rows are reduced by the native kernel (`memcli.core.scoring.score_logits` for argmax and CE, `kl_logits` for the
 KL). This module owns the text (a file, checked and cut into windows, or the default reference), the running
-totals, and the torch pass (the adapter switched off for the base: no second copy of the weights). The llama.cpp
-pass is `memcli.commands.verify.base_vs_tuned`.
+totals, the torch pass (the adapter switched off for the base: no second copy of the weights) and the base's side
+of it kept for later runs (`BaseSide`: train then runs the tuned model alone). The llama.cpp pass is
+`memcli.commands.verify.base_vs_tuned`.
 
 The default reference text is no one's prose: the base model's own sampled continuations of short, varied
 prompts, generated once per base model and cached, so that locality measures "what the model did before". Its
@@ -186,12 +187,11 @@ def reference_windows(spec, part: str = "measure", log=None, loaded=None) -> lis
     path = reference_path(spec)
     windows = None
     for source in _cached_or_shipped(path):
-        if source is not None and source.exists():
-            try:
-                windows = json.loads(source.read_text())["windows"]
-                break
-            except (OSError, ValueError, KeyError, TypeError):
-                windows = None  # a damaged cache entry is made again
+        try:
+            windows = json.loads(source.read_text())["windows"]
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            windows = None  # a damaged cache entry is made again
     if windows is None:
         if log is not None:
             log(f"locality: generating the reference text of {spec.name} (its own continuations of "
@@ -235,17 +235,20 @@ class BaseSide:
     expected_row: np.ndarray  # float16 [n, d]: sum_v p_v W_v (half the file; KL within 2e-5 nats of two passes)
 
     @classmethod
-    def of(cls, logits, weight64, targets: np.ndarray, threads: int = 0) -> BaseSide:
-        """From the base's logits rows [n, V] (torch) and its output layer's weight [V, d] in float64 (KL is a
-        difference of larger terms: in float32 the mean KL of the default model moved by 3e-4 nats)."""
+    def of(cls, logits, weight, targets: np.ndarray, threads: int = 0) -> BaseSide:
+        """From the base's logits rows [n, V] (torch) and its output layer's weight [V, d]. In float64, a slice
+        of the vocabulary at a time: KL is a difference of larger terms (in float32 the mean KL of the default
+        model moved by 3e-4 nats), and a whole float64 copy of a large model's output layer would not fit."""
         import torch
 
         stats = score_logits(logits, targets, threads=threads)
         logp = torch.log_softmax(logits.double(), dim=-1)
         p = logp.exp()
         negentropy = (p * logp).sum(-1)
-        expected = (p @ weight64).to(torch.float16)
-        return cls(stats.argmax, stats.logprob, negentropy.cpu().numpy(), expected.cpu().numpy())
+        expected = torch.zeros((len(p), weight.shape[1]), dtype=torch.float64, device=p.device)
+        for s in range(0, weight.shape[0], 8192):
+            expected += p[:, s:s + 8192] @ weight[s:s + 8192].double()
+        return cls(stats.argmax, stats.logprob, negentropy.cpu().numpy(), expected.to(torch.float16).cpu().numpy())
 
     @classmethod
     def join(cls, parts: list[BaseSide]) -> BaseSide:
@@ -354,7 +357,6 @@ def torch_locality(model, windows: list[list[int]], device: str = "cpu", text: s
     saved = next((side for path in (_cached_or_shipped(base_cache) if shared_head else [])
                   if (side := BaseSide.load(path, positions, head.in_features)) is not None), None)
     collected = [] if shared_head and saved is None else None
-    weight64 = head.weight.detach().double() if collected is not None else None
     prefix = FrozenPrefix(model, examples, first_layer, 0, device) if first_layer > 0 else None
     totals = LocalityTotals()
     done = 0
@@ -375,7 +377,7 @@ def torch_locality(model, windows: list[list[int]], device: str = "cpu", text: s
                         base = head(answer_hidden(model, batch)[batch.mask]).float()
                     totals.add(base, tuned, targets, threads)
                     if collected is not None:
-                        collected.append(BaseSide.of(base, weight64, targets, threads))
+                        collected.append(BaseSide.of(base, head.weight, targets, threads))
                 done += len(targets)
     finally:
         model.train(was_training)
