@@ -25,6 +25,10 @@ def test_memft_ot_memorises_pb8_and_stops_by_itself(pb8, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "certified recall of every entry" in result.stderr
     summary = json.loads((run / "summary.json").read_text())
+    loc = summary["locality"]  # and the summary printed says what memorising cost elsewhere, as measured
+    printed = " ".join(result.stderr.split())
+    assert f"on {loc['tokens']:,} tokens of the base's own text" in printed
+    assert f"at {loc['argmax_agreement']:.1%} of positions" in printed and f"{loc['kl']:.3f} nats/token" in printed
     assert SUMMARY_KEYS <= set(summary)
     assert summary["method"] == "memft-ot" and summary["rank"] == 8 and summary["entries"] == 8
     assert summary["answer_tokens"] == 80  # 8 numbers of 10 one-digit tokens

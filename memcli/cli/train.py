@@ -183,6 +183,12 @@ def train(
         f"[bold]{verdict}[/]: exact match {summary['exact_match']:.2%}, certified {summary['certified']:.2%}, "
         f"L {summary['l_init']:.4f} -> {summary['l_final']:.4f} (dL {summary['delta_l']:.4f}) in {summary['steps']} "
         f"steps, {summary['wall_seconds']:.1f} s ({summary['stop_reason']}). Run folder: {out}", highlight=False)
+    loc = summary.get("locality")
+    if loc and loc.get("tokens"):
+        console.print(f"What it cost elsewhere: on {loc['tokens']:,} tokens of the base's own text the next token "
+                      f"is still the base's at {loc['argmax_agreement']:.1%} of positions; KL(base || tuned) "
+                      f"{loc['kl']:.3f} nats/token; the text's CE {loc['ce_base']:.3f} -> {loc['ce_tuned']:.3f} "
+                      "(docs/locality.md).", highlight=False)
 
 
 # --- the memory law ----------------------------------------------------------------------------------------
