@@ -303,30 +303,23 @@ class LocalityTotals:
         """One block: base and tuned logits rows [n, V] of the same positions, the text's next tokens [n]."""
         base = score_logits(base_logits, targets, threads=threads)
         tuned = score_logits(tuned_logits, targets, threads=threads)
-        kl = kl_logits(base_logits, tuned_logits, threads=threads)
-        ok = (np.isfinite(base.logprob) & np.isfinite(tuned.logprob) & np.isfinite(kl) & (base.argmax >= 0)
-              & (tuned.argmax >= 0))
-        self.non_finite += int((~ok).sum())
-        self.tokens += int(ok.sum())
-        self.agree += int((base.argmax[ok] == tuned.argmax[ok]).sum())
-        self.kl += float(kl[ok].sum())
-        self.ce_base -= float(base.logprob[ok].sum())
-        self.ce_tuned -= float(tuned.logprob[ok].sum())
+        self._count(base.argmax, base.logprob, tuned, kl_logits(base_logits, tuned_logits, threads=threads))
 
     def add_against(self, base: BaseSide, tuned_logits, tuned_hidden, targets, threads: int = 0) -> None:
         """One block compared with the base's saved side: the tuned logits rows [n, V] and last states [n, d]."""
         tuned = score_logits(tuned_logits, targets, threads=threads)
         lse = tuned.target_logit - tuned.logprob
-        dot = np.einsum("nd,nd->n", base.expected_row.astype(np.float64),
-                        tuned_hidden.double().cpu().numpy())
-        kl = base.negentropy - dot + lse
-        ok = (np.isfinite(base.logprob) & np.isfinite(tuned.logprob) & np.isfinite(kl) & (base.argmax >= 0)
+        dot = np.einsum("nd,nd->n", base.expected_row.astype(np.float64), tuned_hidden.double().cpu().numpy())
+        self._count(base.argmax, base.logprob, tuned, base.negentropy - dot + lse)
+
+    def _count(self, base_argmax, base_logprob, tuned, kl) -> None:
+        ok = (np.isfinite(base_logprob) & np.isfinite(tuned.logprob) & np.isfinite(kl) & (base_argmax >= 0)
               & (tuned.argmax >= 0))
         self.non_finite += int((~ok).sum())
         self.tokens += int(ok.sum())
-        self.agree += int((base.argmax[ok] == tuned.argmax[ok]).sum())
+        self.agree += int((base_argmax[ok] == tuned.argmax[ok]).sum())
         self.kl += float(kl[ok].sum())
-        self.ce_base -= float(base.logprob[ok].sum())
+        self.ce_base -= float(base_logprob[ok].sum())
         self.ce_tuned -= float(tuned.logprob[ok].sum())
 
     def result(self, text: str) -> dict:
