@@ -68,6 +68,7 @@ def test_probe_fits_a_law_and_plan_uses_it(tmp_path):
     (["CORPUS", "--probe", "--probe-shares", "0.5,2"], "--probe-shares must lie between 0 and 1"),
     (["CORPUS", "--probe", "--probe-ranks", "0,1"], "--probe-ranks must be positive ranks"),
     (["CORPUS", "--probe", "--probe-shares", "half"], "--probe-shares takes comma-separated numbers"),
+    (["CORPUS", "--force"], "--force retrains a probe's stale runs: it goes with --probe"),
 ])
 def test_bad_probe_options_exit_2(tmp_path, args, message):
     corpus = tmp_path / "pb.jsonl"
@@ -140,3 +141,41 @@ def test_plan_probe_prints_the_measured_rank_when_it_reached_the_whole_corpus(tm
     assert "rank 2 was the smallest that certified it" in text
     assert f"memcli train {corpus} --out runs/planned --rank 2 " in text and "--until-recall" in text
     assert "The probe trained 5 runs" in text  # rank 1 at 10, 20, 40 and 80 tokens, rank 2 at 80 only
+
+
+def test_a_probe_made_under_other_settings_is_refused_then_retrained_with_force(tmp_path, monkeypatch):
+    """After a change of train's defaults a rerun of plan --probe finds runs trained otherwise: one line naming the
+    run and the setting, exit 2, nothing retrained; with --force exactly the stale runs are trained again."""
+    trained = []
+
+    def fake_cell(settings, run_dir, device=None, threads=None):
+        r, n = settings["rank"], settings["answer_tokens"]
+        trained.append((r, n))
+        certified = 50 * r >= n
+        summary = {"all_certified": certified, "rank": r, "answer_tokens": n, "wall_seconds": 2.0, "examples": n,
+                   "l_init": 3.0, "l_final": 0.1 if certified else 1.5, "delta_l": 2.9 if certified else 1.5,
+                   "exact_match": float(certified), "steps": 10}
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(sweep, "run_cell", fake_cell)
+    corpus, probe = tmp_path / "pb.jsonl", tmp_path / "probe"
+    assert run_cli("data", "phonebook", "--entries", "8", "--out", corpus).exit_code == 0
+    args = ("plan", corpus, "--model", "tiny", "--probe", "--probe-out", probe, "--probe-ranks", "1,2",
+            "--probe-shares", "0.125,0.25")
+    assert run_cli(*args).exit_code == 0
+    config = probe / "rank1-l20" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    saved["settings"]["lr"] = 0.02  # as an older default would have trained it
+    config.write_text(yaml.safe_dump(saved))
+    trained.clear()
+    result = run_cli(*args)
+    assert result.exit_code == 2 and trained == []
+    assert "rank1-l20" in result.output and "--lr 0.02 -> 0.01" in " ".join(result.output.split())
+    assert "--force" in result.output and "--probe-out" in result.output
+    result = run_cli(*args, "--force")
+    assert result.exit_code == 0, result.output
+    assert trained == [(1, 20)]  # the stale run only; the others are kept
+    assert yaml.safe_load(config.read_text())["settings"]["lr"] == 0.01

@@ -67,6 +67,9 @@ def plan(
     probe_ranks: str = typer.Option(",".join(map(str, law_defaults.PROBE_RANKS)), help="The probe's LoRA ranks."),
     probe_shares: str = typer.Option(",".join(map(str, law_defaults.PROBE_SHARES)), help="The probe's prefixes: "
                                      "shares of the corpus's answer tokens."),
+    force: bool = typer.Option(False, "--force", help="With --probe: retrain the probe's runs that were trained "
+                               "with other settings (a probe folder made before a change of train's defaults; "
+                               "without it such a folder is refused)."),
 ):
     """The smallest LoRA rank whose predicted L_final is under ln 2 (with a margin), with its interval, the
     training settings it assumes and the `memcli train` command that realises it."""
@@ -77,6 +80,8 @@ def plan(
         raise UserError("plan needs either a CORPUS or --tokens L (not both)")
     if probe and (corpus is None or law is not None):
         raise UserError("--probe fits the law on a CORPUS: give one, and no --law or --tokens")
+    if force and not probe:
+        raise UserError("--force retrains a probe's stale runs: it goes with --probe")
     ranks, shares = parse_ints(probe_ranks, "--probe-ranks"), parse_floats(probe_shares, "--probe-shares")
     corpus_options = dict(key=key, chat_template=chat_template, eos=eos, allow_conflicting_keys=allow_conflicting_keys)
     source, measured, probed = None, None, None
@@ -89,7 +94,7 @@ def plan(
             l_init, source = measured.l_init, f"measured on {corpus} with {measured.model}"
     if probe:
         probed = _probe(corpus, measured, model, corpus_options, probe_out or Path(f"probe-{corpus.stem}"), ranks,
-                        shares)
+                        shares, force)
         if probed.whole_rank is not None:
             from memcli.cli.terminal import print_measured_rank
 
@@ -107,7 +112,7 @@ def plan(
 
 
 def _probe(corpus: Path, measured, model: str | None, corpus_options: dict, out: Path, ranks: list[int],
-           shares: list[float]):
+           shares: list[float], force: bool):
     """plan --probe: train the probe's sweep in train's protocol and fit its law (a Probe)."""
     from memcli.cli.terminal import console
     from memcli.commands.law.probe import run_probe
@@ -121,4 +126,4 @@ def _probe(corpus: Path, measured, model: str | None, corpus_options: dict, out:
                       f"{summary['l_final']:.4f}, {summary['steps']} steps, {summary['wall_seconds']:.0f} s",
                       highlight=False)
     return run_probe(base, measured.tokens, measured.first_tokens, out, ranks, shares,
-                     log=lambda m: console.print(m, markup=False), on_done=done)
+                     log=lambda m: console.print(m, markup=False), on_done=done, force=force)

@@ -190,7 +190,7 @@ def _cancel(ray, refs) -> None:
 def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path, jobs: int = 1,
               executor: str = "local", on_done: Callable[[str, dict, int, int], None] | None = None,
               force: bool = False, log: Callable[[str], None] = lambda m: None,
-              skip_above_certified: bool = False) -> list[dict]:
+              skip_above_certified: bool = False, out_option: str = "--out") -> list[dict]:
     """Train every cell not yet finished; returns the summaries in grid order. Existing cells trained with other
     settings are refused (UserError), or with `force` removed and trained again. With `skip_above_certified`
     (cells one at a time, in grid order), a cell is not trained when a lower rank already certified every entry at
@@ -209,7 +209,7 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
         others = f" (and {len(stale) - 1} more cell(s))" if len(stale) > 1 else ""
         raise UserError(f"sweep {out}: cell {name}{others} was trained with other settings (saved -> now): "
                         f"{describe_differences(differs)}; rerun with --force to retrain the stale cells, or use a "
-                        "new --out")
+                        f"new {out_option}")
     for name, differs in stale:
         log(f"{name}: settings changed ({describe_differences(differs)}); retraining it (--force)")
         with runs.RunLock(out / name, "sweep cell"):

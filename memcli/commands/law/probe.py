@@ -65,18 +65,20 @@ def probe_lengths(corpus_tokens: int, first_entry_tokens: int, shares: Sequence[
 def run_probe(base: TrainConfig, corpus_tokens: int, first_entry_tokens: int, out: Path,
               ranks: Sequence[int] = PROBE_RANKS, shares: Sequence[float] = PROBE_SHARES,
               log: Callable[[str], None] = lambda m: None,
-              on_done: Callable[[str, dict, int, int], None] | None = None) -> Probe:
+              on_done: Callable[[str, dict, int, int], None] | None = None, force: bool = False) -> Probe:
     """Train the probe's sweep (resuming one already in `out`) and fit its law into out/law.json. While fewer than
     MIN_UNSATURATED of its runs failed to certify, the probe goes on to a prefix twice as long (up to the whole
     corpus): a law is fitted on runs that did not certify. When the probe reaches the whole corpus, the smallest
-    rank that certified it is the answer (Probe.whole_rank) and no law is fitted."""
+    rank that certified it is the answer (Probe.whole_rank) and no law is fitted. Runs of `out` trained with
+    other settings (a probe made before a change of train's defaults) are refused, or retrained with `force`."""
     if not ranks or min(ranks) < 1:
         raise UserError("--probe-ranks must be positive ranks, e.g. 1,2,4,8")
     ranks = sorted(set(ranks))
     lengths = probe_lengths(corpus_tokens, first_entry_tokens, shares)
     base = dataclasses.replace(base, until_recall=True, gguf="off")
     while True:
-        summaries = run_sweep(base, ranks, lengths, out, on_done=on_done, log=log, skip_above_certified=True)
+        summaries = run_sweep(base, ranks, lengths, out, on_done=on_done, log=log, skip_above_certified=True,
+                              force=force, out_option="--probe-out")
         unsaturated = sum(not s.get("all_certified") for s in summaries)
         if unsaturated >= MIN_UNSATURATED or lengths[-1] >= corpus_tokens:
             break
