@@ -135,6 +135,32 @@ def test_resume_ends_where_an_uninterrupted_run_ends(pb8, tmp_path):
     assert metrics("cut") == metrics("whole")
 
 
+@pytest.mark.slow  # trains a run
+def test_resume_restores_what_gates_the_clean_checks(pb8, tmp_path):
+    """Each entry's latest training pass decides whether a clean check can be skipped; an entry not seen since a
+    resume must count as the uninterrupted run sees it (here an epoch is 8 steps, longer than a check interval)."""
+    settings = dict(corpus=str(pb8), model="tiny", max_steps=30, checkpoint_every=10, check_every=5, batch_size=1)
+    seen = {}
+
+    def interrupt_at_15(step, total, row):
+        trainer = seen["trainer"]
+        if step == 10:
+            seen["hard"], seen["tokens"] = trainer.latest.hard.copy(), trainer.latest.tokens.copy()
+        if step == 15:
+            raise Interrupt
+
+    seen["trainer"] = Trainer(TrainConfig(**settings), tmp_path / "cut", log=lambda m: None)
+    with pytest.raises(Interrupt):
+        seen["trainer"].run(interrupt_at_15)
+    seen["trainer"].close()
+    assert (seen["hard"] >= 0).all()  # every entry had been seen by step 10
+    resumed = Trainer(TrainConfig(**settings), tmp_path / "cut", resume=True, log=lambda m: None)
+    assert resumed.step == 10
+    assert resumed.latest.hard.tolist() == seen["hard"].tolist()
+    assert resumed.latest.tokens.tolist() == seen["tokens"].tolist()
+    resumed.close()
+
+
 @pytest.mark.parametrize("method, extra", [("sft", []), ("memft-sw", ["--curriculum-epochs", "1,2,3,4"]),
                                            ("memft-ot", ["--no-hard-tokens", "skip"])])
 def test_other_methods_run_and_record_their_form(pb8, tmp_path, method, extra):

@@ -446,7 +446,8 @@ class Trainer:
                  "adapter": get_peft_model_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "sliding": [dataclasses.asdict(s) for s in self.sliding], "tail": self.tail}
+                 "sliding": [dataclasses.asdict(s) for s in self.sliding], "tail": self.tail,
+                 "latest": {"hard": self.latest.hard.tolist(), "tokens": self.latest.tokens.tolist()}}
         runs.write_checkpoint(self.out, self.step, lambda tmp: torch.save(state, tmp), keep)  # whole or absent
 
     def load_checkpoint(self) -> None:
@@ -474,6 +475,9 @@ class Trainer:
                 raise ValueError(f"it holds {len(self.sliding)} entries' state, the corpus has {len(self.examples)}")
             self.step, self.wall, self.l_init = int(state["step"]), float(state["wall"]), state["l_init"]
             self.tail = bool(state.get("tail", False))
+            if "latest" in state:  # what the gate of clean checks decides on (checkpoints before it had none)
+                self.latest.hard[:] = state["latest"]["hard"]
+                self.latest.tokens[:] = state["latest"]["tokens"]
         except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError,
                 pickle.UnpicklingError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
