@@ -180,3 +180,36 @@ def test_dead_ray_address_is_refused_at_once():
     assert time.monotonic() - start < 10
     _check_reachable(None)
     _check_reachable("auto")
+
+
+def test_sweep_yaml_records_every_grid_run_in_the_folder(tmp_path, monkeypatch):
+    """sweep.yaml describes the folder: a rerun with part of the grid, or another process sweeping more of it with
+    the same settings, adds its ranks and lengths; other settings (retrained with --force) start the record over."""
+    from pathlib import Path
+
+    from memcli.training import sweep as sweep_mod
+    from memcli.training.config import TrainConfig
+
+    def fake_cell(settings, run_dir, device=None, threads=None):
+        summary = {"all_certified": False, "rank": settings["rank"], "answer_tokens": settings["answer_tokens"],
+                   "wall_seconds": 1.0, "l_init": 3.0, "l_final": 1.5, "delta_l": 1.5}
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(sweep_mod, "run_cell", fake_cell)
+    out, base = tmp_path / "sweep", TrainConfig(corpus="unused.jsonl", model="tiny")
+
+    def recorded():
+        record = yaml.safe_load((out / "sweep.yaml").read_text())
+        return record["ranks"], record["answer_tokens"]
+
+    sweep_mod.run_sweep(base, [1, 2], [10, 20], out)
+    sweep_mod.run_sweep(base, [4], [40], out)
+    assert recorded() == ([1, 2, 4], [10, 20, 40])
+    sweep_mod.run_sweep(base, [1], [10], out)
+    assert recorded() == ([1, 2, 4], [10, 20, 40])
+    other = TrainConfig(corpus="unused.jsonl", model="tiny", lr=0.02)
+    sweep_mod.run_sweep(other, [1], [10], out, force=True)
+    assert recorded() == ([1], [10])

@@ -216,6 +216,13 @@ def run_sweep(base: TrainConfig, ranks: list[int], lengths: list[int], out: Path
             shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
     record = {"ranks": ranks, "answer_tokens": lengths, "settings": dataclasses.asdict(base)}
+    try:  # a rerun with part of the grid (or another process on more of it) adds to what the folder holds
+        earlier = yaml.safe_load((out / "sweep.yaml").read_text())
+        if earlier["settings"] == record["settings"]:
+            for key in ("ranks", "answer_tokens"):
+                record[key] = sorted(set(record[key]) | set(earlier[key]))
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        pass  # none yet, or not readable: this grid alone
     runs.write_text(out / "sweep.yaml", yaml.safe_dump(record, sort_keys=False), what="sweep file")
     results: dict[str, dict] = {}
     total = len(cells)
