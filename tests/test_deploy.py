@@ -356,3 +356,26 @@ def test_the_modelfile_carries_what_the_run_was_certified_for(tmp_path):
     assert "chat API" in head and 'SYSTEM """Answer with the number."""' in lines
     head, _, _ = params({})
     assert '"raw": true' in head
+
+
+@pytest.mark.slow  # builds tiny's quantised bases
+@pytest.mark.parametrize("types, kept", [("q8_0", False), ("q8_0,f16", True)])
+def test_locality_of_a_run_on_a_quantised_base_runs_both_passes(pb8, tmp_path, monkeypatch, types, kept):
+    """train's locality reads the base's side of the comparison from a cache that holds the float base's; a
+    --deploy run whose torch weights are a quantised base's (no 16-bit type asked for) must compare against that
+    base, so it runs both passes; with a 16-bit type it trains on the float weights and may read the cache."""
+    from memcli.training import trainer as trainer_mod
+    from memcli.training.config import TrainConfig
+
+    asked = []
+    real = trainer_mod.torch_locality
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("base_cache"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "torch_locality", spy)
+    cfg = TrainConfig(corpus=str(pb8), model="tiny", deploy=types, max_steps=1, check_every=1000)
+    summary = trainer_mod.Trainer(cfg, tmp_path / "run", log=lambda m: None).run()
+    assert len(asked) == 1 and (asked[0] is not None) == kept
+    assert summary["locality"]["tokens"] > 0

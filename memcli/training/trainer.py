@@ -196,12 +196,14 @@ class Trainer:
     def measure_locality(self) -> dict:
         """Base against tuned on the measure half of the default reference (torch, adapter off for the base), from
         the first adapted layer when training could start there (its frozen prefix agreed with the full pass);
-        the base's side read from the cache (shipped for the default model) after its first computation."""
+        the base's side read from the cache (shipped for the default model) after its first computation. That side
+        is the float base's: a --deploy run holding a quantised base's weights runs both passes on them."""
         windows = reference_windows(self.spec, "measure", self.log, (self.model, self.tokenizer))
         first = min(self.layers) if self.prefix is not None else 0
-        dtype = str(next(self.model.parameters()).dtype)
-        return torch_locality(self.model, windows, self.device, first_layer=first,
-                              base_cache=base_side_path(self.spec, windows, dtype))
+        cache = None
+        if self.deploy is None or self.deploy.target.current == "float":
+            cache = base_side_path(self.spec, windows, str(next(self.model.parameters()).dtype))
+        return torch_locality(self.model, windows, self.device, first_layer=first, base_cache=cache)
 
     # --- data order ------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
