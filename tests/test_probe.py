@@ -14,6 +14,25 @@ from memcli.training import sweep
 from memcli.training.config import TrainConfig
 
 
+def fake_training(monkeypatch, capacity: int, trained: list | None = None) -> None:
+    """Replace the sweep's training by a rule (rank r certifies l tokens when r * capacity >= l) that leaves a run
+    folder as train does, in brief; `trained` collects the (rank, answer tokens) of each run trained."""
+    def fake_cell(settings, run_dir, device=None, threads=None):
+        r, n = settings["rank"], settings["answer_tokens"]
+        if trained is not None:
+            trained.append((r, n))
+        certified = r * capacity >= n
+        summary = {"all_certified": certified, "rank": r, "answer_tokens": n, "wall_seconds": 2.0, "examples": n,
+                   "l_init": 3.0, "l_final": 0.1 if certified else 1.5, "delta_l": 2.9 if certified else 1.5,
+                   "exact_match": float(certified), "steps": 10}
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(sweep, "run_cell", fake_cell)
+
+
 def test_probe_lengths_are_shares_of_the_corpus():
     assert probe_lengths(640, 10, (0.0625, 0.125, 0.1875, 0.25)) == [40, 80, 120, 160]
     assert probe_lengths(100, 30, (0.1, 0.5)) == [30, 50]  # never shorter than the first entry
@@ -91,17 +110,7 @@ def test_probe_goes_longer_while_too_few_runs_fail(tmp_path, monkeypatch, capaci
     longest prefix (at most the whole corpus, 100 tokens here); rank r certifies l tokens when r * capacity >= l."""
     from memcli.commands.law import probe as probe_mod
 
-    def fake_cell(settings, run_dir, device=None, threads=None):  # a run folder as train leaves it, in brief
-        r, n = settings["rank"], settings["answer_tokens"]
-        certified = r * capacity >= n
-        summary = {"all_certified": certified, "rank": r, "answer_tokens": n, "wall_seconds": 1.0, "examples": n,
-                   "l_init": 3.0, "l_final": 0.1 if certified else 1.5, "delta_l": 2.9 if certified else 1.5}
-        Path(run_dir).mkdir(parents=True)
-        (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
-        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
-        return summary
-
-    monkeypatch.setattr(sweep, "run_cell", fake_cell)
+    fake_training(monkeypatch, capacity)
     base = TrainConfig(corpus="unused.jsonl", model="tiny")
     if whole is None:
         with pytest.raises(UserError, match="give no law"):
@@ -120,18 +129,7 @@ def test_probe_goes_longer_while_too_few_runs_fail(tmp_path, monkeypatch, capaci
 def test_plan_probe_prints_the_measured_rank_when_it_reached_the_whole_corpus(tmp_path, monkeypatch):
     """plan --probe as a user runs it, with the training faked (rank r certifies l tokens when 50 r >= l): the
     probe reaches the whole corpus, where rank 2 was the smallest to certify, and prints that rank's command."""
-    def fake_cell(settings, run_dir, device=None, threads=None):
-        r, n = settings["rank"], settings["answer_tokens"]
-        certified = 50 * r >= n
-        summary = {"all_certified": certified, "rank": r, "answer_tokens": n, "wall_seconds": 2.0, "examples": n,
-                   "l_init": 3.0, "l_final": 0.1 if certified else 1.5, "delta_l": 2.9 if certified else 1.5,
-                   "exact_match": float(certified), "steps": 10}
-        Path(run_dir).mkdir(parents=True)
-        (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
-        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
-        return summary
-
-    monkeypatch.setattr(sweep, "run_cell", fake_cell)
+    fake_training(monkeypatch, 50)
     corpus = tmp_path / "pb.jsonl"
     assert run_cli("data", "phonebook", "--entries", "8", "--out", corpus).exit_code == 0  # 80 answer tokens
     result = run_cli("plan", corpus, "--model", "tiny", "--probe", "--probe-out", tmp_path / "probe",
@@ -147,20 +145,7 @@ def test_a_probe_made_under_other_settings_is_refused_then_retrained_with_force(
     """After a change of train's defaults a rerun of plan --probe finds runs trained otherwise: one line naming the
     run and the setting, exit 2, nothing retrained; with --force exactly the stale runs are trained again."""
     trained = []
-
-    def fake_cell(settings, run_dir, device=None, threads=None):
-        r, n = settings["rank"], settings["answer_tokens"]
-        trained.append((r, n))
-        certified = 50 * r >= n
-        summary = {"all_certified": certified, "rank": r, "answer_tokens": n, "wall_seconds": 2.0, "examples": n,
-                   "l_init": 3.0, "l_final": 0.1 if certified else 1.5, "delta_l": 2.9 if certified else 1.5,
-                   "exact_match": float(certified), "steps": 10}
-        Path(run_dir).mkdir(parents=True)
-        (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
-        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
-        return summary
-
-    monkeypatch.setattr(sweep, "run_cell", fake_cell)
+    fake_training(monkeypatch, 50, trained)
     corpus, probe = tmp_path / "pb.jsonl", tmp_path / "probe"
     assert run_cli("data", "phonebook", "--entries", "8", "--out", corpus).exit_code == 0
     args = ("plan", corpus, "--model", "tiny", "--probe", "--probe-out", probe, "--probe-ranks", "1,2",
