@@ -123,3 +123,5 @@ def test_serve_check_refuses_an_unreachable_server_in_one_line(pb8, tmp_path):
     assert_refused(run_cli("serve-check", pb8, "--url", f"http://127.0.0.1:{free_port()}"), "cannot reach")
     assert_refused(run_cli("serve-check", pb8, "--url", "http://127.0.0.1:1", "--max-tokens", "0"),
                    "--max-tokens must be at least 1")
+    for url in ("notaurl", "127.0.0.1:8080", "ftp://127.0.0.1"):
+        assert_refused(run_cli("serve-check", pb8, "--url", url), "--url must be a server's address")

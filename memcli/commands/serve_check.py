@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def serve_check(corpus: str | os.PathLike, url: str, *, chat: bool = False, mode
                 out: str | os.PathLike | None = None, timeout: float = 120.0, progress=None) -> dict:
     """Every entry asked; {"entries", "served", "rows"[, "agreement"]}: with `report`, how the served answers
     match what memcli certified (exact) entry by entry."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UserError(f"--url must be a server's address such as http://127.0.0.1:8080, got {url!r}")
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     certified = certified_by_line(report) if report is not None else None
