@@ -116,6 +116,8 @@ def test_fake_quantisation_is_what_the_quantised_file_holds(tiny_spec, tmp_path)
         ours = roundtrip(w, qtype)
         assert np.array_equal(ours, theirs), qtype.name
         assert 0 < np.abs(ours - w).max() < 0.5 * np.abs(w).max()  # it did round
+    with pytest.raises(ValueError, match="blocks of 256"):  # a refusal, not ggml writing past the buffer
+        roundtrip(np.ones((4, 576), dtype=np.float32), Q.Q4_K)
 
 
 def test_the_forms_in_training_are_the_files_peft_and_llama_cpps_quantiser_make(adapter, tiny_spec, seqs):

@@ -70,6 +70,8 @@ def roundtrip(w: np.ndarray, qtype: int) -> np.ndarray:
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, cols = w.shape
     block, size = gguf.GGML_QUANT_SIZES[qt]
+    if cols % block:  # ggml would write past the buffer; llama.cpp's quantiser picks a fallback type for such rows
+        raise ValueError(f"rows of {cols} values cannot be quantised to {qt.name} (blocks of {block})")
     out = np.empty((rows, cols // block * size), dtype=np.uint8)
     _LIB.ggml_quantize_chunk(int(qtype), w.ctypes.data, out.ctypes.data, 0, rows, cols, None)
     return gguf.quants.dequantize(out, qt).reshape(rows, cols)
