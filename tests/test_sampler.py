@@ -126,6 +126,7 @@ def test_a_teacher_forced_pass_under_the_sampler_decides_what_llama_cpp_python_g
     ({"repeat_last_n": -1}, "--repeat-last-n must be at least 0"),
     ({"frequency_penalty": float("inf")}, "--frequency-penalty must be a finite number"),
     ({"presence_penalty": float("nan")}, "--presence-penalty must be a finite number"),
+    ({"flash_attn": "yes"}, "--flash-attn must be one of auto, off, on"),
 ])
 def test_bad_sampler_settings_are_refused(kwargs, message):
     from memcli.core.errors import UserError

@@ -30,6 +30,9 @@ def test_memft_ot_memorises_pb8_and_stops_by_itself(pb8, tmp_path):
     assert f"on {loc['tokens']:,} tokens of the base's own text" in printed
     assert f"at {loc['argmax_agreement']:.1%} of positions" in printed and f"{loc['kl']:.3f} nats/token" in printed
     assert SUMMARY_KEYS <= set(summary)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    checks = [r["step"] for r in rows if "exact_match" in r or "latest_above" in r]  # clean checks, gated or run
+    assert checks and checks == [int(s) for s in re.findall(r"^step (\d+)/", result.stderr, flags=re.M)]
     assert summary["method"] == "memft-ot" and summary["rank"] == 8 and summary["entries"] == 8
     assert summary["answer_tokens"] == 80  # 8 numbers of 10 one-digit tokens
     # Rank 8 on the middle layer's three MLP projections of a d=64, 256-wide MLP: 8 * (64+256) * 3.

@@ -66,7 +66,8 @@ def user_errors(fn):
 # --- train ----------------------------------------------------------------------------------------------------
 
 def train_progress(total_steps: int):
-    """A Rich progress bar on a terminal, plain lines at check steps otherwise. Returns (callback, close)."""
+    """A Rich progress bar on a terminal, otherwise a plain line at every check step (also where the gate left the
+    clean check out, so a log never falls silent for long). Returns (callback, close)."""
     if console.is_terminal:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -89,6 +90,9 @@ def train_progress(total_steps: int):
             print(f"step {step}/{total}  objective {row.get('objective')}  above {row.get('above')}  "
                   f"exact_match {row['exact_match']:.4f}  certified {row['certified']:.4f}", file=sys.stderr,
                   flush=True)
+        elif "latest_above" in row:
+            print(f"step {step}/{total}  objective {row.get('objective')}  above {row.get('above')}  latest passes "
+                  f"{row['latest_above']:.4f} past p 0.5: no clean check yet", file=sys.stderr, flush=True)
     return update, lambda: None
 
 
@@ -260,6 +264,9 @@ def verify_table(report: dict):
     tm = report["timings"]
     if tm.get("entries_per_s"):
         table.add_row("speed", f"{tm['entries_per_s']:,.1f} entries/s, {tm['answer_tokens_per_s']:,.0f} tokens/s")
+    if tm.get("rechecked"):
+        table.add_row(f"scored again as served (margin < {report['backend']['recheck_margin']:g})",
+                      f"{tm['rechecked']:,} entries, {tm['recheck_changed']:,} verdicts changed")
     if tm.get("overhead_vs_decode") is not None:
         table.add_row("packing + scoring + report / decode", f"{tm['overhead_vs_decode']:.1%}")
     gen = report.get("generation")
@@ -306,7 +313,8 @@ def print_verify_report(report: dict, corpus, out) -> None:
         window = "prompt and answer" if s["prompt_in_window"] else "the answer so far"
         out_console.print(f"verdicts under the sampler {s['name']}: repeat penalty {s['repeat_penalty']}, frequency "
                           f"{s['frequency_penalty']}, presence {s['presence_penalty']} over the last "
-                          f"{s['repeat_last_n']} tokens of {window}", highlight=False)
+                          f"{s['repeat_last_n']} tokens of {window}; flash attention {s.get('flash_attn', 'auto')}",
+                          highlight=False)
     t = report["totals"]
     if t["failing_lines"]:
         more = " ..." if t["entries"] - t["exact"] > len(t["failing_lines"]) else ""

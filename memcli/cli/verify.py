@@ -76,6 +76,14 @@ def verify_cmd(
                                                       "the window. \\[default: --sampler's]"),
     presence_penalty: Optional[float] = typer.Option(None, help="Subtracted once from the logit of a token in the "
                                                      "window. \\[default: --sampler's]"),
+    flash_attn: Optional[str] = typer.Option(None, help="llama: the attention kernel the runner uses, auto "
+                                             "(llama.cpp's default: on where supported) | on | off; the two round "
+                                             "differently. "
+                                             "\\[default: --sampler's: off for llama-cpp-python, ollama, lm-studio]"),
+    recheck_margin: float = typer.Option(VerifyOptions.recheck_margin, help="llama: an entry whose smallest margin in "
+                                         "the packed pass is below this is scored again as a runner decodes one "
+                                         "request (its prompt, then one token per decode), and that verdict stands; "
+                                         "0: never."),
 ):
     """Check that greedy decoding recalls every value verbatim, from one teacher-forced pass (exit 0: the
     exact-match rate reaches --min-exact; 1: below; 2: bad input)."""
@@ -85,7 +93,7 @@ def verify_cmd(
     from memcli.commands.verify.run import verify
     from memcli.core.quants import parse_quants
 
-    penalties = (repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty)
+    penalties = (repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, flash_attn)
     options = VerifyOptions(backend=backend, n_gpu_layers=n_gpu_layers, threads=threads, batch_tokens=batch_tokens,
                             generate=generate, min_exact=min_exact, answer_tokens=answer_tokens,
                             chat_template=chat_template, eos=eos, key=key, risk_margin=risk_margin, kv_type=kv_type,
@@ -93,10 +101,11 @@ def verify_cmd(
                             device=device, allow_conflicting_keys=allow_conflicting_keys, base=base,
                             locality=locality, locality_base=locality_base,
                             deploy=tuple(parse_quants(deploy)) if deploy is not None else (),
-                            sampler=None if sampler is None and penalties == (None,) * 4 else
+                            recheck_margin=recheck_margin,
+                            sampler=None if sampler is None and penalties == (None,) * 5 else
                             sampler_from_options(sampler, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                                  frequency_penalty=frequency_penalty,
-                                                 presence_penalty=presence_penalty))
+                                                 presence_penalty=presence_penalty, flash_attn=flash_attn))
     update, close = verify_progress()
     try:
         report = verify(corpus, out, lora=lora, model=model, options=options, progress=update,

@@ -10,6 +10,10 @@ The window is what the runner has accepted into its sampler before the position:
 which runs it) accepts the whole prompt, then each generated token; llama-cpp-python builds a fresh sampler per
 request and accepts only the generated tokens. Under teacher forcing the window at every answer position is
 therefore known from the tokens before it, and one pass still decides what the runner answers.
+
+A runner also decides whether llama.cpp computes attention with its flash-attention kernel (`flash_attn`: auto,
+llama.cpp's own default, which enables it where the device supports it; on; off): the two kernels round
+differently, and on a near tie that changes the answer, so the scorer uses the runner's setting.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Sampler:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     prompt_in_window: bool = True
+    flash_attn: str = "auto"  # auto | on | off (FLASH_ATTN)
 
     @property
     def active(self) -> bool:
@@ -86,29 +91,33 @@ class Sampler:
         if self.active:
             self.apply(logits, *self.counts(*self.window_pairs(examples), 0, len(logits), logits.shape[1]))
 
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama.cpp's enum llama_flash_attn_type
+
 GREEDY = Sampler()
 
 # Each runner's default request at temperature 0 (sources and versions: docs/deploy.md, "Serving").
 PRESETS = {
     "greedy": Sampler(),
-    "llama-cpp-python": Sampler("llama-cpp-python", repeat_penalty=1.1, repeat_last_n=64, prompt_in_window=False),
+    "llama-cpp-python": Sampler("llama-cpp-python", repeat_penalty=1.1, repeat_last_n=64, prompt_in_window=False,
+                                flash_attn="off"),
     "llama-server": Sampler("llama-server", repeat_penalty=1.0, repeat_last_n=64),
-    "ollama": Sampler("ollama", repeat_penalty=1.1, repeat_last_n=64),
-    "lm-studio": Sampler("lm-studio", repeat_penalty=1.1, repeat_last_n=64),
+    "ollama": Sampler("ollama", repeat_penalty=1.1, repeat_last_n=64, flash_attn="off"),
+    "lm-studio": Sampler("lm-studio", repeat_penalty=1.1, repeat_last_n=64, flash_attn="off"),
 }
 
 
 def sampler_from_options(name: str | None = "greedy", *, repeat_penalty: float | None = None,
                          repeat_last_n: int | None = None, frequency_penalty: float | None = None,
-                         presence_penalty: float | None = None) -> Sampler:
-    """The preset `name` with any penalty given on the command line in place of its own; a bad value is a
-    UserError naming the option."""
+                         presence_penalty: float | None = None, flash_attn: str | None = None) -> Sampler:
+    """The preset `name` with any penalty (or flash-attention setting) given on the command line in place of its
+    own; a bad value is a UserError naming the option."""
     name = name or "greedy"
     if name not in PRESETS:
         raise UserError(f"--sampler must be one of {', '.join(PRESETS)}, got '{name}'")
     s = PRESETS[name]
     given = {k: v for k, v in (("repeat_penalty", repeat_penalty), ("repeat_last_n", repeat_last_n),
-                               ("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty))
+                               ("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty),
+                               ("flash_attn", flash_attn))
              if v is not None}
     checks = [
         (repeat_penalty is None or (np.isfinite(repeat_penalty) and repeat_penalty > 0),
@@ -119,6 +128,8 @@ def sampler_from_options(name: str | None = "greedy", *, repeat_penalty: float |
          f"--frequency-penalty must be a finite number, got {frequency_penalty}"),
         (presence_penalty is None or np.isfinite(presence_penalty),
          f"--presence-penalty must be a finite number, got {presence_penalty}"),
+        (flash_attn is None or flash_attn in FLASH_ATTN,
+         f"--flash-attn must be one of {', '.join(FLASH_ATTN)}, got '{flash_attn}'"),
     ]
     for ok, message in checks:
         if not ok:
@@ -134,4 +145,5 @@ def sampler_of(settings: dict) -> Sampler:
     return sampler_from_options(settings.get("sampler") or "greedy", repeat_penalty=settings.get("repeat_penalty"),
                                 repeat_last_n=settings.get("repeat_last_n"),
                                 frequency_penalty=settings.get("frequency_penalty"),
-                                presence_penalty=settings.get("presence_penalty"))
+                                presence_penalty=settings.get("presence_penalty"),
+                                flash_attn=settings.get("flash_attn"))

@@ -33,10 +33,14 @@ from memcli.core.scoring import TokenStats, default_threads, score_logits
 from memcli.core.verdicts import Generated, ScoredBatch
 from memcli.llama import library
 from memcli.llama.checks import check_vocabulary
-from memcli.llama.sampler import GREEDY, Sampler
+from memcli.llama.sampler import FLASH_ATTN, GREEDY, Sampler
 
 GGML_TYPE = {"f32": 0, "f16": 1}
 MIN_SHARED = 4  # shorter shared prefixes are decoded in every sequence
+# An entry whose smallest margin in the packed pass is below this is scored again as served (score_as_served):
+# on quantised weights the packed and the one-token-at-a-time logits differ by a few units at most (measured on
+# the default model: margins moved by up to 2.4 at Q4_K_M, 0.6 at Q8_0, 0.05 at F16; docs/deploy.md).
+RECHECK_MARGIN = 4.0
 
 
 class LlamaBackend:
@@ -44,7 +48,8 @@ class LlamaBackend:
 
     def __init__(self, base_gguf: str | os.PathLike, adapter_gguf: str | os.PathLike | None = None, *,
                  n_gpu_layers: int | None = None, threads: int | None = None, kv_type: str = "f16",
-                 share_prefix: bool = True, sampler: Sampler = GREEDY, log=None):
+                 share_prefix: bool = True, sampler: Sampler = GREEDY, recheck_margin: float = RECHECK_MARGIN,
+                 log=None):
         L = self._L = library.lib()
         self.base, self.adapter = Path(base_gguf), Path(adapter_gguf) if adapter_gguf else None
         self.threads = threads or default_threads()
@@ -52,9 +57,11 @@ class LlamaBackend:
         self.kv_type = kv_type
         self.share_prefix = share_prefix
         self.sampler = sampler  # the runner's penalties, applied to every answer row before the verdict
+        self.recheck_margin = recheck_margin
         self.ctx = None
         self.size = (0, 0, 0, 0)
-        self.timings = {"load_s": 0.0, "pack_s": 0.0, "decode_s": 0.0, "score_s": 0.0, "decodes": 0}
+        self.timings = {"load_s": 0.0, "pack_s": 0.0, "decode_s": 0.0, "score_s": 0.0, "decodes": 0,
+                        "rechecked": 0, "recheck_changed": 0, "recheck_s": 0.0}
         self.model = self.ctx = self.lora = None
         self.adapter_on = True  # whether decodes apply the adapter (locality switches it off for the base)
         t0 = time.perf_counter()
@@ -115,6 +122,7 @@ class LlamaBackend:
         params.n_threads = params.n_threads_batch = self.threads
         params.kv_unified = True  # one cache shared by the packed sequences: no per-sequence size to guess
         params.type_k = params.type_v = GGML_TYPE[self.kv_type]
+        params.flash_attn_type = FLASH_ATTN[self.sampler.flash_attn]  # the runner's attention kernel
         params.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, params)
         if not self.ctx:
@@ -206,14 +214,41 @@ class LlamaBackend:
 
         Shared prefix (share_prefix): the entries of a group whose prompts begin with the same tokens (the chat
         template's system prompt) have that prefix decoded once, in the first sequence, and copied to the
-        others in the KV cache (llama_memory_seq_cp, as llama.cpp's perplexity tool does for HellaSwag)."""
+        others in the KV cache (llama_memory_seq_cp, as llama.cpp's perplexity tool does for HellaSwag).
+
+        Near ties: an entry whose smallest margin is below `recheck_margin` is scored again as a runner decodes
+        it (score_as_served), and that verdict stands."""
         plan = []
         for start, group in iter_groups(examples, len, batch_tokens, max_seqs=self.max_seqs):
             plan.append((start, start + len(group)))
             check_vocabulary(group, self.n_vocab, str(self.base))
             self._ensure(self._needs(group))
-            yield self._score_group(start, group)
+            yield self._recheck(start, group, self._score_group(start, group))
         self.plan = plan
+
+    def _recheck(self, start: int, group, batch: ScoredBatch) -> ScoredBatch:
+        """The batch with the entries whose smallest margin is below recheck_margin scored as served."""
+        if self.recheck_margin <= 0:
+            return batch
+        ends = np.cumsum(batch.lengths)
+        smallest = np.minimum.reduceat(batch.stats.margin, ends - batch.lengths) if len(group) else []
+        near = [i for i, m in enumerate(smallest)
+                if m < self.recheck_margin and batch.lengths[i] and len(group[i].prompt_ids)]
+        if not near:
+            return batch
+        t0 = time.perf_counter()
+        parts = [self._slice(batch.stats, e - n, e) for n, e in zip(batch.lengths, ends)]
+        for i in near:
+            again = self.score_as_served(start + i, group[i:i + 1]).stats
+            self.timings["recheck_changed"] += bool((again.margin > 0).all()) != bool((parts[i].margin > 0).all())
+            parts[i] = again
+        self.timings["rechecked"] += len(near)
+        self.timings["recheck_s"] += time.perf_counter() - t0
+        return replace(batch, stats=TokenStats.concat(parts))
+
+    @staticmethod
+    def _slice(stats: TokenStats, a: int, b: int) -> TokenStats:
+        return TokenStats(**{k: v[a:b] for k, v in vars(stats).items()})
 
     def answer_logits(self, group) -> np.ndarray:
         """[answer tokens, V]: a float32 copy of the logits at the positions that predict the answer tokens of a
@@ -286,6 +321,30 @@ class LlamaBackend:
         stats = parts[0] if len(parts) == 1 else TokenStats.concat(parts)
         return ScoredBatch(np.arange(start, start + len(group)), answer, targets, stats)
 
+    def score_as_served(self, start: int, group) -> ScoredBatch:
+        """The teacher-forced statistics of a group as a runner computes them for one request: each entry alone, its
+        prompt in one decode, then its answer one token per decode. llama.cpp's kernels depend on how many tokens a
+        decode holds (on quantised weights the logits of a packed batch and of one token at a time differ by up to
+        a few units), so this is the shape whose argmax a server's greedy answer follows."""
+        self._ensure(self._needs(group[:1]))
+        parts, targets = [], []
+        for ex in group:
+            prompt, answer = list(ex.prompt_ids), list(ex.target_ids)
+            if not prompt or not answer:
+                raise ValueError("score_as_served needs a prompt and an answer")  # _recheck passes no other
+            rows = [self._feed([(0, 0, prompt)])]  # the prompt's last token predicts the first answer token
+            rows += [self._feed([(0, len(prompt) + t, [tok])]) for t, tok in enumerate(answer[:-1])]
+            self.clear()
+            logits = np.concatenate(rows)
+            if self.sampler.active:
+                window = self.sampler.window_pairs([ex])
+                self.sampler.apply(logits, *self.sampler.counts(*window, 0, len(answer), logits.shape[1]))
+            parts.append(score_logits(logits, np.asarray(answer, np.int64), threads=self.threads))
+            targets += answer
+        lengths = np.array([len(ex.target_ids) for ex in group], np.int64)
+        return ScoredBatch(np.arange(start, start + len(group)), lengths, np.asarray(targets, np.int64),
+                           TokenStats.concat(parts))
+
     def _shared_prefix(self, group) -> int:
         """Tokens every prompt of the group begins with, short of each prompt's last token (which must be
         decoded in its own sequence: its logits predict the first answer token); 0 when not worth sharing."""
@@ -305,12 +364,9 @@ class LlamaBackend:
     def generate(self, examples, indices: list[int]) -> list[Generated]:
         """Greedy decoding of the chosen entries from their prompts, with the adapter, token by token (top-1 of the
         logits after the sampler's penalties; np.argmax takes the lowest id on a tie), each stopped at its first
-        divergence from the target. Sequences run side by side, as many as the context holds."""
-        results = []
-        lengths = np.array([len(examples[i]) for i in indices], dtype=np.int64)
-        for s, e in plan_batches(lengths, self.n_batch, max_seqs=self.n_seq_max):
-            results.extend(self._generate_group([examples[i] for i in indices[s:e]], indices[s:e]))
-        return results
+        divergence from the target. One entry at a time, as a runner answers one request: its prompt in one
+        decode, then one token per decode (llama.cpp's kernels depend on how many tokens a decode holds)."""
+        return [r for i in indices for r in self._generate_group([examples[i]], [i])]
 
     def _generate_group(self, group, indices) -> list[Generated]:
         k = len(group)
@@ -375,6 +431,7 @@ class LlamaBackend:
                 "adapter": str(self.adapter) if self.adapter else None, "n_gpu_layers": self.n_gpu_layers,
                 "gpu_offload": library.supports_gpu_offload(), **self.load_path.describe(), "threads": self.threads,
                 "kv_type": self.kv_type, "share_prefix": self.share_prefix, "sampler": self.sampler.describe(),
+                "recheck_margin": self.recheck_margin,
                 "n_ctx": getattr(self, "n_ctx", None), "n_seq_max": getattr(self, "n_seq_max", None),
                 "n_batch": getattr(self, "n_batch", None), "n_vocab": self.n_vocab, "n_ctx_train": self.n_ctx_train,
                 "batches": len(getattr(self, "plan", []))}

@@ -45,7 +45,7 @@ from memcli.gguf.adapter import check_pair, export_adapter
 from memcli.gguf.fingerprint import check_base
 from memcli.llama.checks import tokenization_mismatches
 from memcli.llama.sampler import Sampler, sampler_of
-from memcli.llama.scorer import LlamaBackend
+from memcli.llama.scorer import RECHECK_MARGIN, LlamaBackend
 
 BACKENDS = ("llama", "torch")
 
@@ -74,6 +74,7 @@ class VerifyOptions:
     locality: str | None = None  # None: off; "": the default reference; else a text file (verify/locality.py)
     locality_base: str | None = None  # the base GGUF a merged --model is compared with
     sampler: Sampler | None = None  # the runner's decoding (llama/sampler.py); None: the run's, else greedy
+    recheck_margin: float = RECHECK_MARGIN  # llama: entries with a smaller margin are scored again as served
     deploy: tuple = ()  # llama.cpp file types: also certify both deployment forms of each (memcli.deploy.certify)
 
     def validate(self) -> None:
@@ -84,6 +85,7 @@ class VerifyOptions:
             (0.0 <= self.min_exact <= 1.0, f"--min-exact must be between 0 and 1, got {self.min_exact}"),
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.risk_margin >= 0, f"--risk-margin must be >= 0, got {self.risk_margin}"),
+            (self.recheck_margin >= 0, f"--recheck-margin must be >= 0, got {self.recheck_margin}"),
             (self.base in BASE_CHOICES, f"--base must be one of {', '.join(BASE_CHOICES)}, got '{self.base}'"),
             (self.kv_type in ("f16", "f32"), f"--kv-type must be f16 or f32, got '{self.kv_type}'"),
             (not self.deploy or self.backend == "llama", "--deploy verifies in llama.cpp: use --backend llama"),
@@ -179,7 +181,8 @@ def _open_llama(inp: Inputs, opts: VerifyOptions, stack: ExitStack, log) -> tupl
     if adapter is not None:
         check_pair(adapter, base)
     backend = LlamaBackend(base, adapter, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads,
-                           kv_type=opts.kv_type, share_prefix=opts.share_prefix, sampler=opts.sampler, log=log)
+                           kv_type=opts.kv_type, share_prefix=opts.share_prefix, sampler=opts.sampler,
+                           recheck_margin=opts.recheck_margin, log=log)
     stack.callback(backend.close)
     return backend, {"base_gguf": str(base), "base": base_info,
                      "adapter_gguf": str(src.gguf or adapter) if adapter else None}
@@ -321,7 +324,7 @@ def certify_deploy(inp: Inputs, opts: VerifyOptions, report_dir: Path, stack: Ex
     return certify(inp.src.run_dir or inp.src.peft_dir, inp.base.token_spec, opts.deploy, pairs, work,
                    batch_tokens=opts.batch_tokens, risk_margin=opts.risk_margin, entries_dir=report_dir / "deploy",
                    entry_row=row, log=log, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads, kv_type=opts.kv_type,
-                   share_prefix=opts.share_prefix, sampler=opts.sampler)
+                   share_prefix=opts.share_prefix, sampler=opts.sampler, recheck_margin=opts.recheck_margin)
 
 
 def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: dict, done: Pass,
