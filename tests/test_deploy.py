@@ -216,14 +216,14 @@ def test_bad_deploy_types_exit_2(pb8, adapter, tmp_path):
 
 @pytest.fixture(scope="module")
 def deploy_run(pb8, tmp_path_factory):
-    """tiny trained on pb8 with --deploy q8_0,f16 until llama.cpp certifies both deployed forms of each type (or
-    300 steps)."""
+    """tiny trained on pb8 with --deploy q8_0,f16 for llama-cpp-python's server until llama.cpp certifies both
+    deployed forms of each type under plain greedy decoding and under that runner's (or 300 steps)."""
     run = tmp_path_factory.mktemp("deploy") / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         result = run_cli("train", pb8, "--model", "tiny", "--out", run, "--deploy", "q8_0,f16", "--until-recall",
-                         "--max-steps", "300", "--lr", "0.02", "--check-every", "20")
+                         "--sampler", "llama-cpp-python", "--max-steps", "300", "--lr", "0.02", "--check-every", "20")
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
@@ -237,8 +237,8 @@ def test_train_deploy_certifies_the_deployed_files(deploy_run, pb8):
     summary = json.loads((deploy_run / "summary.json").read_text())
     d = summary["deploy"]
     assert d["types"] == ["q8_0", "f16"] and d["error"] is None
-    assert {(r["form"], r["type"]) for r in d["forms"]} == {(f, t) for f in ("merged", "adapter")
-                                                            for t in ("q8_0", "f16")}
+    assert sorted((r["form"], r["type"], r["sampler"]) for r in d["forms"]) == sorted(
+        (f, t, s) for f in ("merged", "adapter") for t in ("q8_0", "f16") for s in ("greedy", "llama-cpp-python"))
     assert summary["stop_reason"] == "certified"
     assert all(r["certified"] == r["entries"] == 8 for r in d["forms"])
     for quant, ggml_type in (("q8_0", 8), ("f16", 1)):

@@ -20,6 +20,7 @@ from memcli.core.runs import json_safe
 from memcli.core.verdicts import DEFAULT_RISK_MARGIN, score_stream
 from memcli.deploy.forms import Deployed, make_forms
 from memcli.gguf.adapter import check_pair, export_adapter
+from memcli.llama.sampler import GREEDY, Sampler
 from memcli.llama.scorer import LlamaBackend
 
 # (n_ctx of the loaded model) -> (payload, Example) pairs: the corpus in training's tokenisation, read afresh per form
@@ -30,11 +31,14 @@ EntryRow = Callable[[object, object, object], dict]  # (verdict, payload, exampl
 def certify(run: str | os.PathLike, spec: models.ModelSpec, types: Iterable[str], pairs: Pairs, work: Path, *,
             batch_tokens: int = 2048, risk_margin: float = DEFAULT_RISK_MARGIN, entries_dir: Path | None = None,
             entry_row: EntryRow | None = None, keep_merged: Callable[[str], Path] | None = None, log=None,
-            **backend_options) -> list[dict]:
-    """One row per form and type: the run's adapter (a run folder or PEFT folder) exported to `work`, both forms
-    of each type made there and scored over `pairs`. With `entries_dir`, each form's entries go to
-    `entries_dir/<form>-<type>.jsonl` (one `entry_row` per entry). The merged file is the run's own: moved to
-    `keep_merged(type)` when given, else deleted. `backend_options` go to memcli.llama.scorer.LlamaBackend."""
+            samplers: tuple[Sampler, ...] = (GREEDY,), **backend_options) -> list[dict]:
+    """One row per form, type and sampler: the run's adapter (a run folder or PEFT folder) exported to `work`,
+    both forms of each type made there and scored over `pairs` under each runner's decoding. With `entries_dir`
+    (one sampler), each form's entries go to `entries_dir/<form>-<type>.jsonl` (one `entry_row` per entry). The
+    merged file is the run's own: moved to `keep_merged(type)` when given, else deleted. `backend_options` go to
+    memcli.llama.scorer.LlamaBackend."""
+    if entries_dir is not None and len(samplers) != 1:
+        raise ValueError("one entries file per form: certify under one sampler")
     adapter = work / "adapter.gguf"
     export_adapter(run, adapter, base=spec)
     rows = []
@@ -42,7 +46,10 @@ def certify(run: str | os.PathLike, spec: models.ModelSpec, types: Iterable[str]
         for d in make_forms(run, spec, adapter, quant, work):
             if log is not None:
                 log(f"deploy: {d.form} {d.type} ({d.model.name}{' + adapter' if d.adapter else ''})")
-            rows.append(score_form(d, pairs, batch_tokens, risk_margin, entries_dir, entry_row, log, backend_options))
+            for sampler in samplers:
+                options = backend_options | {"sampler": sampler}
+                rows.append(score_form(d, pairs, batch_tokens, risk_margin, entries_dir, entry_row, log, options)
+                            | {"sampler": sampler.name})
             if d.form == "merged":
                 if keep_merged is not None:
                     target = keep_merged(quant)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from memcli.deploy.certify import certify, in_memory
 from memcli.gguf.base import cached_base
 from memcli.gguf.hf import iter_hf_tensors, read_hf
 from memcli.llama import library
+from memcli.llama.sampler import GREEDY, Sampler
 from memcli.training.forward import Recall
 
 _PEFT_PREFIX = "base_model.model."
@@ -179,8 +181,10 @@ class Deployment:
     The forms trained: both forms of each quantised type, and for the 16-bit types (f16, bf16, f32) the float
     weights, which such a file holds to within its rounding (llama.cpp's check of the files covers the rest)."""
 
-    def __init__(self, spec: models.ModelSpec, quants: list[str], log=print):
+    def __init__(self, spec: models.ModelSpec, quants: list[str], log=print, sampler: Sampler = GREEDY):
         self.spec, self.quants, self.log = spec, list(quants), log
+        # llama.cpp certifies the files under plain greedy decoding and under the runner's (train --sampler)
+        self.samplers = (GREEDY,) if dataclasses.replace(sampler, name=GREEDY.name) == GREEDY else (GREEDY, sampler)
         quantised = [q for q in self.quants if q not in FLOAT_TYPES]
         self.forms = ([("float", "adapter")] if len(quantised) < len(self.quants) else []) + [
             (q, mode) for q in quantised for mode in ("adapter", "merged")]
@@ -250,14 +254,15 @@ class Deployment:
                 peft = Path(work) / "adapter"
                 model.save_pretrained(peft)
                 self.rows = certify(peft, self.spec, self.quants, in_memory(examples), Path(work),
-                                    keep_merged=lambda quant: runs.deployed_path(out, quant))
+                                    keep_merged=lambda quant: runs.deployed_path(out, quant), samplers=self.samplers)
         except Exception as e:  # noqa: BLE001 - see the docstring
             self.rows, self.error = None, str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             self.log(f"warning: the deployed files could not be checked in llama.cpp: {self.error}")
             return False
         self.error = None
         ok = all(r["certified"] == r["entries"] for r in self.rows)
-        forms = ", ".join(f"{r['form']} {r['type']} {r['certified']}/{r['entries']}" for r in self.rows)
+        forms = ", ".join(f"{r['form']} {r['type']}{'' if len(self.samplers) < 2 else ' (' + r['sampler'] + ')'} "
+                          f"{r['certified']}/{r['entries']}" for r in self.rows)
         self.log(f"step {step}: llama.cpp certifies in the deployed files: {forms}{'' if ok else '; training on'}")
         return ok
 

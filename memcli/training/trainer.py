@@ -99,7 +99,7 @@ class Trainer:
         self.sampler = cfg.decoding()  # --sampler: trained for and certified under, besides plain greedy
         self.deploy = None  # --deploy: memcli.training.deploy_aware
         if cfg.deploy is not None:  # the bases as llama.cpp's quantiser makes them at those types
-            self.deploy = Deployment(self.spec, cfg.deploy_types(), self.log)
+            self.deploy = Deployment(self.spec, cfg.deploy_types(), self.log, sampler=self.sampler)
             model, self.tokenizer = self.deploy.load_base(dtype, self.device), models.load_tokenizer(self.spec)
         else:
             model, self.tokenizer = models.load_model(self.spec, dtype, self.device)

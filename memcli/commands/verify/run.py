@@ -324,7 +324,7 @@ def certify_deploy(inp: Inputs, opts: VerifyOptions, report_dir: Path, stack: Ex
     return certify(inp.src.run_dir or inp.src.peft_dir, inp.base.token_spec, opts.deploy, pairs, work,
                    batch_tokens=opts.batch_tokens, risk_margin=opts.risk_margin, entries_dir=report_dir / "deploy",
                    entry_row=row, log=log, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads, kv_type=opts.kv_type,
-                   share_prefix=opts.share_prefix, sampler=opts.sampler, recheck_margin=opts.recheck_margin)
+                   share_prefix=opts.share_prefix, samplers=(opts.sampler,), recheck_margin=opts.recheck_margin)
 
 
 def build_report(inp: Inputs, opts: VerifyOptions, backend, backend_settings: dict, done: Pass,
