@@ -265,7 +265,7 @@ def verify_table(report: dict):
     if tm.get("entries_per_s"):
         table.add_row("speed", f"{tm['entries_per_s']:,.1f} entries/s, {tm['answer_tokens_per_s']:,.0f} tokens/s")
     if tm.get("rechecked"):
-        table.add_row(f"scored again as served (margin < {report['backend']['recheck_margin']:g})",
+        table.add_row(f"scored again as served (|margin| < {report['backend']['recheck_margin']:g})",
                       f"{tm['rechecked']:,} entries, {tm['recheck_changed']:,} verdicts changed")
     if tm.get("overhead_vs_decode") is not None:
         table.add_row("packing + scoring + report / decode", f"{tm['overhead_vs_decode']:.1%}")

@@ -80,10 +80,11 @@ def verify_cmd(
                                              "(llama.cpp's default: on where supported) | on | off; the two round "
                                              "differently. "
                                              "\\[default: --sampler's: off for llama-cpp-python, ollama, lm-studio]"),
-    recheck_margin: float = typer.Option(VerifyOptions.recheck_margin, help="llama: an entry whose smallest margin in "
-                                         "the packed pass is below this is scored again as a runner decodes one "
-                                         "request (its prompt, then one token per decode), and that verdict stands; "
-                                         "0: never."),
+    recheck_margin: Optional[float] = typer.Option(None, help="llama: an entry whose smallest margin in the packed "
+                                                   "pass lies within +- this of 0 is scored again as a runner decodes "
+                                                   "one request (its prompt, then one token per decode), and that "
+                                                   "verdict stands; 0: never. \\[default: 4 on quantised weights, "
+                                                   "0.5 on F32, F16 or BF16]"),
 ):
     """Check that greedy decoding recalls every value verbatim, from one teacher-forced pass (exit 0: the
     exact-match rate reaches --min-exact; 1: below; 2: bad input)."""

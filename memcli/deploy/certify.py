@@ -75,13 +75,14 @@ def score_form(d: Deployed, pairs: Pairs, batch_tokens: int, risk_margin: float,
             backend.open(None, batch_tokens)
             s = score_stream(backend, pairs(backend.n_ctx_train), batch_tokens, risk_margin,
                              write if lines is not None else None).summary()
+            rechecked = backend.timings["rechecked"]  # near ties scored again as served
     finally:
         if lines is not None:
             lines.close()
     return {"form": d.form, "type": d.type, "bytes": d.bytes, "model_gguf": d.model.name, "entries": s["entries"],
             "exact": s["exact"], "exact_match_rate": s["exact_match_rate"], "certified": s["certified"],
             "at_risk": s["at_risk"], "min_margin": s["min_margin"], "min_p": s["min_p"],
-            "failing_lines": s["failing_lines"], "fallbacks": len(d.fallbacks),
+            "failing_lines": s["failing_lines"], "fallbacks": len(d.fallbacks), "rechecked": rechecked,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 

@@ -37,10 +37,11 @@ from memcli.llama.sampler import FLASH_ATTN, GREEDY, Sampler
 
 GGML_TYPE = {"f32": 0, "f16": 1}
 MIN_SHARED = 4  # shorter shared prefixes are decoded in every sequence
-# An entry whose smallest margin in the packed pass is below this is scored again as served (score_as_served):
-# on quantised weights the packed and the one-token-at-a-time logits differ by a few units at most (measured on
-# the default model: margins moved by up to 2.4 at Q4_K_M, 0.6 at Q8_0, 0.05 at F16; docs/deploy.md).
-RECHECK_MARGIN = 4.0
+# An entry whose smallest margin in the packed pass is within +- this of 0 is scored again as served: the packed
+# and the one-token-at-a-time logits differ by a few units at most on quantised weights, by little on float ones
+# (measured on the default model: margins moved by up to 2.4 at Q4_K_M, 0.6 at Q8_0, 0.05 at F16; docs/deploy.md).
+RECHECK_MARGIN = {"quantised": 4.0, "float": 0.5}
+FLOAT_FTYPES = {0, 1, 32}  # llama_ftype: all F32, mostly F16, mostly BF16
 
 
 class LlamaBackend:
@@ -48,8 +49,9 @@ class LlamaBackend:
 
     def __init__(self, base_gguf: str | os.PathLike, adapter_gguf: str | os.PathLike | None = None, *,
                  n_gpu_layers: int | None = None, threads: int | None = None, kv_type: str = "f16",
-                 share_prefix: bool = True, sampler: Sampler = GREEDY, recheck_margin: float = RECHECK_MARGIN,
+                 share_prefix: bool = True, sampler: Sampler = GREEDY, recheck_margin: float | None = None,
                  log=None):
+        """`recheck_margin`: None picks RECHECK_MARGIN by the base's weights (general.file_type)."""
         L = self._L = library.lib()
         self.base, self.adapter = Path(base_gguf), Path(adapter_gguf) if adapter_gguf else None
         self.threads = threads or default_threads()
@@ -57,7 +59,6 @@ class LlamaBackend:
         self.kv_type = kv_type
         self.share_prefix = share_prefix
         self.sampler = sampler  # the runner's penalties, applied to every answer row before the verdict
-        self.recheck_margin = recheck_margin
         self.ctx = None
         self.size = (0, 0, 0, 0)
         self.timings = {"load_s": 0.0, "pack_s": 0.0, "decode_s": 0.0, "score_s": 0.0, "decodes": 0,
@@ -80,6 +81,14 @@ class LlamaBackend:
                 raise UserError(f"llama.cpp cannot load the adapter {self.adapter} on {self.base} "
                                 f"({library.last_error()})")
         self.timings["load_s"] = time.perf_counter() - t0
+        self.recheck_margin = recheck_margin if recheck_margin is not None else RECHECK_MARGIN[self._weights()]
+
+    def _weights(self) -> str:
+        """"float" when the base's file type is F32, F16 or BF16 (general.file_type), else "quantised"."""
+        buf = ctypes.create_string_buffer(32)
+        n = self._L.llama_model_meta_val_str(self.model, b"general.file_type", buf, len(buf))
+        return "float" if n > 0 and buf.value.decode().strip().isdigit() and int(buf.value) in FLOAT_FTYPES \
+            else "quantised"
 
     # --- context -----------------------------------------------------------------------------------------
     def open(self, examples=None, batch_tokens: int = 2048) -> None:
@@ -216,8 +225,8 @@ class LlamaBackend:
         template's system prompt) have that prefix decoded once, in the first sequence, and copied to the
         others in the KV cache (llama_memory_seq_cp, as llama.cpp's perplexity tool does for HellaSwag).
 
-        Near ties: an entry whose smallest margin is below `recheck_margin` is scored again as a runner decodes
-        it (score_as_served), and that verdict stands."""
+        Near ties: an entry whose smallest margin lies within +-`recheck_margin` of 0 is scored again as a runner
+        decodes it (score_as_served), and that verdict stands."""
         plan = []
         for start, group in iter_groups(examples, len, batch_tokens, max_seqs=self.max_seqs):
             plan.append((start, start + len(group)))
@@ -227,13 +236,13 @@ class LlamaBackend:
         self.plan = plan
 
     def _recheck(self, start: int, group, batch: ScoredBatch) -> ScoredBatch:
-        """The batch with the entries whose smallest margin is below recheck_margin scored as served."""
+        """The batch with the entries whose smallest margin lies within +-recheck_margin scored as served."""
         if self.recheck_margin <= 0:
             return batch
         ends = np.cumsum(batch.lengths)
         smallest = np.minimum.reduceat(batch.stats.margin, ends - batch.lengths) if len(group) else []
-        near = [i for i, m in enumerate(smallest)
-                if m < self.recheck_margin and batch.lengths[i] and len(group[i].prompt_ids)]
+        near = [i for i, m in enumerate(smallest)  # a smallest margin far below 0 is a failure in either shape
+                if abs(m) < self.recheck_margin and batch.lengths[i] and len(group[i].prompt_ids)]
         if not near:
             return batch
         t0 = time.perf_counter()

@@ -45,7 +45,7 @@ from memcli.gguf.adapter import check_pair, export_adapter
 from memcli.gguf.fingerprint import check_base
 from memcli.llama.checks import tokenization_mismatches
 from memcli.llama.sampler import Sampler, sampler_of
-from memcli.llama.scorer import RECHECK_MARGIN, LlamaBackend
+from memcli.llama.scorer import LlamaBackend
 
 BACKENDS = ("llama", "torch")
 
@@ -74,7 +74,7 @@ class VerifyOptions:
     locality: str | None = None  # None: off; "": the default reference; else a text file (verify/locality.py)
     locality_base: str | None = None  # the base GGUF a merged --model is compared with
     sampler: Sampler | None = None  # the runner's decoding (llama/sampler.py); None: the run's, else greedy
-    recheck_margin: float = RECHECK_MARGIN  # llama: entries with a smaller margin are scored again as served
+    recheck_margin: float | None = None  # llama: near ties scored again as served; None: by the weights (scorer)
     deploy: tuple = ()  # llama.cpp file types: also certify both deployment forms of each (memcli.deploy.certify)
 
     def validate(self) -> None:
@@ -85,7 +85,8 @@ class VerifyOptions:
             (0.0 <= self.min_exact <= 1.0, f"--min-exact must be between 0 and 1, got {self.min_exact}"),
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.risk_margin >= 0, f"--risk-margin must be >= 0, got {self.risk_margin}"),
-            (self.recheck_margin >= 0, f"--recheck-margin must be >= 0, got {self.recheck_margin}"),
+            (self.recheck_margin is None or self.recheck_margin >= 0,
+             f"--recheck-margin must be >= 0, got {self.recheck_margin}"),
             (self.base in BASE_CHOICES, f"--base must be one of {', '.join(BASE_CHOICES)}, got '{self.base}'"),
             (self.kv_type in ("f16", "f32"), f"--kv-type must be f16 or f32, got '{self.kv_type}'"),
             (not self.deploy or self.backend == "llama", "--deploy verifies in llama.cpp: use --backend llama"),
