@@ -91,6 +91,7 @@ class Sampler:
         if self.active:
             self.apply(logits, *self.counts(*self.window_pairs(examples), 0, len(logits), logits.shape[1]))
 
+
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama.cpp's enum llama_flash_attn_type
 
 GREEDY = Sampler()
