@@ -244,6 +244,7 @@ def test_train_deploy_certifies_the_deployed_files(deploy_run, pb8):
     for quant, ggml_type in (("q8_0", 8), ("f16", 1)):
         merged = deploy_run / "deploy" / f"merged.{quant}.gguf"
         assert ggml_type in {t.type for t in read_gguf(merged).tensors.values()}
+        assert read_gguf(merged).get("memcli.merged_adapter") == str(deploy_run.resolve())  # not a deleted folder
         for row in map(json.loads, pb8.read_text().splitlines()[:3]):
             key, value = row.get("query") or row.get("key"), row.get("target") or row.get("value")
             result = run_cli("ask", merged, key, "--max-tokens", "16")

@@ -31,19 +31,19 @@ EntryRow = Callable[[object, object, object], dict]  # (verdict, payload, exampl
 def certify(run: str | os.PathLike, spec: models.ModelSpec, types: Iterable[str], pairs: Pairs, work: Path, *,
             batch_tokens: int = 2048, risk_margin: float = DEFAULT_RISK_MARGIN, entries_dir: Path | None = None,
             entry_row: EntryRow | None = None, keep_merged: Callable[[str], Path] | None = None, log=None,
-            samplers: tuple[Sampler, ...] = (GREEDY,), **backend_options) -> list[dict]:
+            samplers: tuple[Sampler, ...] = (GREEDY,), source: Path | None = None, **backend_options) -> list[dict]:
     """One row per form, type and sampler: the run's adapter (a run folder or PEFT folder) exported to `work`,
     both forms of each type made there and scored over `pairs` under each runner's decoding. With `entries_dir`
     (one sampler), each form's entries go to `entries_dir/<form>-<type>.jsonl` (one `entry_row` per entry). The
-    merged file is the run's own: moved to `keep_merged(type)` when given, else deleted. `backend_options` go to
-    memcli.llama.scorer.LlamaBackend."""
+    merged file is the run's own (naming `source`, default `run`, as its adapter): moved to `keep_merged(type)` when
+    given, else deleted. `backend_options` go to memcli.llama.scorer.LlamaBackend."""
     if entries_dir is not None and len(samplers) != 1:
         raise ValueError("one entries file per form: certify under one sampler")
     adapter = work / "adapter.gguf"
     export_adapter(run, adapter, base=spec)
     rows = []
     for quant in types:
-        for d in make_forms(run, spec, adapter, quant, work):
+        for d in make_forms(run, spec, adapter, quant, work, source=source):
             if log is not None:
                 log(f"deploy: {d.form} {d.type} ({d.model.name}{' + adapter' if d.adapter else ''})")
             for sampler in samplers:

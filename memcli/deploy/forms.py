@@ -30,13 +30,14 @@ class Deployed:
 
 
 def make_forms(run: Path, spec: models.ModelSpec, adapter_gguf: Path, quant: str, work: Path,
-               forms=FORMS) -> list[Deployed]:
-    """Both forms of type `quant` for the run: the merged file into `work` (it is the run's own), the quantised
-    base from the cache (built once per model and type)."""
+               forms=FORMS, source: Path | None = None) -> list[Deployed]:
+    """Both forms of type `quant` for the run: the merged file into `work` (it is the run's own, and names
+    `source`, default the run, as its adapter), the quantised base from the cache (built once per model and
+    type)."""
     made = []
     if "merged" in forms:
         out = work / f"merged.{quant}.gguf"
-        info = export_merged(run, out, quant, base=spec)
+        info = export_merged(run, out, quant, base=spec, source=source)
         made.append(Deployed("merged", quant, out, None, out.stat().st_size, info.get("fallbacks", [])))
     if "adapter" in forms:
         base = cached_base(spec, quant)

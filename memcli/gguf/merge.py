@@ -30,12 +30,14 @@ def merge_deltas(src: str | os.PathLike, base: models.ModelSpec | None = None):
 
 
 def export_merged(src: str | os.PathLike, out: str | os.PathLike, quant: str = "f16",
-                  base: models.ModelSpec | None = None, threads: int | None = None) -> dict:
-    """Write a run's (or PEFT folder's) LoRA merged into its base as a model GGUF of type `quant`."""
+                  base: models.ModelSpec | None = None, threads: int | None = None,
+                  source: str | os.PathLike | None = None) -> dict:
+    """Write a run's (or PEFT folder's) LoRA merged into its base as a model GGUF of type `quant`; the file names
+    `source` (default: src) as the adapter merged into it."""
     quant = check_quant(quant, "--quant")
     deltas, spec, name = merge_deltas(src, base)
     info = write_model(models.hf_dir(spec), Path(out), quant, f"{name} + memcli LoRA", deltas,
-                  {MERGED_KEY: str(Path(src).resolve())}, threads)
+                  {MERGED_KEY: str(Path(source or src).resolve())}, threads)
     info.update(model=name, merged=len(deltas))
     return info
 

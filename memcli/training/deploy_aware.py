@@ -254,7 +254,8 @@ class Deployment:
                 peft = Path(work) / "adapter"
                 model.save_pretrained(peft)
                 self.rows = certify(peft, self.spec, self.quants, in_memory(examples), Path(work),
-                                    keep_merged=lambda quant: runs.deployed_path(out, quant), samplers=self.samplers)
+                                    keep_merged=lambda quant: runs.deployed_path(out, quant), samplers=self.samplers,
+                                    source=out)  # the kept files name the run, not this temporary folder
         except Exception as e:  # noqa: BLE001 - see the docstring
             self.rows, self.error = None, str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             self.log(f"warning: the deployed files could not be checked in llama.cpp: {self.error}")
