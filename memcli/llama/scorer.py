@@ -240,9 +240,9 @@ class LlamaBackend:
         if self.recheck_margin <= 0:
             return batch
         ends = np.cumsum(batch.lengths)
-        smallest = np.minimum.reduceat(batch.stats.margin, ends - batch.lengths) if len(group) else []
-        near = [i for i, m in enumerate(smallest)  # a smallest margin far below 0 is a failure in either shape
-                if abs(m) < self.recheck_margin and batch.lengths[i] and len(group[i].prompt_ids)]
+        margin = batch.stats.margin
+        near = [i for i, (n, e) in enumerate(zip(batch.lengths, ends))  # far below 0: a failure in either shape
+                if n and len(group[i].prompt_ids) and abs(margin[e - n:e].min()) < self.recheck_margin]
         if not near:
             return batch
         t0 = time.perf_counter()
