@@ -249,7 +249,9 @@ class LlamaBackend:
         parts = [self._slice(batch.stats, e - n, e) for n, e in zip(batch.lengths, ends)]
         for i in near:
             again = self.score_as_served(start + i, group[i:i + 1]).stats
-            self.timings["recheck_changed"] += bool((again.margin > 0).all()) != bool((parts[i].margin > 0).all())
+            target = batch.targets[ends[i] - batch.lengths[i]:ends[i]]
+            self.timings["recheck_changed"] += bool((again.argmax == target).all()) != bool(
+                (parts[i].argmax == target).all())  # exact (the greedy token is the target everywhere) changed
             parts[i] = again
         self.timings["rechecked"] += len(near)
         self.timings["recheck_s"] += time.perf_counter() - t0
@@ -335,7 +337,7 @@ class LlamaBackend:
         prompt in one decode, then its answer one token per decode. llama.cpp's kernels depend on how many tokens a
         decode holds (on quantised weights the logits of a packed batch and of one token at a time differ by up to
         a few units), so this is the shape whose argmax a server's greedy answer follows."""
-        self._ensure(self._needs(group[:1]))
+        self._ensure(*(self._needs([ex]) for ex in group))
         parts, targets = [], []
         for ex in group:
             prompt, answer = list(ex.prompt_ids), list(ex.target_ids)
@@ -345,9 +347,7 @@ class LlamaBackend:
             rows += [self._feed([(0, len(prompt) + t, [tok])]) for t, tok in enumerate(answer[:-1])]
             self.clear()
             logits = np.concatenate(rows)
-            if self.sampler.active:
-                window = self.sampler.window_pairs([ex])
-                self.sampler.apply(logits, *self.sampler.counts(*window, 0, len(answer), logits.shape[1]))
+            self.sampler.penalise(logits, [ex])
             parts.append(score_logits(logits, np.asarray(answer, np.int64), threads=self.threads))
             targets += answer
         lengths = np.array([len(ex.target_ids) for ex in group], np.int64)
